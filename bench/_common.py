@@ -1,0 +1,109 @@
+"""Helpers shared by the benchmark scripts: logging, RSS, timing, loading and LoRA set-up.
+
+Both libraries get the same base weights (``dt.load_base``), the same LoRA settings and the same
+LoRA factor values (:func:`init_lora` fills them from a seeded generator in a library-neutral
+order), so any difference in a figure comes from the library, not from the set-up.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+import deltatune as dt
+
+MODEL = "smollm2-135m"
+LORA_R = 8
+LORA_ALPHA = 16
+LORA_TARGETS = ["q_proj", "v_proj"]
+LIBRARIES = ("deltatune", "peft")
+
+
+def log(*parts: Any) -> None:
+    """Progress messages go to stderr; stdout carries only the JSON result."""
+    print(*parts, file=sys.stderr, flush=True)
+
+
+def emit(result: dict[str, Any]) -> None:
+    """Print ``result`` as the one JSON line on stdout."""
+    print(json.dumps(result), flush=True)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far (ru_maxrss is in KB on Linux)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    """(seconds, result) of one call of ``fn``."""
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def set_threads(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def load_model() -> tuple[nn.Module, Any]:
+    """SmolLM2-135M-Instruct, dense float32, from deltatune's cache (identical weights for both libraries)."""
+    model, tokenizer = dt.load_base(MODEL)
+    return model.float(), tokenizer
+
+
+def wrap_lora(model: nn.Module, library: str) -> nn.Module:
+    """``model`` with a LoRA adapter (r=8, alpha=16 on q_proj/v_proj, no dropout) from ``library``."""
+    if library == "deltatune":
+        cfg = dt.LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, target_modules=LORA_TARGETS, lora_dropout=0.0)
+        return dt.wrap(model, cfg)
+    if library == "peft":
+        from peft import LoraConfig, get_peft_model
+
+        cfg = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, target_modules=LORA_TARGETS, lora_dropout=0.0,
+                         task_type="CAUSAL_LM")
+        return get_peft_model(model, cfg)
+    raise ValueError(f"unknown library {library!r}; choose one of {LIBRARIES}")
+
+
+def canonical_name(name: str) -> str:
+    """A parameter name without the library's wrapper prefix: ``layers.0.self_attn.q_proj.lora_A.default.weight``."""
+    return name[name.index("layers."):] if "layers." in name else name
+
+
+def lora_factors(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The LoRA A/B weights of ``model``, sorted by their library-neutral name."""
+    found = [(canonical_name(n), p) for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n]
+    return sorted(found, key=lambda item: item[0])
+
+
+def init_lora(model: nn.Module, seed: int, b_std: float = 0.0) -> float:
+    """Fill LoRA factors identically in either library: A kaiming-uniform, B zero or N(0, b_std).
+
+    Returns a checksum of the factors so that callers can confirm both libraries start alike.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    factors = lora_factors(model)
+    if not factors:
+        raise RuntimeError("the model has no LoRA factors")
+    with torch.no_grad():
+        for name, param in factors:
+            if ".lora_A." in name:
+                bound = 1 / math.sqrt(param.shape[1])  # kaiming_uniform_(a=sqrt(5)), as both libraries do
+                values = torch.rand(param.shape, generator=gen) * 2 * bound - bound
+            else:
+                values = torch.randn(param.shape, generator=gen) * b_std
+            param.copy_(values.to(param.dtype))
+    return round(sum(float(p.double().abs().sum()) for _, p in factors), 6)

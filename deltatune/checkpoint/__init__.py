@@ -1,0 +1,1 @@
+"""Saving and loading: atomic file writes and Hugging Face peft-compatible adapter files."""

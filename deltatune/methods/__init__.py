@@ -1,0 +1,44 @@
+"""The methods, one small file each, registered by their peft type and their CLI name.
+
+A method is a module with a config class (a :class:`~deltatune.config.DeltaConfig`) and an
+``inject(model, adapter_name, config) -> list[str]`` function that adds the adapter to the
+modules it selects through :func:`deltatune.targeting.find_targets`.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from deltatune.config import ConfigError, DeltaConfig
+from deltatune.methods import lora
+
+# CLI name -> method module. Each later method adds one line here.
+METHODS: dict[str, ModuleType] = {
+    "lora": lora,
+}
+_CONFIGS = {"lora": lora.LoraConfig}
+
+
+def _by_peft_type() -> dict[str, str]:
+    return {cfg.peft_type: name for name, cfg in _CONFIGS.items()}
+
+
+def method_name(config: DeltaConfig) -> str:
+    return _by_peft_type()[config.peft_type]
+
+
+def config_class_for(peft_type: str | None) -> type[DeltaConfig]:
+    names = _by_peft_type()
+    if peft_type not in names:
+        raise ConfigError(f"adapter method {peft_type!r} is not supported by deltatune; supported: {', '.join(names)}")
+    return _CONFIGS[names[peft_type]]
+
+
+def config_class_for_name(name: str) -> type[DeltaConfig]:
+    if name not in _CONFIGS:
+        raise ConfigError(f"unknown method {name!r}; choose one of: {', '.join(_CONFIGS)}")
+    return _CONFIGS[name]
+
+
+def inject(model, adapter_name: str, config: DeltaConfig) -> list[str]:
+    return METHODS[method_name(config)].inject(model, adapter_name, config)

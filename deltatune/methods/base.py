@@ -1,0 +1,155 @@
+"""What every method's wrapped layer shares: a frozen base layer plus per-adapter deltas.
+
+A method keeps its per-adapter parameters in ``nn.ModuleDict``/``nn.ParameterDict`` attributes
+keyed by adapter name and lists those attributes in ``adapter_attrs``. That one convention gives
+every method, for free: adapter switching, deletion, trainable flags, and the state-dict keys of
+Hugging Face peft's checkpoint layout (the adapter name is dropped from the key on save).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+
+class DeltaLayer(nn.Module):
+    adapter_attrs: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.active_adapter: str | None = None
+        self.disabled = False
+        self.merged_adapter: str | None = None
+
+    @property
+    def adapter_names(self) -> list[str]:
+        names: dict[str, None] = {}
+        for attr in self.adapter_attrs:
+            names.update(dict.fromkeys(getattr(self, attr).keys()))
+        return list(names)
+
+    def adapter_active(self) -> str | None:
+        """The adapter whose delta this forward pass adds (None: plain base layer)."""
+        name = self.active_adapter
+        if self.disabled or name is None or name == self.merged_adapter or name not in self.adapter_names:
+            return None
+        return name
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        params = []
+        for attr in self.adapter_attrs:
+            store = getattr(self, attr)
+            if name in store:
+                item = store[name]
+                params += [item] if isinstance(item, nn.Parameter) else list(item.parameters())
+        return params
+
+    def delete_adapter(self, name: str) -> None:
+        if self.merged_adapter == name:
+            self.unmerge()
+        for attr in self.adapter_attrs:
+            store = getattr(self, attr)
+            if name in store:
+                del store[name]
+        if self.active_adapter == name:
+            self.active_adapter = None
+
+    # --- checkpoint keys (peft layout: the adapter name is not part of the key) ---------------
+    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for attr in self.adapter_attrs:
+            store = getattr(self, attr)
+            if name not in store:
+                continue
+            item = store[name]
+            if isinstance(item, nn.Parameter):
+                out[attr] = item.detach()
+            else:
+                out.update({f"{attr}.{k}": v.detach() for k, v in item.state_dict().items()})
+        return out
+
+    def load_adapter_state_dict(self, name: str, tensors: dict[str, torch.Tensor]) -> list[str]:
+        """Copy ``tensors`` (keys as from :meth:`adapter_state_dict`) in; return the keys left over."""
+        own = self.adapter_state_dict(name)
+        for key, value in tensors.items():
+            if key in own:
+                if own[key].shape != value.shape:
+                    raise ValueError(
+                        f"shape mismatch for {key}: checkpoint {tuple(value.shape)}, "
+                        f"model {tuple(own[key].shape)} (was the adapter made with another r or base model?)"
+                    )
+                with torch.no_grad():
+                    own[key].copy_(value)
+        missing = sorted(set(own) - set(tensors))
+        if missing:
+            raise KeyError(f"checkpoint lacks {', '.join(missing)}")
+        return [k for k in tensors if k not in own]
+
+    # --- merging ---------------------------------------------------------------------------
+    def delta_weight(self, name: str) -> torch.Tensor:
+        raise TypeError(
+            f"{type(self).__name__} adds modules that cannot be folded into the base weights; "
+            "merging is only possible for methods that change weights (LoRA, BitFit)."
+        )
+
+    def merge(self, name: str) -> None:
+        if self.merged_adapter == name or name not in self.adapter_names:
+            return
+        if self.merged_adapter is not None:
+            self.unmerge()
+        delta = self.delta_weight(name)
+        with torch.no_grad():
+            self.base_layer.weight += delta.to(self.base_layer.weight.dtype)
+        self.merged_adapter = name
+
+    def unmerge(self) -> None:
+        if self.merged_adapter is None:
+            return
+        delta = self.delta_weight(self.merged_adapter)
+        with torch.no_grad():
+            self.base_layer.weight -= delta.to(self.base_layer.weight.dtype)
+        self.merged_adapter = None
+
+    def unwrap(self) -> nn.Module:
+        """The module that replaces this one in ``merge_and_unload``."""
+        return self.base_layer
+
+
+class ModulesToSave(DeltaLayer):
+    """A fully trained copy of a module per adapter (e.g. a new classification head)."""
+
+    adapter_attrs = ("modules_to_save",)
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.modules_to_save = nn.ModuleDict()
+
+    def add(self, name: str) -> None:
+        import copy
+
+        self.modules_to_save[name] = copy.deepcopy(self.base_layer)
+
+    def forward(self, *args, **kwargs):
+        name = self.active_adapter
+        if self.disabled or name is None or name not in self.modules_to_save:
+            return self.base_layer(*args, **kwargs)
+        return self.modules_to_save[name](*args, **kwargs)
+
+    # peft stores the copy's tensors under the module's own name: ``classifier.weight``.
+    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        if name not in self.modules_to_save:
+            return {}
+        return {k: v.detach() for k, v in self.modules_to_save[name].state_dict().items()}
+
+    def merge(self, name: str) -> None:
+        self.merged_adapter = name if name in self.modules_to_save else None
+
+    def unmerge(self) -> None:
+        self.merged_adapter = None
+
+    def unwrap(self) -> nn.Module:
+        copies = dict(self.modules_to_save.items())
+        return copies.get(self.merged_adapter or self.active_adapter, self.base_layer)

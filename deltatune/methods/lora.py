@@ -1,0 +1,202 @@
+"""LoRA: a frozen weight W0 plus a trainable low-rank update, h = W0·x + (alpha/r)·B·A·x.
+
+        x ──────────────┬──────────────┐
+                        │              │ dropout
+                 ┌──────┴──────┐   ┌───┴───┐
+                 │  W0 (d×k)   │   │ A r×k │  random init
+                 │  frozen     │   └───┬───┘
+                 └──────┬──────┘   ┌───┴───┐
+                        │          │ B d×r │  zero init -> output unchanged at start
+                        │          └───┬───┘
+                        │              │ × alpha/r  (alpha/√r with rsLoRA)
+                        └──── + ───────┘
+                              h
+
+Because B·A has the shape of W0, it folds into the weight (``merge``) for zero added latency,
+and unfolds again (``unmerge``) to switch tasks. Works on ``nn.Linear``, transformers' GPT-2
+``Conv1D`` (weights stored transposed) and ``nn.Embedding``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from deltatune.config import ConfigError, DeltaConfig, method_config
+from deltatune.methods.base import DeltaLayer
+from deltatune.targeting import find_targets, replace_module
+
+
+@method_config
+class LoraConfig(DeltaConfig):
+    """LoRA options, with Hugging Face peft's names and defaults."""
+
+    peft_type = "LORA"
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    use_rslora: bool = False
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    init_lora_weights: bool | str = True
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        ranks = [self.r, *self.rank_pattern.values()]
+        if any(not isinstance(r, int) or r <= 0 for r in ranks):
+            raise ConfigError(f"LoRA rank r must be a positive integer, got {ranks}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.bias != "none":
+            raise ConfigError(
+                f"LoRA bias={self.bias!r} is not supported: use bias='none', and BitFitConfig to train biases"
+            )
+        if self.init_lora_weights not in (True, False, "gaussian"):
+            raise ConfigError(f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}")
+
+    def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
+        """peft's per-module overrides: a pattern key matches the name or a dotted suffix of it."""
+
+        def lookup(patterns: dict[str, Any] | None, default: Any) -> Any:
+            for key, value in (patterns or {}).items():
+                if re.match(rf"(.*\.)?({key})$", module_name):
+                    return value
+            return default
+
+        return lookup(self.rank_pattern, self.r), lookup(self.alpha_pattern, self.lora_alpha)
+
+
+class LoraLinear(DeltaLayer):
+    """LoRA around ``nn.Linear`` or ``Conv1D`` (whose weight is stored as in×out)."""
+
+    adapter_attrs = ("lora_A", "lora_B", "lora_dropout")
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.transposed = isinstance(base_layer, Conv1D)
+        weight = base_layer.weight
+        self.in_features, self.out_features = weight.shape[::-1] if not self.transposed else weight.shape
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+
+    def add(self, name: str, r: int, alpha: float, dropout: float, rslora: bool, init: bool | str) -> None:
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False)
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling[name] = alpha / math.sqrt(r) if rslora else alpha / r
+        if init is False:
+            return
+        with torch.no_grad():
+            if init == "gaussian":
+                nn.init.normal_(self.lora_A[name].weight, std=1 / r)
+            else:
+                nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B[name].weight)
+        self.to(self.base_layer.weight.device)
+
+    def delete_adapter(self, name: str) -> None:
+        super().delete_adapter(name)
+        self.scaling.pop(name, None)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        delta = self.lora_B[name].weight @ self.lora_A[name].weight * self.scaling[name]
+        return delta.T if self.transposed else delta
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out = self.base_layer(x, *args, **kwargs)
+        name = self.adapter_active()
+        if name is None:
+            return out
+        lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
+        h = F.linear(F.linear(self.lora_dropout[name](x.to(lora_a.dtype)), lora_a), lora_b)
+        return out + (h * self.scaling[name]).to(out.dtype)
+
+
+class LoraEmbedding(DeltaLayer):
+    """LoRA on a token embedding: the update is a low-rank (num_embeddings × dim) table."""
+
+    adapter_attrs = ("lora_embedding_A", "lora_embedding_B")
+
+    def __init__(self, base_layer: nn.Embedding) -> None:
+        super().__init__(base_layer)
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+        self.scaling: dict[str, float] = {}
+
+    def add(self, name: str, r: int, alpha: float, dropout: float, rslora: bool, init: bool | str) -> None:
+        num, dim = self.base_layer.weight.shape
+        device = self.base_layer.weight.device
+        self.lora_embedding_A[name] = nn.Parameter(torch.zeros(r, num, device=device))
+        self.lora_embedding_B[name] = nn.Parameter(torch.zeros(dim, r, device=device))
+        if init is not False:  # zero A, random B: the update starts at zero, as in peft
+            nn.init.normal_(self.lora_embedding_B[name])
+        self.scaling[name] = alpha / math.sqrt(r) if rslora else alpha / r
+
+    def delete_adapter(self, name: str) -> None:
+        super().delete_adapter(name)
+        self.scaling.pop(name, None)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        return (self.lora_embedding_B[name] @ self.lora_embedding_A[name]).T * self.scaling[name]
+
+    def load_adapter_state_dict(self, name: str, tensors: dict[str, torch.Tensor]) -> list[str]:
+        # peft saves the (possibly resized) embedding itself beside the LoRA factors.
+        base = tensors.pop("base_layer.weight", None)
+        if base is not None and not torch.equal(base, self.base_layer.weight.detach()):
+            raise ValueError(
+                "the checkpoint carries its own embedding weights that differ from this base model's "
+                "(peft save_embedding_layers): load it onto the base model it was trained on"
+            )
+        return super().load_adapter_state_dict(name, tensors)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out = self.base_layer(x, *args, **kwargs)
+        name = self.adapter_active()
+        if name is None:
+            return out
+        base = self.base_layer
+        a = F.embedding(
+            x,
+            self.lora_embedding_A[name].T,
+            base.padding_idx,
+            base.max_norm,
+            base.norm_type,
+            base.scale_grad_by_freq,
+            base.sparse,
+        )
+        return out + (a @ self.lora_embedding_B[name].T * self.scaling[name]).to(out.dtype)
+
+
+def inject(model: nn.Module, adapter_name: str, config: LoraConfig) -> list[str]:
+    """Add LoRA adapter ``adapter_name`` to every module ``config`` selects; return their names."""
+    names = find_targets(
+        model,
+        config.target_modules,
+        allowed_types=(nn.Linear, Conv1D, nn.Embedding),
+        exclude_modules=config.exclude_modules,
+        layers_to_transform=config.layers_to_transform,
+        layers_pattern=config.layers_pattern,
+    )
+    for name in names:
+        layer = model.get_submodule(name)
+        if not isinstance(layer, DeltaLayer):
+            wrapper = LoraEmbedding(layer) if isinstance(layer, nn.Embedding) else LoraLinear(layer)
+            replace_module(model, name, wrapper)
+            layer = wrapper
+        if not isinstance(layer, (LoraLinear, LoraEmbedding)):
+            raise ConfigError(f"{name} already carries a {type(layer).__name__}; LoRA cannot wrap it too")
+        if isinstance(layer, LoraLinear) and layer.transposed:
+            config.fan_in_fan_out = True  # peft's flag for Conv1D weights
+        r, alpha = config.rank_and_alpha(name)
+        layer.add(adapter_name, r, alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights)
+    return names

@@ -1,0 +1,289 @@
+"""DeltaModel: one frozen transformers model plus any number of named adapters.
+
+The wrapped model keeps its own forward and generate; adapters live inside it as
+:class:`~deltatune.methods.base.DeltaLayer` wrappers around the modules they adapt, so a
+DeltaModel forwards (and trains under ``transformers.Trainer``) exactly like the base model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from deltatune import methods
+from deltatune.checkpoint.adapter import KEY_PREFIX, load_tensors, save_tensors, split_by_module
+from deltatune.config import ConfigError, DeltaConfig
+from deltatune.methods.base import DeltaLayer, ModulesToSave
+from deltatune.targeting import find_targets, name_matches, replace_module
+
+BASE_ADAPTER = "__base__"
+_TASK_TYPES = {
+    "ForSequenceClassification": "SEQ_CLS",
+    "ForCausalLM": "CAUSAL_LM",
+    "LMHeadModel": "CAUSAL_LM",
+    "ForTokenClassification": "TOKEN_CLS",
+    "ForQuestionAnswering": "QUESTION_ANS",
+}
+_CLASSIFIER_HEADS = ("classifier", "score")
+
+
+def infer_task_type(model: nn.Module) -> str | None:
+    cls = type(model).__name__
+    return next((task for suffix, task in _TASK_TYPES.items() if cls.endswith(suffix)), None)
+
+
+def wrap(model: nn.Module, config: DeltaConfig, adapter_name: str = "default") -> DeltaModel:
+    """Freeze ``model`` and add adapter ``adapter_name``; the returned DeltaModel trains it."""
+    return DeltaModel(model, config, adapter_name)
+
+
+class DeltaModel(nn.Module):
+    """A transformers model with adapters. ``base_model`` is the (modified in place) model."""
+
+    def __init__(self, base_model: nn.Module, config: DeltaConfig, adapter_name: str = "default") -> None:
+        super().__init__()
+        if isinstance(base_model, DeltaModel):
+            raise TypeError("this model is already a DeltaModel: use add_adapter to add another adapter")
+        self.base_model = base_model
+        self.peft_config: dict[str, DeltaConfig] = {}
+        self.active_adapter: str | None = None
+        for p in base_model.parameters():
+            p.requires_grad_(False)
+        self.add_adapter(adapter_name, config)
+        self.set_adapter(adapter_name)
+
+    # --- forwarding -------------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model.generate(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    # --- adapters ---------------------------------------------------------------------------
+    def delta_layers(self) -> Iterator[tuple[str, DeltaLayer]]:
+        for name, module in self.base_model.named_modules():
+            if isinstance(module, DeltaLayer):
+                yield name, module
+
+    def add_adapter(self, adapter_name: str, config: DeltaConfig) -> None:
+        """Add a new adapter (not made active: call :meth:`set_adapter`)."""
+        if not isinstance(adapter_name, str) or not re.fullmatch(r"[A-Za-z0-9_\-]+", adapter_name):
+            raise ValueError(f"adapter name {adapter_name!r} must be letters, digits, '_' or '-'")
+        if adapter_name == BASE_ADAPTER:
+            raise ValueError(f"{BASE_ADAPTER!r} is reserved for 'no adapter'")
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter it first or pick another name")
+        if not isinstance(config, DeltaConfig):
+            raise TypeError(f"expected a deltatune config such as LoraConfig, got {type(config).__name__}")
+        config = copy.deepcopy(config)
+        config.task_type = config.task_type or infer_task_type(self.base_model)
+        if config.modules_to_save is None and config.task_type == "SEQ_CLS":
+            names = {n.rsplit(".", 1)[-1] for n, _ in self.base_model.named_modules()}
+            config.modules_to_save = [h for h in _CLASSIFIER_HEADS if h in names] or None
+        if config.base_model_name_or_path is None:
+            config.base_model_name_or_path = (
+                getattr(getattr(self.base_model, "config", None), "name_or_path", None) or None
+            )
+        # Resolve modules_to_save before injecting so a bad entry changes nothing.
+        save_names = self._resolve_modules_to_save(config.modules_to_save)
+        methods.inject(self.base_model, adapter_name, config)
+        for name in save_names:
+            layer = self.base_model.get_submodule(name)
+            if not isinstance(layer, ModulesToSave):
+                layer = ModulesToSave(layer)
+                replace_module(self.base_model, name, layer)
+            layer.add(adapter_name)
+        self.peft_config[adapter_name] = config
+        for _, layer in self.delta_layers():  # new parameters follow the current trainable set
+            for p in layer.adapter_parameters(adapter_name):
+                p.requires_grad_(adapter_name == self.active_adapter)
+
+    def _resolve_modules_to_save(self, entries: list[str] | None) -> list[str]:
+        if not entries:
+            return []
+        return find_targets(
+            self.base_model,
+            entries,
+            allowed_types=(nn.Module,),
+            skip=lambda n, m: isinstance(m, DeltaLayer) and not isinstance(m, ModulesToSave),
+        )
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make ``adapter_name`` the one that runs and trains; all others are frozen."""
+        self._check_adapter(adapter_name)
+        self.active_adapter = adapter_name
+        for _, layer in self.delta_layers():
+            layer.active_adapter = adapter_name
+            for name in layer.adapter_names:
+                for p in layer.adapter_parameters(name):
+                    p.requires_grad_(name == adapter_name and not self.peft_config[name].inference_mode)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._check_adapter(adapter_name)
+        for name, layer in list(self.delta_layers()):
+            layer.delete_adapter(adapter_name)
+            if not layer.adapter_names:
+                replace_module(self.base_model, name, layer.base_layer)
+        del self.peft_config[adapter_name]
+        if self.active_adapter == adapter_name:
+            self.active_adapter = next(iter(self.peft_config), None)
+            if self.active_adapter is not None:
+                self.set_adapter(self.active_adapter)
+
+    def _check_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise KeyError(
+                f"no adapter named {adapter_name!r}; this model has: {', '.join(self.peft_config) or 'none'}"
+            )
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run as the plain base model inside the block (a merged adapter is unmerged meanwhile)."""
+        merged = self.merged_adapter
+        self.unmerge_adapter()
+        layers = [layer for _, layer in self.delta_layers()]
+        for layer in layers:
+            layer.disabled = True
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.disabled = False
+            if merged is not None:
+                self.merge_adapter(merged)
+
+    # --- parameters -------------------------------------------------------------------------
+    def trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, total) parameter counts; total includes the frozen base."""
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return trainable, sum(p.numel() for p in self.parameters())
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.trainable_parameters()
+        print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
+
+    # --- merging ----------------------------------------------------------------------------
+    @property
+    def merged_adapter(self) -> str | None:
+        return next((layer.merged_adapter for _, layer in self.delta_layers() if layer.merged_adapter), None)
+
+    def merge_adapter(self, adapter_name: str | None = None) -> None:
+        """Fold the adapter into the base weights: same outputs, no added latency."""
+        adapter_name = adapter_name or self.active_adapter
+        self._check_adapter(adapter_name)
+        for _, layer in self.delta_layers():
+            layer.merge(adapter_name)
+
+    def unmerge_adapter(self) -> None:
+        for _, layer in self.delta_layers():
+            layer.unmerge()
+
+    def merge_and_unload(self) -> nn.Module:
+        """Merge the active adapter and return the plain transformers model, with no deltatune modules."""
+        self.merge_adapter()
+        for name, layer in list(self.delta_layers()):
+            replace_module(self.base_model, name, layer.unwrap())
+        model = self.base_model
+        self.peft_config.clear()
+        return model
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter without merging; return the plain base model."""
+        self.unmerge_adapter()
+        for name, layer in list(self.delta_layers()):
+            replace_module(self.base_model, name, layer.base_layer)
+        self.peft_config.clear()
+        return self.base_model
+
+    # --- checkpoints ------------------------------------------------------------------------
+    def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+        """The adapter's tensors under peft's checkpoint keys."""
+        adapter_name = adapter_name or self.active_adapter
+        self._check_adapter(adapter_name)
+        out = {}
+        for name, layer in self.delta_layers():
+            for key, value in layer.adapter_state_dict(adapter_name).items():
+                out[f"{KEY_PREFIX}{name}.{key}"] = value
+        return out
+
+    def save_pretrained(self, save_directory: str | Path, selected_adapters: list[str] | None = None) -> None:
+        """Write each adapter in peft's layout: ``default`` at the top, others in sub-directories."""
+        for name in selected_adapters or list(self.peft_config):
+            self._check_adapter(name)
+            directory = Path(save_directory) if name == "default" else Path(save_directory) / name
+            config = copy.copy(self.peft_config[name])
+            config.inference_mode = True
+            save_tensors(directory, self.adapter_state_dict(name), metadata={"format": "pt"})
+            config.save(directory)
+
+    @classmethod
+    def from_pretrained(
+        cls, base_model: nn.Module, path: str | Path, adapter_name: str = "default", is_trainable: bool = False
+    ) -> DeltaModel:
+        """Load an adapter saved by deltatune or peft onto ``base_model``."""
+        model = cls(base_model, _saved_config(base_model, path, is_trainable), adapter_name)
+        try:
+            model._load_weights(path, adapter_name)
+        except Exception:
+            model.unload()  # leave the caller's base model as it was
+            raise
+        return model
+
+    def load_adapter(self, path: str | Path, adapter_name: str, is_trainable: bool = False) -> None:
+        self.add_adapter(adapter_name, _saved_config(self.base_model, path, is_trainable))
+        try:
+            self._load_weights(path, adapter_name)
+        except Exception:
+            self.delete_adapter(adapter_name)
+            raise
+
+    def _load_weights(self, path: str | Path, adapter_name: str) -> None:
+        """Load tensors, requiring every tensor to find its module and every module its tensors."""
+        tensors = load_tensors(path)
+        layers = {n: layer for n, layer in self.delta_layers() if adapter_name in layer.adapter_names}
+        by_module, unmatched = split_by_module(tensors, list(layers))
+        problems = []
+        for name, layer in layers.items():
+            if name not in by_module:
+                problems.append(f"no tensors for adapted module {name}")
+                continue
+            try:
+                leftover = layer.load_adapter_state_dict(adapter_name, by_module[name])
+            except (KeyError, ValueError) as err:
+                problems.append(f"{name}: {err.args[0]}")
+                continue
+            unmatched += [f"{KEY_PREFIX}{name}.{k}" for k in leftover]
+        if unmatched:
+            problems.append(
+                f"tensors that match no adapted module: {', '.join(sorted(unmatched)[:10])}"
+                + (f" (+{len(unmatched) - 10} more)" if len(unmatched) > 10 else "")
+            )
+        if problems:
+            raise ConfigError(f"adapter at {path} does not fit this model:\n  " + "\n  ".join(problems))
+        self.set_adapter(self.active_adapter)
+
+
+def _saved_config(base_model: nn.Module, path: str | Path, is_trainable: bool) -> DeltaConfig:
+    """A saved config, made to fit: peft lists head names for every architecture ("classifier",
+    "score"), so absent ones are dropped here; the strict tensor check still catches real misfits."""
+    config = DeltaConfig.load(path)
+    config.inference_mode = not is_trainable
+    if config.modules_to_save:
+        names = [n for n, _ in base_model.named_modules()]
+        config.modules_to_save = [e for e in config.modules_to_save if any(name_matches(n, e) for n in names)] or None
+    return config

@@ -1,0 +1,145 @@
+"""The one mechanism every method uses to find the modules it adapts, and to swap them in place.
+
+Matching follows Hugging Face peft so that configs mean the same thing in both libraries, with
+one deliberate difference: an entry that matches nothing is an error that lists the module names
+that do exist, instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Sequence
+
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from deltatune.config import ConfigError
+
+ALL_LINEAR = "all-linear"
+LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)
+# Path components that hold the numbered transformer blocks in common architectures.
+DEFAULT_LAYER_CONTAINERS = ("layers", "layer", "h", "blocks", "block")
+
+
+def name_matches(name: str, pattern: str) -> bool:
+    """peft's rule for one list entry: the exact module name or a dotted suffix of it."""
+    return name == pattern or name.endswith("." + pattern)
+
+
+def layer_index(name: str, layers_pattern: Sequence[str] | str | None = None) -> int | None:
+    """The transformer block index in a module name (``model.layers.3.mlp`` -> 3), if any."""
+    containers = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+    parts = name.split(".")
+    for i in range(len(parts) - 1):
+        if parts[i] in (containers or DEFAULT_LAYER_CONTAINERS) and parts[i + 1].isdigit():
+            return int(parts[i + 1])
+    return None
+
+
+def output_head_names(model: nn.Module) -> set[str]:
+    """Names of the output projection(s), which ``all-linear`` leaves alone."""
+    heads = {"lm_head", "classifier", "score", "cls.predictions.decoder"}
+    get_out = getattr(model, "get_output_embeddings", None)
+    out = get_out() if callable(get_out) else None
+    if out is not None:
+        heads |= {n for n, m in model.named_modules() if m is out}
+    return heads
+
+
+def _excluded(name: str, exclude: list[str] | str | None) -> bool:
+    if exclude is None:
+        return False
+    if isinstance(exclude, str):
+        return re.fullmatch(exclude, name) is not None
+    return any(name_matches(name, e) for e in exclude)
+
+
+def _describe(names: Iterable[str]) -> str:
+    """Leaf names with counts, short enough for an error message: ``q_proj (30), k_proj (30)``."""
+    counts: dict[str, int] = {}
+    for n in names:
+        leaf = n.rsplit(".", 1)[-1]
+        counts[leaf] = counts.get(leaf, 0) + 1
+    return ", ".join(f"{leaf} ({c})" if c > 1 else leaf for leaf, c in counts.items())
+
+
+def find_targets(
+    model: nn.Module,
+    target_modules: list[str] | str | None,
+    *,
+    allowed_types: tuple[type[nn.Module], ...] = LINEAR_TYPES,
+    exclude_modules: list[str] | str | None = None,
+    layers_to_transform: Sequence[int] | None = None,
+    layers_pattern: Sequence[str] | str | None = None,
+    skip: Callable[[str, nn.Module], bool] | None = None,
+) -> list[str]:
+    """Full names of the modules of ``allowed_types`` that the config selects, in model order.
+
+    Raises :class:`ConfigError` when a list entry (or the whole regex) matches no module of an
+    allowed type, naming the entry and the module names that exist.
+    """
+    if target_modules is None or target_modules == [] or target_modules == "":
+        raise ConfigError(
+            "target_modules is empty: name the modules to adapt, e.g. ['q_proj', 'v_proj'], or "
+            f"'all-linear'. This model's adaptable modules: {_describe(_candidates(model, allowed_types))}"
+        )
+    candidates = _candidates(model, allowed_types)
+    if skip is not None:
+        candidates = {n: m for n, m in candidates.items() if not skip(n, m)}
+    if target_modules == ALL_LINEAR or target_modules == [ALL_LINEAR]:
+        heads = output_head_names(model)
+        selected = [n for n, m in candidates.items() if isinstance(m, LINEAR_TYPES) and n not in heads]
+        selected = [n for n in selected if n.rsplit(".", 1)[-1] not in {h.rsplit(".", 1)[-1] for h in heads}]
+    elif isinstance(target_modules, str):
+        selected = [n for n in candidates if re.fullmatch(target_modules, n)]
+        if not selected:
+            raise ConfigError(
+                f"target_modules regex {target_modules!r} matches no module (it must match the whole "
+                f"name). Adaptable modules: {_describe(candidates)}; e.g. {next(iter(candidates), '')!r}"
+            )
+    else:
+        selected = []
+        for entry in target_modules:
+            hits = [n for n in candidates if name_matches(n, entry)]
+            if not hits:
+                raise ConfigError(
+                    f"target module {entry!r} matches no adaptable module of this model "
+                    f"({', '.join(t.__name__ for t in allowed_types)}). "
+                    f"Module names that exist: {_describe(candidates)}"
+                )
+            selected += hits
+        selected = [n for n in candidates if n in set(selected)]
+    selected = [n for n in selected if not _excluded(n, exclude_modules)]
+    if layers_to_transform is not None:
+        wanted = set(layers_to_transform)
+        found = {layer_index(n, layers_pattern) for n in selected} - {None}
+        if not wanted & found:
+            raise ConfigError(
+                f"layers_to_transform={sorted(wanted)} selects nothing: the targeted modules sit in "
+                f"layers {sorted(found) or 'none (set layers_pattern)'}"
+            )
+        selected = [n for n in selected if layer_index(n, layers_pattern) in wanted]
+    if not selected:
+        raise ConfigError(f"The config selects no module after exclude_modules={exclude_modules!r}: nothing to adapt.")
+    return selected
+
+
+def _candidates(model: nn.Module, allowed_types: tuple[type[nn.Module], ...]) -> dict[str, nn.Module]:
+    from deltatune.methods.base import DeltaLayer
+
+    found: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, DeltaLayer):
+            module = module.base_layer
+        elif ".base_layer" in name or name.endswith("base_layer"):
+            continue
+        if name and isinstance(module, allowed_types):
+            found[name] = module
+    return found
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where ``name`` is in ``model``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
