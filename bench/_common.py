@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import statistics
 import sys
@@ -48,6 +49,22 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     start = time.perf_counter()
     result = fn()
     return time.perf_counter() - start, result
+
+
+def timed_cpu(fn: Callable[[], Any]) -> tuple[float, float, Any]:
+    """(wall seconds, CPU seconds of this process, result) of one call of ``fn``.
+
+    CPU time barely moves when other processes compete for the cores, so it backs up wall time
+    on a shared machine.
+    """
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = fn()
+    return time.perf_counter() - wall, time.process_time() - cpu, result
+
+
+def load_average() -> float:
+    """1-minute load average: above the thread count, other processes were competing for the cores."""
+    return round(os.getloadavg()[0], 2)
 
 
 def median(values: list[float]) -> float:
@@ -106,4 +123,4 @@ def init_lora(model: nn.Module, seed: int, b_std: float = 0.0) -> float:
             else:
                 values = torch.randn(param.shape, generator=gen) * b_std
             param.copy_(values.to(param.dtype))
-    return round(sum(float(p.double().abs().sum()) for _, p in factors), 6)
+    return round(sum(float(p.detach().double().abs().sum()) for _, p in factors), 6)

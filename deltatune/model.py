@@ -238,7 +238,7 @@ class DeltaModel(nn.Module):
         """Load an adapter saved by deltatune or peft onto ``base_model``."""
         model = cls(base_model, _saved_config(base_model, path, is_trainable), adapter_name)
         try:
-            model._load_weights(path, adapter_name)
+            model.load_adapter_weights(path, adapter_name)
         except Exception:
             model.unload()  # leave the caller's base model as it was
             raise
@@ -247,12 +247,12 @@ class DeltaModel(nn.Module):
     def load_adapter(self, path: str | Path, adapter_name: str, is_trainable: bool = False) -> None:
         self.add_adapter(adapter_name, _saved_config(self.base_model, path, is_trainable))
         try:
-            self._load_weights(path, adapter_name)
+            self.load_adapter_weights(path, adapter_name)
         except Exception:
             self.delete_adapter(adapter_name)
             raise
 
-    def _load_weights(self, path: str | Path, adapter_name: str) -> None:
+    def load_adapter_weights(self, path: str | Path, adapter_name: str) -> None:
         """Load tensors, requiring every tensor to find its module and every module its tensors."""
         tensors = load_tensors(path)
         layers = {n: layer for n, layer in self.delta_layers() if adapter_name in layer.adapter_names}

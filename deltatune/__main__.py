@@ -1,0 +1,7 @@
+"""``python -m deltatune`` (and ``torchrun -m deltatune train ...``)."""
+
+import sys
+
+from deltatune.cli import main
+
+sys.exit(main())

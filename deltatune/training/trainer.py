@@ -1,0 +1,340 @@
+"""The training loop behind ``deltatune train``: data -> adapter -> train -> evaluate -> report.
+
+Losses are summed and divided by the token (or example) count of the whole optimizer step across
+gradient-accumulation micro-batches and DDP ranks, so 2 processes x batch 2 give the same update
+as 1 process x batch 4. Multi-process runs use torch.distributed (``torchrun``), nothing home-made.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from deltatune import methods
+from deltatune.config import ConfigError
+from deltatune.loading.base_models import BUILTIN_MODELS, load_base, resolve_model_dir
+from deltatune.model import DeltaModel, wrap
+from deltatune.training import demo
+from deltatune.training.checkpoints import Position, latest_checkpoint, load_checkpoint, save_checkpoint
+from deltatune.training.config import TrainConfig
+from deltatune.training.data import (
+    IGNORE_INDEX,
+    Batcher,
+    Example,
+    pack,
+    read_examples,
+    split_train_eval,
+    tokenize_examples,
+)
+from deltatune.training.evaluate import classification_metrics, evaluate_loss, generate, generation_metrics
+from deltatune.training.loss import LossModule
+from deltatune.training.report import plot_loss, print_summary
+
+DEMO_TRAIN, DEMO_EVAL = 400, 48
+# Adapter targets when the user names none: the attention projections of each architecture.
+DEFAULT_TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "bert": ["query", "value"]}
+# Options that must match for --resume to continue a run rather than mix two.
+RESUME_KEYS = ("base", "task", "method", "method_options", "data", "batch_size", "grad_accum", "seed", "packing")
+
+
+@dataclass
+class Prepared:
+    model: DeltaModel
+    tokenizer: Any
+    task: str
+    train: Batcher
+    eval: Batcher
+    eval_examples: list[Example]
+    num_labels: int | None
+
+
+# --- set-up -----------------------------------------------------------------------------------
+def init_distributed() -> tuple[int, int]:
+    """(rank, world size); starts the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank() if world > 1 else 0), world
+
+
+def task_of(base: str) -> str:
+    if base in BUILTIN_MODELS:
+        return BUILTIN_MODELS[base].default_task
+    config = json.loads((resolve_model_dir(base)[0] / "config.json").read_text())
+    heads = config.get("architectures") or []
+    return "classification" if any(a.endswith("ForSequenceClassification") for a in heads) else "causal-lm"
+
+
+def read_data(cfg: TrainConfig, task: str) -> tuple[list[Example], list[Example]]:
+    """Train and eval examples, read and checked before the (slow) model load."""
+    if cfg.data is None:
+        if task != "causal-lm":
+            raise ConfigError("the built-in demo is a causal-lm task: give --data for classification")
+        return demo.make_examples(DEMO_TRAIN, cfg.seed), demo.make_examples(DEMO_EVAL, cfg.seed + 10_000)
+    columns = {
+        k: getattr(cfg, k)
+        for k in ("text_column", "text_pair_column", "label_column", "prompt_column", "target_column", "num_labels")
+    }
+    train = read_examples(cfg.data, task, **columns)
+    if cfg.eval_data:
+        evaluation = read_examples(cfg.eval_data, task, **columns)
+    else:
+        train, evaluation = split_train_eval(train, cfg.eval_fraction, cfg.seed)
+    return train, evaluation[: cfg.max_eval_examples]
+
+
+def method_config(cfg: TrainConfig, model: nn.Module):
+    config_cls = methods.config_class_for_name(cfg.method)
+    options = dict(cfg.method_options)
+    if "target_modules" in {f.name for f in __import__("dataclasses").fields(config_cls)}:
+        options.setdefault("target_modules", DEFAULT_TARGETS.get(model.config.model_type, "all-linear"))
+    return config_cls(**options)
+
+
+def prepare(cfg: TrainConfig) -> Prepared:
+    task = cfg.task or task_of(cfg.base)
+    train_examples, eval_examples = read_data(cfg, task)
+    num_labels = None
+    if task == "classification":
+        num_labels = cfg.num_labels or max(e.label for e in train_examples + eval_examples) + 1
+    model, tokenizer = load_base(cfg.base, task=task, num_labels=num_labels or 2)
+    train_features = tokenize_examples(train_examples, tokenizer, task, cfg.max_length)
+    eval_features = tokenize_examples(eval_examples, tokenizer, task, cfg.max_length)
+    if cfg.packing and task == "causal-lm":
+        train_features = pack(train_features, cfg.max_length)
+    _, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    pad = tokenizer.pad_token_id
+    train = Batcher(
+        train_features, cfg.batch_size * world, pad_token_id=pad, seed=cfg.seed, group_by_length=cfg.group_by_length
+    )
+    evaluation = Batcher(eval_features, cfg.batch_size, pad_token_id=pad, seed=cfg.seed, shuffle=False)
+    delta = wrap(model, method_config(cfg, model))
+    return Prepared(delta, tokenizer, task, train, evaluation, eval_examples, num_labels)
+
+
+# --- evaluation -------------------------------------------------------------------------------
+def evaluate_all(prepared: Prepared, cfg: TrainConfig) -> dict[str, float]:
+    model = prepared.model
+    metrics = evaluate_loss(model, prepared.task, prepared.eval)
+    if prepared.task == "classification":
+        metrics |= classification_metrics(model, prepared.eval, prepared.num_labels)
+    elif cfg.eval_generate and all(e.target is not None for e in prepared.eval_examples):
+        predictions = generate(model, prepared.tokenizer, prepared.eval_examples, cfg.max_new_tokens)
+        references = [e.target for e in prepared.eval_examples]
+        metrics |= generation_metrics(predictions, references, demo.exact_match if cfg.data is None else None)
+    model.train()
+    return metrics
+
+
+# --- the loop ---------------------------------------------------------------------------------
+def micro_batches(batcher: Batcher, epoch: int, micro: int, rank: int, world: int) -> Iterator[tuple[int, int, list]]:
+    """(epoch, index, this rank's rows) from a position on, forever; every rank gets a share."""
+    while True:
+        batches = batcher.epoch_batches(epoch)
+        for i in range(micro, len(batches)):
+            rows = batches[i][rank::world]
+            if len(batches[i]) >= world:
+                yield epoch, i, rows
+        epoch, micro = epoch + 1, 0
+
+
+def count_targets(batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
+    if task == "classification":
+        return torch.tensor(len(batch["labels"]), dtype=torch.float64)
+    return (batch["labels"][:, 1:] != IGNORE_INDEX).sum().to(torch.float64)
+
+
+def all_reduce(value: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(value)
+    return value
+
+
+class StopRequest:
+    """Turns Ctrl-C into 'save a checkpoint at the end of this step, then stop'."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:  # a second Ctrl-C stops at once
+            signal.signal(signal.SIGINT, self._previous)
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGINT, self._previous)
+
+
+def total_steps(cfg: TrainConfig, batcher: Batcher) -> int:
+    return cfg.max_steps or max(1, math.ceil(cfg.epochs * len(batcher) / cfg.grad_accum))
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run a whole training job; returns the summary also written to ``summary.json``."""
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    rank, world = init_distributed()
+    main = rank == 0
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.output_dir)
+    if latest_checkpoint(out) is not None and not cfg.resume:
+        raise ConfigError(
+            f"{out} holds checkpoints of an earlier run: pass --resume to continue it, or choose another --output-dir"
+        )
+    torch.manual_seed(cfg.seed)
+    prepared = prepare(cfg)
+    model = prepared.model
+    if cfg.gradient_checkpointing:
+        model.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    steps = total_steps(cfg, prepared.train)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate, weight_decay=cfg.weight_decay
+    )
+    warmup = cfg.warmup_steps or int(cfg.warmup_ratio * steps)
+    scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
+    position = Position()
+    resume_from = latest_checkpoint(out) if cfg.resume else None
+    if resume_from is not None:
+        position, saved = load_checkpoint(resume_from, model, optimizer, scheduler)
+        changed = [k for k in RESUME_KEYS if saved.get(k) != cfg.to_dict().get(k)]
+        if changed:
+            raise ConfigError(f"--resume: {', '.join(changed)} differ from the run in {out}; use the same options")
+    elif main:
+        out.mkdir(parents=True, exist_ok=True)
+        position.before = evaluate_all(prepared, cfg)
+    if main:
+        _trim_metrics(out / "metrics.jsonl", position.step)
+        (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    module = LossModule(model, prepared.task)
+    runner = nn.parallel.DistributedDataParallel(module) if dist.is_initialized() else module
+    stop = StopRequest()
+    feed = micro_batches(prepared.train, position.epoch, position.micro, rank, world)
+    bar = tqdm(total=steps, initial=position.step, disable=not main, desc="training", unit="step", dynamic_ncols=True)
+    started = time.perf_counter() - position.elapsed
+    model.train()
+    try:
+        while position.step < steps and not stop.requested:
+            loss, tokens = _optimizer_step(runner, feed, prepared, cfg, position, optimizer, scheduler, world)
+            position.step += 1
+            position.tokens += tokens
+            position.elapsed = time.perf_counter() - started
+            if main and (position.step % cfg.log_every == 0 or position.step == steps):
+                record = {
+                    "step": position.step,
+                    "epoch": position.epoch,
+                    "loss": loss,
+                    "lr": scheduler.get_last_lr()[0],
+                    "tokens": position.tokens,
+                    "tokens_per_s": position.tokens / max(position.elapsed, 1e-9),
+                    "elapsed_s": position.elapsed,
+                }
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.update(1)
+            if main and (position.step % cfg.save_every == 0 or stop.requested):
+                save_checkpoint(out, model, optimizer, scheduler, position, cfg.to_dict(), cfg.keep_checkpoints)
+    finally:
+        bar.close()
+        stop.restore()
+    if stop.requested:
+        if main:
+            print(
+                f"Interrupted at step {position.step}: checkpoint saved in {out}/checkpoints; "
+                "continue with the same command plus --resume"
+            )
+        return {"interrupted": True, "step": position.step}
+    return _finish(prepared, cfg, out, position, main)
+
+
+def _optimizer_step(
+    runner: nn.Module,
+    feed: Iterator,
+    prepared: Prepared,
+    cfg: TrainConfig,
+    position: Position,
+    optimizer,
+    scheduler,
+    world: int,
+) -> tuple[float, int]:
+    """One optimizer step over ``grad_accum`` micro-batches; returns (mean loss, tokens seen)."""
+    micro = [next(feed) for _ in range(cfg.grad_accum)]
+    batches = [prepared.train.collate(rows) for _, _, rows in micro]
+    count = all_reduce(sum(count_targets(b, prepared.task) for b in batches))
+    total = torch.zeros((), dtype=torch.float64)
+    is_ddp = isinstance(runner, nn.parallel.DistributedDataParallel)
+    for j, batch in enumerate(batches):
+        with runner.no_sync() if is_ddp and j < len(batches) - 1 else contextlib.nullcontext():
+            loss_sum, _ = runner(batch)
+            (loss_sum * (world / count).to(loss_sum.dtype)).backward()
+        total += loss_sum.detach().to(torch.float64)
+    if cfg.max_grad_norm:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    epoch, index, _ = micro[-1]
+    position.epoch, position.micro = epoch, index + 1
+    tokens = int(all_reduce(torch.tensor(sum(int(b["attention_mask"].sum()) for b in batches))))
+    return float(all_reduce(total) / count), tokens
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """On resume, drop log lines the killed run wrote after its last checkpoint."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _finish(prepared: Prepared, cfg: TrainConfig, out: Path, position: Position, main: bool) -> dict[str, Any]:
+    """Final evaluation, the adapter, the loss plot and the summary (rank 0 only)."""
+    if not main:
+        dist.barrier()
+        return {}
+    model = prepared.model
+    after = evaluate_all(prepared, cfg)
+    adapter_dir = out / "adapter"
+    model.save_pretrained(adapter_dir)
+    trainable, total = model.trainable_parameters()
+    base_bytes = sum(
+        p.numel() * p.element_size() for n, p in model.base_model.named_parameters() if not p.requires_grad
+    )
+    summary = {
+        "base": cfg.base,
+        "method": cfg.method,
+        "task": prepared.task,
+        "steps": position.step,
+        "before": position.before,
+        "after": after,
+        "trainable_params": trainable,
+        "total_params": total,
+        "adapter_bytes": (adapter_dir / "adapter_model.safetensors").stat().st_size,
+        "base_bytes": base_bytes,
+        "train_seconds": position.elapsed,
+        "tokens": position.tokens,
+        "adapter_dir": str(adapter_dir),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    plot_loss(out / "metrics.jsonl", out / "loss.png")
+    print_summary(summary)
+    if dist.is_initialized():
+        dist.barrier()
+    return summary
