@@ -89,15 +89,16 @@ def wrap_lora(model: nn.Module, library: str) -> nn.Module:
     if library == "peft":
         from peft import LoraConfig, get_peft_model
 
-        cfg = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, target_modules=LORA_TARGETS, lora_dropout=0.0,
-                         task_type="CAUSAL_LM")
+        cfg = LoraConfig(
+            r=LORA_R, lora_alpha=LORA_ALPHA, target_modules=LORA_TARGETS, lora_dropout=0.0, task_type="CAUSAL_LM"
+        )
         return get_peft_model(model, cfg)
     raise ValueError(f"unknown library {library!r}; choose one of {LIBRARIES}")
 
 
 def canonical_name(name: str) -> str:
     """A parameter name without the library's wrapper prefix: ``layers.0.self_attn.q_proj.lora_A.default.weight``."""
-    return name[name.index("layers."):] if "layers." in name else name
+    return name[name.index("layers.") :] if "layers." in name else name
 
 
 def lora_factors(model: nn.Module) -> list[tuple[str, nn.Parameter]]:

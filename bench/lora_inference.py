@@ -3,7 +3,8 @@
 Measured, for SmolLM2-135M-Instruct in float32 on CPU (2 threads): batch-1 greedy generation
 (do_sample=False) of exactly 32 new tokens (min_new_tokens = max_new_tokens = 32) from a fixed chat
 prompt, as ms per generated token (prompt prefill included), the median of ``--repeats`` runs
-after ``--warmup`` untimed ones, for:
+after ``--warmup`` untimed ones, for each of these configurations (each its own model copy, timed
+in interleaved rounds so that a busy spell on a shared machine hits them all alike):
 
 * ``base``: the plain model;
 * ``deltatune_unmerged``: deltatune LoRA r=8 alpha=16 on q_proj/v_proj, B filled with seeded
@@ -23,7 +24,6 @@ Prints one JSON line on stdout; progress goes to stderr.
 from __future__ import annotations
 
 import argparse
-import gc
 import sys
 from pathlib import Path
 from typing import Any
@@ -61,65 +61,92 @@ def prompt_inputs(tokenizer: Any) -> dict[str, torch.Tensor]:
 def generate(model: nn.Module, inputs: dict[str, torch.Tensor], new_tokens: int, pad_id: int) -> list[int]:
     """Greedy generation of exactly ``new_tokens`` tokens; returns only the new ones."""
     with torch.inference_mode():
-        out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                             pad_token_id=pad_id)
-    tokens = out[0, inputs["input_ids"].shape[1]:].tolist()
+        out = model.generate(
+            **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_id
+        )
+    tokens = out[0, inputs["input_ids"].shape[1] :].tolist()
     if len(tokens) != new_tokens:
         raise RuntimeError(f"expected {new_tokens} new tokens, got {len(tokens)}")
     return tokens
 
 
-def measure(label: str, model: nn.Module, inputs: dict[str, torch.Tensor], args: argparse.Namespace,
-            pad_id: int) -> dict[str, Any]:
-    """ms/token (median of the timed runs) and the generated tokens, which must not vary between runs."""
-    model.eval()
-    runs = [timed(lambda: generate(model, inputs, args.new_tokens, pad_id)) for _ in range(args.warmup + args.repeats)]
-    if any(tokens != runs[0][1] for _, tokens in runs):
-        raise RuntimeError(f"{label}: greedy generation is not repeatable")
-    ms = [1000 * seconds / args.new_tokens for seconds, _ in runs[args.warmup:]]
-    log(f"[{label}] {median(ms):.2f} ms/token (runs: {', '.join(f'{v:.2f}' for v in ms)})")
-    return {"ms_per_token": round(median(ms), 3), "ms_per_token_runs": [round(v, 3) for v in ms],
-            "tokens": runs[0][1]}
-
-
-def bench_deltatune(model: nn.Module, inputs: dict[str, torch.Tensor], args: argparse.Namespace,
-                    pad_id: int) -> dict[str, Any]:
-    res = {"base": measure("base", model, inputs, args, pad_id)}
-    lora = wrap_lora(model, "deltatune")
-    checksum = init_lora(lora, args.seed, args.b_std)
-    res["deltatune_unmerged"] = measure("deltatune_unmerged", lora, inputs, args, pad_id)
-    lora.merge_adapter()
-    res["deltatune_merged"] = measure("deltatune_merged", lora, inputs, args, pad_id)
-    plain = lora.merge_and_unload()
-    res["deltatune_merged_unloaded"] = measure("deltatune_merged_unloaded", plain, inputs, args, pad_id)
-    res["lora_checksum_deltatune"] = checksum
-    return res
-
-
-def bench_peft(inputs: dict[str, torch.Tensor], args: argparse.Namespace, pad_id: int) -> dict[str, Any]:
+def lora_model(library: str, seed: int, b_std: float) -> tuple[nn.Module, float]:
+    """A fresh base model with a LoRA adapter whose factors are seeded (same values in both libraries)."""
     model, _ = load_model()
-    lora = wrap_lora(model, "peft")
-    checksum = init_lora(lora, args.seed, args.b_std)
-    res = {"peft_unmerged": measure("peft_unmerged", lora, inputs, args, pad_id)}
-    lora.merge_adapter()
-    res["peft_merged"] = measure("peft_merged", lora, inputs, args, pad_id)
-    res["lora_checksum_peft"] = checksum
-    return res
+    lora = wrap_lora(model, library)
+    return lora, init_lora(lora, seed, b_std)
 
 
-def summarize(res: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+def build_configs(base: nn.Module, args: argparse.Namespace) -> tuple[dict[str, nn.Module], dict[str, float]]:
+    """Every configuration as its own model, so that they can be timed in interleaved rounds."""
+    configs: dict[str, nn.Module] = {"base": base}
+    checksums: dict[str, float] = {}
+    for library in ("deltatune", "peft"):
+        configs[f"{library}_unmerged"], checksums[library] = lora_model(library, args.seed, args.b_std)
+        configs[f"{library}_merged"], _ = lora_model(library, args.seed, args.b_std)
+        configs[f"{library}_merged"].merge_adapter()
+    configs["deltatune_merged_unloaded"] = lora_model("deltatune", args.seed, args.b_std)[0].merge_and_unload()
+    for model in configs.values():
+        model.eval()
+    return configs, checksums
+
+
+def measure_all(
+    configs: dict[str, nn.Module], inputs: dict[str, torch.Tensor], args: argparse.Namespace, pad_id: int
+) -> dict[str, dict[str, Any]]:
+    """Time every configuration once per round, rounds interleaved so that a busy spell hits all alike.
+
+    Per configuration: ms/token (median of the timed rounds), the generated tokens, and whether greedy
+    generation gave the same tokens every round.
+    """
+    runs: dict[str, list[tuple[float, list[int]]]] = {label: [] for label in configs}
+    for round_index in range(args.warmup + args.repeats):
+        for label, model in configs.items():
+            runs[label].append(timed(lambda model=model: generate(model, inputs, args.new_tokens, pad_id)))
+        log(
+            f"round {round_index + 1}: "
+            + ", ".join(f"{label} {1000 * r[-1][0] / args.new_tokens:.1f}" for label, r in runs.items())
+            + " ms/token"
+        )
+    out = {}
+    for label, label_runs in runs.items():
+        ms = [1000 * seconds / args.new_tokens for seconds, _ in label_runs[args.warmup :]]
+        out[label] = {
+            "ms_per_token": round(median(ms), 3),
+            "ms_per_token_runs": [round(v, 3) for v in ms],
+            "tokens": label_runs[0][1],
+            "repeatable": all(tokens == label_runs[0][1] for _, tokens in label_runs),
+        }
+    return out
+
+
+def summarize(
+    res: dict[str, dict[str, Any]], checksums: dict[str, float], load_avg: list[float], args: argparse.Namespace
+) -> dict[str, Any]:
     def ms(key: str) -> float:
         return res[key]["ms_per_token"]
 
     def tokens(key: str) -> list[int]:
         return res[key]["tokens"]
 
-    configs = ("base", "deltatune_unmerged", "deltatune_merged", "deltatune_merged_unloaded", "peft_unmerged",
-               "peft_merged")
+    configs = (
+        "base",
+        "deltatune_unmerged",
+        "deltatune_merged",
+        "deltatune_merged_unloaded",
+        "peft_unmerged",
+        "peft_merged",
+    )
     return {
         "bench": "lora_inference",
-        "settings": {"new_tokens": args.new_tokens, "repeats": args.repeats, "warmup": args.warmup,
-                     "threads": args.threads, "dtype": "float32", "b_std": args.b_std},
+        "settings": {
+            "new_tokens": args.new_tokens,
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+            "threads": args.threads,
+            "dtype": "float32",
+            "b_std": args.b_std,
+        },
         "ms_per_token": {key: ms(key) for key in configs},
         "merged_over_base": round(ms("deltatune_merged") / ms("base"), 3),
         "merged_unloaded_over_base": round(ms("deltatune_merged_unloaded") / ms("base"), 3),
@@ -129,11 +156,15 @@ def summarize(res: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         "merged_unloaded_tokens_equal_unmerged": tokens("deltatune_merged_unloaded") == tokens("deltatune_unmerged"),
         "peft_tokens_equal_deltatune": tokens("peft_unmerged") == tokens("deltatune_unmerged"),
         "lora_changes_output": tokens("deltatune_unmerged") != tokens("base"),
-        "same_lora_factors": res["lora_checksum_deltatune"] == res["lora_checksum_peft"],
+        "repeatable": all(r["repeatable"] for r in res.values()),
+        "same_lora_factors": checksums["deltatune"] == checksums["peft"],
         "peak_rss_mb": peak_rss_mb(),
-        "load_avg_1m": [res["load_avg_start"], load_average()],
-        "goal": {"merged_over_base<=": 1.05, "unmerged_over_peft_unmerged<=": 1.0,
-                 "merged_tokens_equal_unmerged": True},
+        "load_avg_1m": load_avg,
+        "goal": {
+            "merged_over_base<=": 1.05,
+            "unmerged_over_peft_unmerged<=": 1.0,
+            "merged_tokens_equal_unmerged": True,
+        },
     }
 
 
@@ -141,14 +172,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     set_threads(args.threads)
     load_start = load_average()
-    model, tokenizer = load_model()
+    base, tokenizer = load_model()
     inputs = prompt_inputs(tokenizer)
     log(f"prompt: {inputs['input_ids'].shape[1]} tokens")
-    res = bench_deltatune(model, inputs, args, tokenizer.pad_token_id)
-    del model
-    gc.collect()
-    res |= bench_peft(inputs, args, tokenizer.pad_token_id)
-    emit(summarize(res | {"load_avg_start": load_start}, args))
+    configs, checksums = build_configs(base, args)
+    res = measure_all(configs, inputs, args, tokenizer.pad_token_id)
+    emit(summarize(res, checksums, [load_start, load_average()], args))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ Measured, for SmolLM2-135M-Instruct in float32 on CPU (2 threads), LoRA r=8 alph
 v_proj, one fixed seeded batch of 4 x 128 random tokens (labels = input_ids), AdamW lr 1e-4:
 
 * mean (and median) wall time of a training step: forward + backward + optimizer step + zero_grad,
-  over ``--steps`` timed steps after ``--warmup`` untimed ones;
+  over ``--steps`` timed steps after ``--warmup`` untimed ones. deltatune's step is the one its
+  trainer runs (``LossModule``: fused head + cross-entropy); peft's is ``model(..., labels=...)``;
 * the loss of every step, to compare the two libraries' training curves;
 * peak RSS of the process (ru_maxrss), the model load included (identical for every worker).
 
@@ -87,7 +88,15 @@ def build(worker: str, seed: int) -> tuple[nn.Module, dict[str, Any]]:
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tensor) -> float:
-    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    """deltatune's step is its trainer's (LossModule); peft's and full FT's the usual HF forward."""
+    from deltatune import DeltaModel
+    from deltatune.training.loss import LossModule
+
+    if isinstance(model, DeltaModel):
+        loss_sum, count = LossModule(model, "causal-lm")({"input_ids": ids, "labels": ids})
+        loss = loss_sum / count
+    else:
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -124,9 +133,26 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
 
 def spawn(worker: str, args: argparse.Namespace) -> dict[str, Any]:
     """Run ``worker`` in a fresh Python process; its stdout's last line is its JSON result."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", worker,
-           "--warmup", str(args.warmup), "--steps", str(args.steps), "--batch", str(args.batch),
-           "--seq", str(args.seq), "--lr", str(args.lr), "--seed", str(args.seed), "--threads", str(args.threads)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        worker,
+        "--warmup",
+        str(args.warmup),
+        "--steps",
+        str(args.steps),
+        "--batch",
+        str(args.batch),
+        "--seq",
+        str(args.seq),
+        "--lr",
+        str(args.lr),
+        "--seed",
+        str(args.seed),
+        "--threads",
+        str(args.threads),
+    ]
     log(f"running worker {worker} ...")
     done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -136,8 +162,15 @@ def summarize(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> d
     dt_res, peft_res = results["deltatune"], results["peft"]
     return {
         "bench": "lora_train_step",
-        "settings": {"batch": args.batch, "seq": args.seq, "warmup": args.warmup, "steps": args.steps,
-                     "lr": args.lr, "threads": args.threads, "dtype": "float32"},
+        "settings": {
+            "batch": args.batch,
+            "seq": args.seq,
+            "warmup": args.warmup,
+            "steps": args.steps,
+            "lr": args.lr,
+            "threads": args.threads,
+            "dtype": "float32",
+        },
         **results,
         "step_time_ratio": round(dt_res["step_time_s"] / peft_res["step_time_s"], 3),
         "step_time_median_ratio": round(dt_res["step_time_median_s"] / peft_res["step_time_median_s"], 3),

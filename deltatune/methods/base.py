@@ -34,7 +34,12 @@ class DeltaLayer(nn.Module):
     def adapter_active(self) -> str | None:
         """The adapter whose delta this forward pass adds (None: plain base layer)."""
         name = self.active_adapter
-        if self.disabled or name is None or name == self.merged_adapter or name not in self.adapter_names:
+        if (
+            self.disabled
+            or name is None
+            or name == self.merged_adapter
+            or name not in getattr(self, self.adapter_attrs[0])
+        ):
             return None
         return name
 

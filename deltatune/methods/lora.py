@@ -92,16 +92,16 @@ class LoraLinear(DeltaLayer):
     def add(self, name: str, r: int, alpha: float, dropout: float, rslora: bool, init: bool | str) -> None:
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False)
-        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        if dropout > 0:
+            self.lora_dropout[name] = nn.Dropout(dropout)
         self.scaling[name] = alpha / math.sqrt(r) if rslora else alpha / r
-        if init is False:
-            return
-        with torch.no_grad():
-            if init == "gaussian":
-                nn.init.normal_(self.lora_A[name].weight, std=1 / r)
-            else:
-                nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
-            nn.init.zeros_(self.lora_B[name].weight)
+        if init is not False:
+            with torch.no_grad():
+                if init == "gaussian":
+                    nn.init.normal_(self.lora_A[name].weight, std=1 / r)
+                else:
+                    nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
+                nn.init.zeros_(self.lora_B[name].weight)
         self.to(self.base_layer.weight.device)
 
     def delete_adapter(self, name: str) -> None:
@@ -118,8 +118,11 @@ class LoraLinear(DeltaLayer):
         if name is None:
             return out
         lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
-        h = F.linear(F.linear(self.lora_dropout[name](x.to(lora_a.dtype)), lora_a), lora_b)
-        return out + (h * self.scaling[name]).to(out.dtype)
+        x = x.to(lora_a.dtype)
+        if name in self.lora_dropout:
+            x = self.lora_dropout[name](x)
+        # Scaling B (r columns) is cheaper than scaling the output (all tokens x out_features).
+        return out + F.linear(F.linear(x, lora_a), lora_b * self.scaling[name]).to(out.dtype)
 
 
 class LoraEmbedding(DeltaLayer):

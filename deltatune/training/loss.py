@@ -1,7 +1,9 @@
 """Losses as (sum, count) pairs, so that gradient accumulation and DDP ranks add up exactly.
 
-For causal LMs the output head runs only on positions that have a label. With response-only
-labels that skips most of the (vocabulary-sized) head, the costliest single matmul of a small LM.
+For causal LMs the output head runs only on positions that have a label (with response-only
+labels that skips most of the vocabulary-sized head, the costliest matmul of a small LM), and,
+when the head is frozen, head and cross-entropy are fused: each chunk's gradient with respect to
+the hidden states is computed right away, so the (tokens x vocabulary) logits are never kept.
 """
 
 from __future__ import annotations
@@ -25,6 +27,44 @@ def _backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     return backbone, head
 
 
+class FusedLinearCrossEntropy(torch.autograd.Function):
+    """sum(cross_entropy(hidden @ weight.T, targets)) for a frozen ``weight``, chunk by chunk.
+
+    The gradient of the summed loss with respect to the logits is softmax - onehot; multiplied by
+    ``weight`` it gives the gradient for ``hidden``, computed in the forward pass and kept instead
+    of the logits (hidden-sized rather than vocabulary-sized).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        total = hidden.new_zeros((), dtype=torch.float32)
+        grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
+        for start in range(0, len(hidden), chunk):
+            logits = (hidden[start : start + chunk] @ weight.T).float()
+            target = targets[start : start + chunk]
+            log_norm = torch.logsumexp(logits, dim=-1)
+            total += (log_norm - logits.gather(1, target[:, None]).squeeze(1)).sum()
+            if grad_hidden is not None:
+                probs = logits.sub_(log_norm[:, None]).exp_()
+                probs[torch.arange(len(target)), target] -= 1
+                grad_hidden[start : start + chunk] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
+        ctx.save_for_backward(grad_hidden)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None
+
+
+def _linear_cross_entropy_sum(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor) -> torch.Tensor:
+    weight = getattr(head, "weight", None)
+    fusable = type(head) is nn.Linear and head.bias is None and not weight.requires_grad and torch.is_grad_enabled()
+    if fusable:
+        return FusedLinearCrossEntropy.apply(hidden, weight, targets, 256)
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
 def causal_lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token cross-entropy over labelled positions, and the number of such positions."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -33,12 +73,10 @@ def causal_lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tupl
     parts = _backbone_and_head(model)
     if parts is None:
         logits = model(**inputs).logits[:, :-1][keep]
-    else:
-        backbone, head = parts
-        hidden = backbone(**inputs).last_hidden_state[:, :-1][keep]
-        logits = head(hidden)
-    loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
-    return loss, keep.sum()
+        return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), keep.sum()
+    backbone, head = parts
+    hidden = backbone(**inputs).last_hidden_state[:, :-1][keep]
+    return _linear_cross_entropy_sum(hidden, head, targets[keep]), keep.sum()
 
 
 def classification_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

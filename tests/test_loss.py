@@ -1,0 +1,52 @@
+"""The training losses against the plain transformers loss, values and gradients."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_gpt2, tiny_llama
+
+import deltatune as dt
+from deltatune.training.loss import FusedLinearCrossEntropy, LossModule
+
+
+def test_fused_linear_cross_entropy_matches_unfused():
+    torch.manual_seed(0)
+    hidden = torch.randn(37, 16, requires_grad=True)
+    weight = torch.randn(50, 16)
+    targets = torch.randint(0, 50, (37,))
+    fused = FusedLinearCrossEntropy.apply(hidden, weight, targets, 8)
+    fused.backward()
+    grad_fused = hidden.grad.clone()
+    hidden.grad = None
+    plain = F.cross_entropy(hidden @ weight.T, targets, reduction="sum")
+    plain.backward()
+    torch.testing.assert_close(fused, plain)
+    torch.testing.assert_close(grad_fused, hidden.grad)
+
+
+@pytest.mark.parametrize("factory", [tiny_llama, tiny_gpt2])
+def test_loss_module_equals_transformers_loss_and_gradients(factory, monkeypatch):
+    calls = []
+    fused_apply = FusedLinearCrossEntropy.apply
+    monkeypatch.setattr(FusedLinearCrossEntropy, "apply", lambda *a: calls.append(1) or fused_apply(*a))
+    def make():
+        model = dt.wrap(factory(), dt.LoraConfig(r=4, target_modules="all-linear"))
+        torch.manual_seed(3)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.data.normal_()
+        return model
+
+    ids = torch.randint(3, 128, (3, 10))
+    labels = ids.clone()
+    labels[0, :4] = -100  # a masked prompt
+    ours, reference = make(), make()
+    loss_sum, count = LossModule(ours, "causal-lm")({"input_ids": ids, "labels": labels})
+    (loss_sum / count).backward()
+    reference(input_ids=ids, labels=labels).loss.backward()
+    torch.testing.assert_close(loss_sum / count, reference(input_ids=ids, labels=labels).loss)
+    assert calls, "the fused head + loss was not used"
+    grads = {n: p.grad for n, p in reference.named_parameters() if p.requires_grad}
+    for name, p in ours.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[name], atol=1e-5, rtol=1e-4)
