@@ -110,7 +110,7 @@ def _load(base: str, adapter: str | None, task: str | None = None, num_labels: i
 def cmd_eval(argv: list[str]) -> int:
     from deltatune.training import trainer
     from deltatune.training.data import Batcher, read_examples, tokenize_examples
-    from deltatune.training.evaluate import classification_metrics, evaluate_loss, generate, generation_metrics
+    from deltatune.training.evaluate import evaluate_model
 
     parser = argparse.ArgumentParser(prog="deltatune eval", description="Evaluate a base model (+ adapter) on data.")
     parser.add_argument("--base", default="smollm2-135m")
@@ -130,12 +130,15 @@ def cmd_eval(argv: list[str]) -> int:
     model, tokenizer = _load(args.base, args.adapter, task, num_labels)
     features = tokenize_examples(examples, tokenizer, task, args.max_length)
     batcher = Batcher(features, args.batch_size, pad_token_id=tokenizer.pad_token_id, seed=0, shuffle=False)
-    metrics = evaluate_loss(model, task, batcher)
-    if task == "classification":
-        metrics |= classification_metrics(model, batcher, num_labels)
-    elif not args.no_generate and all(e.target is not None for e in examples):
-        predictions = generate(model, tokenizer, examples, args.max_new_tokens)
-        metrics |= generation_metrics(predictions, [e.target for e in examples])
+    metrics, _ = evaluate_model(
+        model,
+        tokenizer,
+        task,
+        examples,
+        batcher,
+        num_labels=num_labels,
+        max_new_tokens=None if args.no_generate else args.max_new_tokens,
+    )
     print(json.dumps(metrics))
     return 0
 

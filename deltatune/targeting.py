@@ -36,14 +36,14 @@ def layer_index(name: str, layers_pattern: Sequence[str] | str | None = None) ->
     return None
 
 
+HEAD_NAMES = {"lm_head", "classifier", "score"}
+
+
 def output_head_names(model: nn.Module) -> set[str]:
-    """Names of the output projection(s), which ``all-linear`` leaves alone."""
-    heads = {"lm_head", "classifier", "score", "cls.predictions.decoder"}
+    """Full names of the output head(s), which ``all-linear`` leaves alone."""
     get_out = getattr(model, "get_output_embeddings", None)
     out = get_out() if callable(get_out) else None
-    if out is not None:
-        heads |= {n for n, m in model.named_modules() if m is out}
-    return heads
+    return {n for n, m in model.named_modules() if (out is not None and m is out) or n.rsplit(".", 1)[-1] in HEAD_NAMES}
 
 
 def _excluded(name: str, exclude: list[str] | str | None) -> bool:
@@ -89,7 +89,6 @@ def find_targets(
     if target_modules == ALL_LINEAR or target_modules == [ALL_LINEAR]:
         heads = output_head_names(model)
         selected = [n for n, m in candidates.items() if isinstance(m, LINEAR_TYPES) and n not in heads]
-        selected = [n for n in selected if n.rsplit(".", 1)[-1] not in {h.rsplit(".", 1)[-1] for h in heads}]
     elif isinstance(target_modules, str):
         selected = [n for n in candidates if re.fullmatch(target_modules, n)]
         if not selected:

@@ -191,3 +191,15 @@ def test_classification_head_trains_with_the_adapter():
     randomize_adapters(model)
     with model.disable_adapter():
         torch.testing.assert_close(output(model, batch()), output(reference, batch()))
+
+
+def test_default_targets_follow_peft_and_are_recorded(tmp_path):
+    model = dt.wrap(tiny_llama(), dt.LoraConfig())
+    assert model.peft_config["default"].target_modules == ["q_proj", "v_proj"]
+    assert sorted({n.rsplit(".", 1)[-1] for n, _ in model.delta_layers()}) == ["q_proj", "v_proj"]
+    model.save_pretrained(tmp_path)
+    assert '"q_proj"' in (tmp_path / "adapter_config.json").read_text()
+    weird = tiny_llama()
+    weird.config.model_type = "mystery"
+    with pytest.raises(dt.ConfigError, match="set target_modules"):
+        dt.wrap(weird, dt.LoraConfig())

@@ -10,13 +10,21 @@ from __future__ import annotations
 from types import ModuleType
 
 from deltatune.config import ConfigError, DeltaConfig
-from deltatune.methods import lora
+from deltatune.methods import adapter, bitfit, lora, partial
 
 # CLI name -> method module. Each later method adds one line here.
 METHODS: dict[str, ModuleType] = {
     "lora": lora,
+    "bitfit": bitfit,
+    "partial": partial,
+    "adapter": adapter,
 }
-_CONFIGS = {"lora": lora.LoraConfig}
+_CONFIGS = {
+    "lora": lora.LoraConfig,
+    "bitfit": bitfit.BitFitConfig,
+    "partial": partial.PartialConfig,
+    "adapter": adapter.AdapterConfig,
+}
 
 
 def _by_peft_type() -> dict[str, str]:

@@ -180,8 +180,31 @@ class LoraEmbedding(DeltaLayer):
         return out + (a @ self.lora_embedding_B[name].T * self.scaling[name]).to(out.dtype)
 
 
+# Targets when the config names none, as in peft: the attention query and value projections.
+DEFAULT_TARGETS = {
+    "llama": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "bert": ["query", "value"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+}
+
+
+def default_targets(model: nn.Module) -> list[str]:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in DEFAULT_TARGETS:
+        raise ConfigError(
+            f"no default LoRA targets for model type {model_type!r}: set target_modules "
+            "(e.g. 'all-linear', or names from `deltatune inspect`)"
+        )
+    return DEFAULT_TARGETS[model_type]
+
+
 def inject(model: nn.Module, adapter_name: str, config: LoraConfig) -> list[str]:
     """Add LoRA adapter ``adapter_name`` to every module ``config`` selects; return their names."""
+    if config.target_modules is None:
+        config.target_modules = default_targets(model)  # recorded, so the saved config says what ran
     names = find_targets(
         model,
         config.target_modules,

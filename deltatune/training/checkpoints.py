@@ -28,6 +28,7 @@ class Position:
     tokens: int = 0
     elapsed: float = 0.0
     before: dict[str, float] = field(default_factory=dict)  # metrics measured before training
+    before_sample: str = ""  # the base model's answer to the first eval example
 
 
 def checkpoint_dir(output_dir: Path, step: int) -> Path:

@@ -104,9 +104,15 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
+# The built-in demo (no --data) runs a short, brisk schedule unless the user says otherwise.
+DEMO_DEFAULTS = {"max_steps": 40, "learning_rate": 2e-3, "output_dir": "runs/demo"}
+
+
 def build_config(values: dict[str, Any], method_fields: set[str]) -> TrainConfig:
     """Split flat values into TrainConfig options and method options, rejecting unknown names."""
     values = dict(values)
+    if values.get("data") is None:
+        values = {**DEMO_DEFAULTS, **values}
     method_options = dict(values.pop("method_options", None) or {})
     method_options.update({k: values.pop(k) for k in list(values) if k in method_fields})
     _check_known(TrainConfig, values)

@@ -89,3 +89,28 @@ def generation_metrics(
     match = exact_match or (lambda p, r: p.strip() == r.strip())
     metrics["exact_match"] = 100 * sum(map(match, predictions, references)) / len(references)
     return metrics
+
+
+def evaluate_model(
+    model: nn.Module,
+    tokenizer: Any,
+    task: str,
+    examples: Sequence[Example],
+    batcher: Batcher,
+    *,
+    num_labels: int | None = None,
+    max_new_tokens: int | None = 48,
+    exact_match: Callable[[str, str], bool] | None = None,
+) -> tuple[dict[str, float], list[str]]:
+    """Every metric that fits the task, and the greedy generations (empty when none were made).
+
+    ``batcher`` holds the tokenized ``examples``; ``max_new_tokens=None`` skips generation.
+    """
+    metrics = evaluate_loss(model, task, batcher)
+    predictions: list[str] = []
+    if task == "classification":
+        metrics |= classification_metrics(model, batcher, num_labels or 2)
+    elif max_new_tokens and all(e.target is not None for e in examples):
+        predictions = generate(model, tokenizer, examples, max_new_tokens)
+        metrics |= generation_metrics(predictions, [e.target for e in examples], exact_match)
+    return metrics, predictions

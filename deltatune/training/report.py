@@ -41,6 +41,12 @@ def _size(num_bytes: float) -> str:
 
 def print_summary(summary: dict[str, Any]) -> None:
     before, after = summary["before"], summary["after"]
+    if summary.get("sample"):
+        sample = summary["sample"]
+        print(f"\nexample: {sample['prompt']}")
+        print(f"  expected      {sample['reference']}")
+        print(f"  base model    {sample['before']!r}")
+        print(f"  with adapter  {sample['after']!r}")
     rows = [("metric", "before", "after")]
     for key in [k for k in after if k in before]:
         better = after[key] > before[key] if key in HIGHER_IS_BETTER else after[key] < before[key]

@@ -38,13 +38,11 @@ from deltatune.training.data import (
     split_train_eval,
     tokenize_examples,
 )
-from deltatune.training.evaluate import classification_metrics, evaluate_loss, generate, generation_metrics
+from deltatune.training.evaluate import evaluate_model
 from deltatune.training.loss import LossModule
 from deltatune.training.report import plot_loss, print_summary
 
 DEMO_TRAIN, DEMO_EVAL = 400, 48
-# Adapter targets when the user names none: the attention projections of each architecture.
-DEFAULT_TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "bert": ["query", "value"]}
 # Options that must match for --resume to continue a run rather than mix two.
 RESUME_KEYS = ("base", "task", "method", "method_options", "data", "batch_size", "grad_accum", "seed", "packing")
 
@@ -95,14 +93,6 @@ def read_data(cfg: TrainConfig, task: str) -> tuple[list[Example], list[Example]
     return train, evaluation[: cfg.max_eval_examples]
 
 
-def method_config(cfg: TrainConfig, model: nn.Module):
-    config_cls = methods.config_class_for_name(cfg.method)
-    options = dict(cfg.method_options)
-    if "target_modules" in {f.name for f in __import__("dataclasses").fields(config_cls)}:
-        options.setdefault("target_modules", DEFAULT_TARGETS.get(model.config.model_type, "all-linear"))
-    return config_cls(**options)
-
-
 def prepare(cfg: TrainConfig) -> Prepared:
     task = cfg.task or task_of(cfg.base)
     train_examples, eval_examples = read_data(cfg, task)
@@ -120,22 +110,25 @@ def prepare(cfg: TrainConfig) -> Prepared:
         train_features, cfg.batch_size * world, pad_token_id=pad, seed=cfg.seed, group_by_length=cfg.group_by_length
     )
     evaluation = Batcher(eval_features, cfg.batch_size, pad_token_id=pad, seed=cfg.seed, shuffle=False)
-    delta = wrap(model, method_config(cfg, model))
+    delta = wrap(model, methods.config_class_for_name(cfg.method)(**cfg.method_options))
     return Prepared(delta, tokenizer, task, train, evaluation, eval_examples, num_labels)
 
 
 # --- evaluation -------------------------------------------------------------------------------
-def evaluate_all(prepared: Prepared, cfg: TrainConfig) -> dict[str, float]:
-    model = prepared.model
-    metrics = evaluate_loss(model, prepared.task, prepared.eval)
-    if prepared.task == "classification":
-        metrics |= classification_metrics(model, prepared.eval, prepared.num_labels)
-    elif cfg.eval_generate and all(e.target is not None for e in prepared.eval_examples):
-        predictions = generate(model, prepared.tokenizer, prepared.eval_examples, cfg.max_new_tokens)
-        references = [e.target for e in prepared.eval_examples]
-        metrics |= generation_metrics(predictions, references, demo.exact_match if cfg.data is None else None)
-    model.train()
-    return metrics
+def evaluate_all(prepared: Prepared, cfg: TrainConfig) -> tuple[dict[str, float], str]:
+    """Metrics on the eval split, and the model's answer to the first eval example (or "")."""
+    metrics, predictions = evaluate_model(
+        prepared.model,
+        prepared.tokenizer,
+        prepared.task,
+        prepared.eval_examples,
+        prepared.eval,
+        num_labels=prepared.num_labels,
+        max_new_tokens=cfg.max_new_tokens if cfg.eval_generate else None,
+        exact_match=demo.exact_match if cfg.data is None else None,
+    )
+    prepared.model.train()
+    return metrics, predictions[0] if predictions else ""
 
 
 # --- the loop ---------------------------------------------------------------------------------
@@ -217,7 +210,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             raise ConfigError(f"--resume: {', '.join(changed)} differ from the run in {out}; use the same options")
     elif main:
         out.mkdir(parents=True, exist_ok=True)
-        position.before = evaluate_all(prepared, cfg)
+        if cfg.data is None:
+            print(
+                f"No --data given: training {cfg.method} on the built-in task ({len(prepared.train.features)} "
+                "sentences -> JSON records). Measuring the base model first..."
+            )
+        position.before, position.before_sample = evaluate_all(prepared, cfg)
     if main:
         _trim_metrics(out / "metrics.jsonl", position.step)
         (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
@@ -296,6 +294,14 @@ def _optimizer_step(
     return float(all_reduce(total) / count), tokens
 
 
+def _sample(example: Example, before: str, after: str) -> dict[str, str] | None:
+    """One eval example with the answers before and after training, for the summary."""
+    if not after:
+        return None
+    prompt = example.prompt if isinstance(example.prompt, str) else json.dumps(example.prompt)
+    return {"prompt": prompt, "reference": example.target, "before": before, "after": after}
+
+
 def _trim_metrics(path: Path, step: int) -> None:
     """On resume, drop log lines the killed run wrote after its last checkpoint."""
     if not path.is_file():
@@ -310,7 +316,7 @@ def _finish(prepared: Prepared, cfg: TrainConfig, out: Path, position: Position,
         dist.barrier()
         return {}
     model = prepared.model
-    after = evaluate_all(prepared, cfg)
+    after, after_sample = evaluate_all(prepared, cfg)
     adapter_dir = out / "adapter"
     model.save_pretrained(adapter_dir)
     trainable, total = model.trainable_parameters()
@@ -331,6 +337,7 @@ def _finish(prepared: Prepared, cfg: TrainConfig, out: Path, position: Position,
         "train_seconds": position.elapsed,
         "tokens": position.tokens,
         "adapter_dir": str(adapter_dir),
+        "sample": _sample(prepared.eval_examples[0], position.before_sample, after_sample),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_loss(out / "metrics.jsonl", out / "loss.png")

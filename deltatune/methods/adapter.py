@@ -1,0 +1,186 @@
+"""Bottleneck adapters (Houlsby et al., 2019): a small residual MLP after each sub-layer's output.
+
+              x
+              │
+     ┌────────┴────────┐
+     │ attention / FFN │  frozen
+     │ output proj.    │  o_proj, down_proj / c_proj / output.dense
+     └────────┬────────┘
+              │ h (d)
+              ├─────────────┐
+              │       ┌─────┴─────┐
+              │       │ down d→m  │  normal(0, init_std), zero bias
+              │       └─────┬─────┘
+              │             │ non-linearity (gelu)
+              │       ┌─────┴─────┐
+              │       │  up m→d   │  normal(0, init_std) -> near-identity at start
+              │       └─────┬─────┘
+              └──── + ──────┘
+                    │  y = h + up(act(down(h)))
+                    ▼  then the block's own residual and layer norm
+
+Two adapters per transformer layer, each 2md + m + d parameters. The adapter wraps the output
+projection itself, whose output is exactly "the sub-layer output before the residual is added".
+The non-linearity means it cannot fold into the weights: unlike LoRA it stays as extra depth
+(added latency at inference) and ``merge`` raises. Houlsby et al. also train the layer norms per
+task; ``train_layer_norms`` wraps them in :class:`ModulesToSave` here, in ``inject``, because
+``DeltaModel`` resolves ``config.modules_to_save`` before the method runs and that list would
+be saved with the config. ``leave_out`` prunes adapters from (lower) layers, as the paper does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+from transformers.pytorch_utils import Conv1D
+
+from deltatune.config import ConfigError, DeltaConfig, method_config
+from deltatune.methods.base import DeltaLayer, ModulesToSave
+from deltatune.targeting import find_targets, layer_index, replace_module
+
+# Regexes (matching the whole module name) of the two output projections, by model_type.
+_LLAMA_LIKE = {"attention": r".*\.self_attn\.o_proj", "ffn": r".*\.mlp\.down_proj"}
+_BERT_LIKE = {"attention": r".*\.attention\.output\.dense", "ffn": r".*\.layer\.\d+\.output\.dense"}
+PLACEMENTS: dict[str, dict[str, str]] = {
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "gpt2": {"attention": r".*\.attn\.c_proj", "ffn": r".*\.mlp\.c_proj"},
+    "bert": _BERT_LIKE,
+    "roberta": _BERT_LIKE,
+}
+
+
+@method_config
+class AdapterConfig(DeltaConfig):
+    """Bottleneck size m, where the adapters go, and which layers (``leave_out``) get none.
+
+    ``target_modules`` overrides the per-architecture placement table (and ``placement``) for
+    models it does not know: name the attention and feed-forward output projections.
+    """
+
+    peft_type = "BOTTLENECK_ADAPTER"
+    bottleneck_size: int = 64
+    non_linearity: str = "gelu"
+    placement: tuple[str, ...] | list[str] = ("attention", "ffn")
+    leave_out: list[int] = field(default_factory=list)
+    init_std: float = 1e-3
+    train_layer_norms: bool = True
+
+    def __post_init__(self) -> None:
+        self.placement = (self.placement,) if isinstance(self.placement, str) else tuple(self.placement)
+        self.leave_out = [self.leave_out] if isinstance(self.leave_out, int) else list(self.leave_out)
+        super().__post_init__()
+
+    def validate(self) -> None:
+        if not isinstance(self.bottleneck_size, int) or self.bottleneck_size <= 0:
+            raise ConfigError(f"bottleneck_size must be a positive integer, got {self.bottleneck_size!r}")
+        if self.non_linearity not in ACT2FN:
+            raise ConfigError(f"non_linearity {self.non_linearity!r} is unknown; choose one of: {', '.join(ACT2FN)}")
+        if not self.placement or not set(self.placement) <= {"attention", "ffn"}:
+            raise ConfigError(f"placement must name 'attention' and/or 'ffn', got {list(self.placement)}")
+        if self.init_std < 0:
+            raise ConfigError(f"init_std must be >= 0, got {self.init_std}")
+
+
+class BottleneckAdapter(DeltaLayer):
+    """A frozen output projection followed by a per-adapter bottleneck MLP with its own skip."""
+
+    adapter_attrs = ("adapter_down", "adapter_up", "adapter_act")
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        weight = base_layer.weight  # Conv1D stores in×out, nn.Linear out×in
+        self.features = weight.shape[1] if isinstance(base_layer, Conv1D) else weight.shape[0]
+        self.adapter_down = nn.ModuleDict()
+        self.adapter_up = nn.ModuleDict()
+        self.adapter_act = nn.ModuleDict()
+
+    def add(self, name: str, bottleneck: int, non_linearity: str, init_std: float) -> None:
+        down, up = nn.Linear(self.features, bottleneck), nn.Linear(bottleneck, self.features)
+        with torch.no_grad():
+            for linear in (down, up):
+                nn.init.normal_(linear.weight, std=init_std)
+                nn.init.zeros_(linear.bias)
+        self.adapter_down[name], self.adapter_up[name] = down, up
+        self.adapter_act[name] = ACT2FN[non_linearity]
+        self.to(self.base_layer.weight.device)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        h = self.base_layer(x, *args, **kwargs)
+        name = self.adapter_active()
+        if name is None:
+            return h
+        down = self.adapter_down[name]
+        z = self.adapter_up[name](self.adapter_act[name](down(h.to(down.weight.dtype))))
+        return h + z.to(h.dtype)
+
+
+def _adapter_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
+    targets = config.target_modules
+    if targets is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in PLACEMENTS:
+            raise ConfigError(
+                f"no adapter placement known for model type {model_type!r} (known: {', '.join(PLACEMENTS)}); "
+                "set target_modules to its attention and feed-forward output projections"
+            )
+        targets = "|".join(PLACEMENTS[model_type][p] for p in config.placement)
+    names = find_targets(
+        model,
+        targets,
+        allowed_types=(nn.Linear, Conv1D),
+        exclude_modules=config.exclude_modules,
+        layers_to_transform=config.layers_to_transform,
+        layers_pattern=config.layers_pattern,
+    )
+    kept = [n for n in names if layer_index(n, config.layers_pattern) not in set(config.leave_out)]
+    if not kept:
+        raise ConfigError(f"leave_out={config.leave_out} removes every adapter: nothing to adapt")
+    return kept
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or type(module).__name__.endswith(("LayerNorm", "RMSNorm"))
+
+
+def _layer_norms(model: nn.Module, layers: set[int | None], layers_pattern: Any) -> list[str]:
+    """Norms inside the transformer layers that carry adapters (not the final norm)."""
+    names = []
+    for name, module in model.named_modules():
+        if ".base_layer" in name or ".modules_to_save." in name:
+            continue  # the frozen original and the copies inside a ModulesToSave
+        base = module.base_layer if isinstance(module, DeltaLayer) else module
+        if _is_norm(base) and layer_index(name, layers_pattern) in layers - {None}:
+            names.append(name)
+    return names
+
+
+def inject(model: nn.Module, adapter_name: str, config: AdapterConfig) -> list[str]:
+    """Add bottleneck adapter ``adapter_name`` (and per-adapter layer norms); return the module names."""
+    names = _adapter_targets(model, config)
+    norms: list[str] = []
+    if config.train_layer_norms:
+        norms = _layer_norms(model, {layer_index(n, config.layers_pattern) for n in names}, config.layers_pattern)
+    for name in names + norms:  # refuse before changing anything
+        layer, kind = model.get_submodule(name), BottleneckAdapter if name in names else ModulesToSave
+        if isinstance(layer, DeltaLayer) and not isinstance(layer, kind):
+            raise ConfigError(f"{name} already carries a {type(layer).__name__}; a bottleneck adapter cannot wrap it")
+    for name in names:
+        layer = model.get_submodule(name)
+        if not isinstance(layer, BottleneckAdapter):
+            layer = BottleneckAdapter(layer)
+            replace_module(model, name, layer)
+        layer.add(adapter_name, config.bottleneck_size, config.non_linearity, config.init_std)
+    for name in norms:
+        layer = model.get_submodule(name)
+        if not isinstance(layer, ModulesToSave):
+            layer = ModulesToSave(layer)
+            replace_module(model, name, layer)
+        layer.add(adapter_name)
+    return names + norms
