@@ -182,7 +182,7 @@ def test_config_errors_and_target_modules_override():
             dt.AdapterConfig(**bad)
     base = TINY_MODELS["llama"]()
     base.config.model_type = "mystery"
-    with pytest.raises(ConfigError, match="no adapter placement known for model type 'mystery'.*llama"):
+    with pytest.raises(ConfigError, match=r"no adapter placement known for model type 'mystery'.*llama"):
         dt.wrap(base, dt.AdapterConfig())
     assert not any(isinstance(m, BottleneckAdapter) for m in base.modules())
     model = dt.wrap(base, dt.AdapterConfig(bottleneck_size=M, target_modules=["o_proj"]))

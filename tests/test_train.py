@@ -385,3 +385,24 @@ def test_generate_merge_and_inspect(tiny_llama_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "q_proj" in printed and "Linear" in printed and "x2" in printed
     assert f"trainable {2 * (2 * 32 + 2 * 32 + 2 * 32 + 2 * 16):,}" in printed
+
+
+def test_gradient_checkpointing_gives_the_same_adapter(tiny_llama_dir, tmp_path):
+    data = alpaca_file(tmp_path / "train.jsonl")
+    common = ["train", "--base", tiny_llama_dir, "--data", data, "--max-steps", 3, "--no-eval-generate", *FAST]
+    assert run_cli(*common, "--output-dir", tmp_path / "plain") == 0
+    assert run_cli(*common, "--output-dir", tmp_path / "ckpt", "--gradient-checkpointing") == 0
+    expected, got = adapter_tensors(tmp_path / "plain" / "adapter"), adapter_tensors(tmp_path / "ckpt" / "adapter")
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], atol=1e-6, rtol=1e-5)
+
+
+def test_packing_trains_on_fewer_rows_with_the_same_tokens(tiny_llama_dir, tmp_path):
+    data = alpaca_file(tmp_path / "train.jsonl", count=40)
+    common = ["train", "--base", tiny_llama_dir, "--data", data, "--epochs", 1, "--no-eval-generate", *FAST]
+    assert run_cli(*common, "--output-dir", tmp_path / "rows") == 0
+    assert run_cli(*common, "--output-dir", tmp_path / "packed", "--packing", "--max-length", 256) == 0
+    rows, packed = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("rows", "packed"))
+    assert packed["steps"] < rows["steps"]  # several examples share a row
+    assert packed["tokens"] == rows["tokens"]  # no token lost or padded in
+    assert packed["after"]["loss"] < packed["before"]["loss"]

@@ -43,6 +43,7 @@ from deltatune.methods.base import DeltaLayer, ModulesToSave
 from deltatune.targeting import find_targets, layer_index, replace_module
 
 # Regexes (matching the whole module name) of the two output projections, by model_type.
+# In BERT the suffix "output.dense" also matches attention.output.dense: anchor it on the layer.
 _LLAMA_LIKE = {"attention": r".*\.self_attn\.o_proj", "ffn": r".*\.mlp\.down_proj"}
 _BERT_LIKE = {"attention": r".*\.attention\.output\.dense", "ffn": r".*\.layer\.\d+\.output\.dense"}
 PLACEMENTS: dict[str, dict[str, str]] = {

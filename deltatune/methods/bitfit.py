@@ -71,7 +71,8 @@ class BitFitLayer(DeltaLayer):
         return (base.weight.shape[1] if isinstance(base, Conv1D) else base.weight.shape[0],)
 
     def add(self, name: str) -> None:
-        device = self.base_layer.weight.device if self.base_layer.weight is not None else None
+        param = next(self.base_layer.parameters(), None)
+        device = param.device if param is not None else None
         self.bias_delta[name] = nn.Parameter(torch.zeros(self.bias_shape(), device=device))
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

@@ -76,7 +76,7 @@ def find_blocks(model: nn.Module, layers_pattern: list[str] | str | None = None)
     if len(stacks) > 1:
         raise ConfigError(
             f"{type(model).__name__} has several stacks of layers ({', '.join(stacks)}); partial "
-            "fine-tuning needs one: set layers_pattern to pick it"
+            "fine-tuning needs one: set layers_pattern to the container name of the one to train"
         )
     return dict(sorted(next(iter(stacks.values())).items()))
 

@@ -67,7 +67,7 @@ def _linear_cross_entropy_sum(hidden: torch.Tensor, head: nn.Module, targets: to
 
 def causal_lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token cross-entropy over labelled positions, and the number of such positions."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs = {k: v for k, v in batch.items() if k != "labels"} | {"use_cache": False}  # training needs no KV cache
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE_INDEX
     parts = _backbone_and_head(model)

@@ -194,7 +194,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     prepared = prepare(cfg)
     model = prepared.model
     if cfg.gradient_checkpointing:
-        model.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     steps = total_steps(cfg, prepared.train)
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate, weight_decay=cfg.weight_decay

@@ -1,0 +1,410 @@
+"""End-to-end LoRA training throughput on E2E NLG: ``deltatune train`` vs transformers.Trainer + peft.
+
+SmolLM2-135M-Instruct (float32, CPU, 2 threads) with LoRA r=8 alpha=16 on q_proj/v_proj, no dropout, trained for
+the same ``--steps`` optimizer steps of ``--batch-size`` examples (lr 1e-3, cosine to 0 without warm-up, gradient
+clipping at 1.0, no weight decay) on a fixed seeded subsample of the E2E NLG training set. Both sides see the same
+features: deltatune's ``read_examples`` + ``tokenize_examples`` (chat template, loss only on the response + EOS).
+
+* deltatune: the real command line, ``python -m deltatune train ...`` in a subprocess. It batches by length and runs
+  the output head + cross-entropy fused and only on response positions. Throughput comes from its metrics.jsonl
+  (``elapsed_s`` covers the training loop only, not the model load nor the evaluations before and after); peak RSS
+  is the subprocess's (``RUSAGE_CHILDREN`` of a worker that starts nothing else before it).
+* peft: ``peft.get_peft_model`` + ``transformers.Trainer`` with ``DataCollatorForSeq2Seq`` (the usual random,
+  padded batches) and the model's own loss (head on every position). Only ``trainer.train()`` is timed; peak RSS is
+  that of its worker process, measured right after training.
+
+Throughput is non-pad tokens (the attention mask's sum, as deltatune counts them) per training second. After
+training, each adapter is scored on the E2E devset: the mean response loss on the first ``--bleu-examples`` distinct
+MRs (first reference each, same batches on both sides) and multi-reference corpus BLEU (sacrebleu) of greedy
+generations (64 new tokens), with deltatune's ``generate`` so that both sides get the same prompts.
+
+Goal: deltatune's tokens/s >= 1.5 x peft's. Each side runs in a fresh process (``--worker``). Prints one JSON line
+on stdout; progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (
+    LORA_ALPHA,
+    LORA_R,
+    LORA_TARGETS,
+    MODEL,
+    emit,
+    load_average,
+    load_model,
+    log,
+    peak_rss_mb,
+    set_threads,
+    timed,
+    timed_cpu,
+    wrap_lora,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+E2E = Path("/work/shared/data/e2e")
+WORKERS = ("deltatune", "peft_trainer")
+GOAL = {"tokens_per_s_ratio>=": 1.5}
+MAX_LENGTH = 512
+MAX_NEW_TOKENS = 64
+CLI_EVAL_EXAMPLES = 8  # the CLI's own before/after evaluation (loss only); kept small, it is not timed
+LAST_K = 5  # losses averaged over the last LAST_K steps
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--worker", choices=WORKERS, help="run one side in this process (internal)")
+    parser.add_argument("--work-dir", help="folder with the prepared data files (internal)")
+    parser.add_argument("--steps", type=int, default=30, help="optimizer steps on each side")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--train-examples", type=int, default=2000, help="size of the seeded training subsample")
+    parser.add_argument("--bleu-examples", type=int, default=100, help="distinct devset MRs to score")
+    parser.add_argument("--no-bleu", action="store_true", help="skip generation and BLEU (dev loss is still measured)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="6 steps")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.steps = 6
+    return args
+
+
+# --- data ----------------------------------------
+def prepare_data(work: Path, n_train: int, seed: int) -> dict[str, Any]:
+    """Write the training subsample and the CLI's small eval file as prompt/completion JSON lines."""
+    from deltatune.training.data import read_examples
+
+    examples = read_examples(E2E / "trainset.csv", "causal-lm")
+    order = np.random.default_rng(seed).permutation(len(examples))[:n_train]
+    chosen = [examples[i] for i in order.tolist()]
+    write_jsonl(work / "train.jsonl", [(e.prompt, e.target) for e in chosen])
+    dev = dev_references(CLI_EVAL_EXAMPLES)
+    write_jsonl(work / "cli_eval.jsonl", [(mr, refs[0]) for mr, refs in dev])
+    return {"train_pool": len(examples), "train_examples": len(chosen)}
+
+
+def write_jsonl(path: Path, pairs: list[tuple[str, str]]) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        for prompt, completion in pairs:
+            f.write(json.dumps({"prompt": prompt, "completion": completion}) + "\n")
+
+
+def dev_references(n: int) -> list[tuple[str, list[str]]]:
+    """The first ``n`` distinct MRs of the E2E devset (file order), each with all its references."""
+    grouped: dict[str, list[str]] = {}
+    with (E2E / "devset.csv").open(encoding="utf-8", newline="") as f:
+        for row in csv.DictReader(f):
+            if row["mr"] not in grouped and len(grouped) == n:
+                break
+            grouped.setdefault(row["mr"], []).append(row["ref"])
+    return list(grouped.items())
+
+
+def train_features(work: Path, tokenizer: Any) -> list[dict]:
+    """The features both sides train on, built exactly as ``deltatune train`` builds them."""
+    from deltatune.training.data import read_examples, tokenize_examples
+
+    return tokenize_examples(read_examples(work / "train.jsonl", "causal-lm"), tokenizer, "causal-lm", MAX_LENGTH)
+
+
+def batch_stats(batches: list[dict]) -> dict[str, Any]:
+    """Token counts of the training batches: non-pad, padded (rows x width), loss targets."""
+    nonpad = [int(b["attention_mask"].sum()) for b in batches]
+    padded = [int(b["attention_mask"].numel()) for b in batches]
+    targets = [int((b["labels"][:, 1:] != -100).sum()) for b in batches]
+    return {
+        "tokens": sum(nonpad),
+        "padded_tokens": sum(padded),
+        "pad_fraction": round(1 - sum(nonpad) / sum(padded), 4),
+        "response_tokens": sum(targets),
+        "response_fraction": round(sum(targets) / sum(nonpad), 4),
+        "tokens_per_step": nonpad,
+    }
+
+
+def throughput(tokens: list[int], times: list[float]) -> dict[str, Any]:
+    """tokens/s over all steps, and over all but the first (warm-up; deltatune's first batch is its longest)."""
+    total = sum(times)
+    return {
+        "train_seconds": round(total, 3),
+        "tokens_per_s": round(sum(tokens) / total, 1),
+        "tokens_per_s_after_step1": round(sum(tokens[1:]) / sum(times[1:]), 1) if len(times) > 1 else None,
+        "step_seconds": [round(t, 3) for t in times],
+    }
+
+
+def loss_summary(losses: list[float]) -> dict[str, Any]:
+    last = losses[-LAST_K:]
+    return {
+        "losses": [round(v, 4) for v in losses],
+        "first_loss": round(losses[0], 4),
+        "final_loss": round(losses[-1], 4),
+        f"loss_last{LAST_K}_mean": round(sum(last) / len(last), 4),
+    }
+
+
+# --- quality after training ----------------------------------------
+def quality(model: Any, loss_model: Any, tokenizer: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """Dev response loss (first reference per MR) and multi-reference BLEU of greedy generations."""
+    import sacrebleu
+    import torch
+
+    from deltatune.training.data import Batcher, Example, tokenize_examples
+    from deltatune.training.evaluate import evaluate_loss, generate
+
+    dev = dev_references(args.bleu_examples)
+    features = tokenize_examples([Example(mr, refs[0]) for mr, refs in dev], tokenizer, "causal-lm", MAX_LENGTH)
+    batcher = Batcher(features, 16, pad_token_id=tokenizer.pad_token_id, seed=0, shuffle=False)
+    result: dict[str, Any] = {"dev_loss": round(evaluate_loss(loss_model, "causal-lm", batcher)["loss"], 4)}
+    if args.no_bleu:
+        return result
+    torch.manual_seed(args.seed)
+    seconds, hyps = timed(lambda: generate(model, tokenizer, [Example(mr, None) for mr, _ in dev], MAX_NEW_TOKENS))
+    width = max(len(refs) for _, refs in dev)
+    streams = [[refs[k] if k < len(refs) else None for _, refs in dev] for k in range(width)]
+    bleu = sacrebleu.corpus_bleu(hyps, streams)
+    result |= {
+        "bleu": round(bleu.score, 2),
+        "bleu_signature": str(bleu.format(signature=True)).split(" = ")[0],
+        "bleu_mrs": len(dev),
+        "bleu_refs": sum(len(refs) for _, refs in dev),
+        "generate_seconds": round(seconds, 1),
+        "sample": {"mr": dev[0][0], "hypothesis": hyps[0]},
+    }
+    return result
+
+
+# --- (a) deltatune, through its command line ----------------------------------------
+def run_deltatune(args: argparse.Namespace) -> dict[str, Any]:
+    work = Path(args.work_dir)
+    out = work / "deltatune_run"
+    cmd = [
+        sys.executable, "-m", "deltatune", "train",
+        "--data", str(work / "train.jsonl"),
+        "--eval-data", str(work / "cli_eval.jsonl"),
+        "--max-eval-examples", str(CLI_EVAL_EXAMPLES),
+        "--max-steps", str(args.steps),
+        "--batch-size", str(args.batch_size),
+        "--learning-rate", str(args.lr),
+        "--r", str(LORA_R), "--lora-alpha", str(LORA_ALPHA), "--lora-dropout", "0.0",
+        "--target-modules", *LORA_TARGETS,
+        "--no-eval-generate",
+        "--threads", str(args.threads),
+        "--seed", str(args.seed),
+        "--output-dir", str(out),
+        "--log-every", "1",
+        "--save-every", "100000",
+    ]  # fmt: skip
+    load_before = load_average()
+    log("[deltatune]", " ".join(cmd[1:]))
+    # The CLI's summary goes to stderr with its progress bar, so stdout carries only this worker's JSON line.
+    wall, _ = timed(lambda: subprocess.run(cmd, cwd=REPO, stdout=sys.stderr, check=True))
+    rss = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)
+    load_after = load_average()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
+    if [r["step"] for r in records] != list(range(1, args.steps + 1)):
+        raise RuntimeError(f"metrics.jsonl of {out} does not log every step")
+    elapsed = [r["elapsed_s"] for r in records]
+    times = [b - a for a, b in zip([0.0, *elapsed[:-1]], elapsed, strict=True)]
+    tokens = [
+        b - a for a, b in zip([0, *(r["tokens"] for r in records[:-1])], (r["tokens"] for r in records), strict=True)
+    ]
+    summary = json.loads((out / "summary.json").read_text())
+
+    # Replay the CLI's batch order (a pure function of seed and epoch) for its padding and response-token counts.
+    import deltatune as dt
+    from deltatune.training.data import Batcher
+    from deltatune.training.trainer import micro_batches
+
+    set_threads(args.threads)
+    base, tokenizer = dt.load_base(MODEL)
+    batcher = Batcher(
+        train_features(work, tokenizer), args.batch_size, pad_token_id=tokenizer.pad_token_id, seed=args.seed
+    )
+    feed = micro_batches(batcher, 0, 0, 0, 1)
+    stats = batch_stats([batcher.collate(next(feed)[2]) for _ in range(args.steps)])
+    if stats["tokens_per_step"] != tokens:
+        raise RuntimeError("replayed deltatune batches do not match the token counts in its metrics.jsonl")
+    model = dt.DeltaModel.from_pretrained(base, out / "adapter")
+    return {
+        **throughput(tokens, times),
+        **stats,
+        **loss_summary([r["loss"] for r in records]),
+        "peak_rss_mb": rss,
+        "cli_wall_seconds": round(wall, 1),
+        "cli_eval_loss_before_after": [round(summary["before"]["loss"], 4), round(summary["after"]["loss"], 4)],
+        "lr_last": records[-1]["lr"],
+        "load_avg_1m": [load_before, load_after],
+        **quality(model, model, tokenizer, args),
+    }
+
+
+# --- (b) transformers.Trainer + peft ----------------------------------------
+def run_peft_trainer(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+
+    work = Path(args.work_dir)
+    set_threads(args.threads)
+    torch.manual_seed(args.seed)
+    base, tokenizer = load_model()
+    rss_after_load = peak_rss_mb()
+    model = wrap_lora(base, "peft")
+    features = train_features(work, tokenizer)
+    pad_collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    batches: list[dict] = []
+
+    def collator(rows: list[dict]) -> dict:
+        batch = pad_collator(rows)
+        batches.append({k: batch[k] for k in ("attention_mask", "labels")})
+        return batch
+
+    class StepClock(TrainerCallback):
+        """Wall time of each optimizer step, from the loop's start (Trainer set-up excluded)."""
+
+        def __init__(self) -> None:
+            self.marks: list[float] = []
+
+        def on_train_begin(self, *_, **__) -> None:
+            self.marks = [time.perf_counter()]
+
+        def on_step_end(self, *_, **__) -> None:
+            self.marks.append(time.perf_counter())
+
+    clock = StepClock()
+    training_args = TrainingArguments(
+        output_dir=str(work / "peft_run"),
+        per_device_train_batch_size=args.batch_size,
+        max_steps=args.steps,
+        learning_rate=args.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        dataloader_num_workers=0,
+        seed=args.seed,
+        disable_tqdm=True,
+    )
+    trainer = Trainer(
+        model=model, args=training_args, train_dataset=features, data_collator=collator, callbacks=[clock]
+    )
+    load_before = load_average()
+    seconds, cpu, _ = timed_cpu(trainer.train)
+    rss = peak_rss_mb()
+    load_after = load_average()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
+    if len(batches) < args.steps or len(losses) != args.steps:
+        raise RuntimeError(f"expected {args.steps} batches and losses, got {len(batches)} and {len(losses)}")
+    stats = batch_stats(batches[: args.steps])
+    step_times = [b - a for a, b in zip(clock.marks[:-1], clock.marks[1:], strict=True)]
+    loop = throughput(stats["tokens_per_step"], step_times)
+    return {
+        "train_seconds": round(seconds, 3),
+        "tokens_per_s": round(stats["tokens"] / seconds, 1),
+        "loop_seconds": loop["train_seconds"],
+        "loop_tokens_per_s": loop["tokens_per_s"],
+        "tokens_per_s_after_step1": loop["tokens_per_s_after_step1"],
+        "step_seconds": loop["step_seconds"],
+        "train_cpu_seconds": round(cpu, 1),
+        **stats,
+        **loss_summary(losses),
+        "peak_rss_mb": rss,
+        "rss_after_load_mb": rss_after_load,
+        "optim": str(training_args.optim.value),
+        "lr_last": trainer.lr_scheduler.get_last_lr()[0],
+        "load_avg_1m": [load_before, load_after],
+        # LossModule needs the transformers model itself (LoRA layers are injected into it in place).
+        **quality(model, model.base_model.model, tokenizer, args),
+    }
+
+
+# --- orchestration ----------------------------------------
+def spawn(worker: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Run ``worker`` in a fresh Python process; its stdout's last line is its JSON result."""
+    cmd = [
+        sys.executable, str(Path(__file__).resolve()),
+        "--worker", worker, "--work-dir", str(work),
+        "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
+        "--bleu-examples", str(args.bleu_examples), "--seed", str(args.seed), "--threads", str(args.threads),
+        *(["--no-bleu"] if args.no_bleu else []),
+    ]  # fmt: skip
+    log(f"running worker {worker} ...")
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        emit(run_deltatune(args) if args.worker == "deltatune" else run_peft_trainer(args))
+        return
+    load_start = load_average()
+    work = Path(tempfile.mkdtemp(prefix="deltatune-train-throughput-"))
+    try:
+        data = prepare_data(work, args.train_examples, args.seed)
+        results = {w: spawn(w, args, work) for w in WORKERS}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    dt_res, hf_res = results["deltatune"], results["peft_trainer"]
+    emit(
+        {
+            "bench": "train_throughput",
+            "settings": {
+                "model": MODEL,
+                "dtype": "float32",
+                "lora": {"r": LORA_R, "alpha": LORA_ALPHA, "targets": LORA_TARGETS, "dropout": 0.0},
+                "data": "E2E NLG trainset.csv, seeded subsample",
+                **data,
+                "steps": args.steps,
+                "batch_size": args.batch_size,
+                "lr": args.lr,
+                "scheduler": "cosine, no warm-up",
+                "max_grad_norm": 1.0,
+                "seed": args.seed,
+                "threads": args.threads,
+                "bleu_examples": 0 if args.no_bleu else args.bleu_examples,
+                "max_new_tokens": MAX_NEW_TOKENS,
+                "load_avg_1m": [load_start, load_average()],
+            },
+            **results,
+            "tokens_per_s_ratio": round(dt_res["tokens_per_s"] / hf_res["tokens_per_s"], 3),
+            "tokens_per_s_ratio_loop_only": round(dt_res["tokens_per_s"] / hf_res["loop_tokens_per_s"], 3),
+            "tokens_per_s_ratio_after_step1": round(
+                dt_res["tokens_per_s_after_step1"] / hf_res["tokens_per_s_after_step1"], 3
+            )
+            if len(dt_res["step_seconds"]) > 1
+            else None,
+            "peak_rss_ratio": round(dt_res["peak_rss_mb"] / hf_res["peak_rss_mb"], 3),
+            "final_loss": {"deltatune": dt_res["final_loss"], "peft_trainer": hf_res["final_loss"]},
+            f"loss_last{LAST_K}_mean": {
+                "deltatune": dt_res[f"loss_last{LAST_K}_mean"],
+                "peft_trainer": hf_res[f"loss_last{LAST_K}_mean"],
+            },
+            "dev_loss": {"deltatune": dt_res["dev_loss"], "peft_trainer": hf_res["dev_loss"]},
+            "bleu": None if args.no_bleu else {"deltatune": dt_res["bleu"], "peft_trainer": hf_res["bleu"]},
+            "goal": GOAL,
+        }
+    )
+
+
+if __name__ == "__main__":
+    main()
