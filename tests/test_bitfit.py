@@ -187,9 +187,13 @@ def test_exclude_and_layers_to_transform_narrow_the_selection():
     assert len(names) == 3 and all(".layer.1." in n and not n.endswith("key") for n in names)
 
 
-def test_bad_bias_choice_is_a_clear_error():
-    with pytest.raises(dt.ConfigError, match="all, attention, mlp"):
-        dt.BitFitConfig(bias="lora_only")
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"bias": "lora_only"}, "all, attention, mlp"), ({"target_modules": ["query"]}, "not target_modules")],
+)
+def test_bad_config_is_a_clear_error(kwargs, message):
+    with pytest.raises(dt.ConfigError, match=message):
+        dt.BitFitConfig(**kwargs)
 
 
 def test_cli_trains_bitfit_on_a_classifier(tiny_bert_dir, tmp_path):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import TINY_MODELS, batch, output, randomize_adapters, tiny_gpt2, tiny_llama
 from safetensors.torch import load_file
-from test_train import FAST, alpaca_file, run_cli
+from test_train import FAST, run_cli
 from torch import nn
 
 import deltatune as dt
@@ -128,6 +128,7 @@ def test_adapters_switch_and_disable():
         ({"train_top_layers": 0}, ">= 1"),
         ({"freeze_bottom_layers": -1}, ">= 0"),
         ({"train_top_layers": 1, "layers_to_transform": [1]}, "layers_to_transform is not supported"),
+        ({"train_top_layers": 1, "target_modules": ["q_proj"]}, "target_modules is not supported"),
     ],
 )
 def test_bad_config_is_a_clear_error(kwargs, message):
@@ -149,12 +150,14 @@ def test_layers_already_carrying_an_adapter_are_refused():
         model.add_adapter("top", dt.PartialConfig(train_top_layers=1))
 
 
-def test_cli_trains_the_top_layer(tiny_llama_dir, tmp_path):
-    data = alpaca_file(tmp_path / "train.jsonl", count=12)
+def test_cli_trains_the_top_layer(tiny_bert_dir, tmp_path):
+    data = tmp_path / "sst.tsv"
+    rows = [f"{'great fun' if i % 2 else 'dull mess'} number {i}\t{i % 2}" for i in range(24)]
+    data.write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
     out = tmp_path / "run"
-    args = ["train", "--method", "partial", "--train-top-layers", 1, "--base", tiny_llama_dir, "--data", data]
-    assert run_cli(*args, "--max-steps", 3, "--output-dir", out, "--no-eval-generate", *FAST) == 0
+    args = ["train", "--method", "partial", "--train-top-layers", 1, "--base", tiny_bert_dir, "--data", data]
+    assert run_cli(*args, "--max-steps", 3, "--output-dir", out, "--eval-fraction", "0.25", *FAST) == 0
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "PARTIAL" and config["train_top_layers"] == 1
     keys = load_file(out / "adapter" / "adapter_model.safetensors")
-    assert keys and all(k.startswith(KEY_PREFIX + "model.layers.1.") for k in keys)
+    assert keys and all(k.startswith(KEY_PREFIX + ("bert.encoder.layer.1.", "classifier.")) for k in keys)

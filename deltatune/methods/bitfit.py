@@ -39,8 +39,8 @@ class BitFitConfig(DeltaConfig):
     """Which biases train: ``all`` (every Linear/Conv1D and LayerNorm but the output head),
     ``attention`` (the attention blocks' linears) or ``mlp`` (the feed-forward linears).
 
-    ``target_modules`` is not used (the ``bias`` choice selects the layers); ``exclude_modules``
-    and ``layers_to_transform`` narrow the selection as for every method.
+    ``bias`` replaces ``target_modules`` (which is refused); ``exclude_modules`` and
+    ``layers_to_transform`` narrow the selection as for every method.
     """
 
     peft_type = "BITFIT"
@@ -50,6 +50,11 @@ class BitFitConfig(DeltaConfig):
     def validate(self) -> None:
         if self.bias not in BIAS_CHOICES:
             raise ConfigError(f"BitFit bias must be one of {', '.join(BIAS_CHOICES)}, got {self.bias!r}")
+        if self.target_modules is not None:
+            raise ConfigError(
+                "BitFit picks its layers with bias='all', 'attention' or 'mlp', not target_modules; "
+                "narrow the choice with exclude_modules or layers_to_transform"
+            )
 
 
 class BitFitLayer(DeltaLayer):

@@ -26,7 +26,8 @@ from deltatune.targeting import DEFAULT_LAYER_CONTAINERS, layer_index, replace_m
 class PartialConfig(DeltaConfig):
     """Set exactly one: ``train_top_layers=k`` trains the last k blocks, ``freeze_bottom_layers=k``
     all but the first k. ``layers_pattern`` names the block container if it is not one of the
-    usual ones (``layers``, ``h``, ``layer``, ...); ``target_modules`` is not used.
+    usual ones (``layers``, ``h``, ``layer``, ...). Module-level options (``target_modules``, ...)
+    are refused: whole blocks train.
     """
 
     peft_type = "PARTIAL"
@@ -44,7 +45,7 @@ class PartialConfig(DeltaConfig):
         minimum = 1 if key == "train_top_layers" else 0
         if isinstance(k, bool) or not isinstance(k, int) or k < minimum:
             raise ConfigError(f"{key} must be an integer >= {minimum}, got {k!r}")
-        for unused in ("layers_to_transform", "exclude_modules"):
+        for unused in ("target_modules", "layers_to_transform", "exclude_modules"):
             if getattr(self, unused) is not None:
                 raise ConfigError(f"PartialConfig selects whole layers with {key}; {unused} is not supported")
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from deltatune.training.data import Batcher, Example, prompt_ids
-from deltatune.training.loss import LossModule
+from deltatune.training.loss import LossModule, to_model_device
 
 
 @torch.no_grad()
@@ -33,7 +33,7 @@ def classification_metrics(model: nn.Module, batcher: Batcher, num_labels: int) 
     model.eval()
     predictions, labels = [], []
     for indices in batcher.epoch_batches(0):
-        batch = batcher.collate(indices)
+        batch = to_model_device(batcher.collate(indices), model)
         gold = batch.pop("labels")
         predictions += model(**batch).logits.argmax(-1).tolist()
         labels += gold.tolist()
@@ -62,9 +62,9 @@ def generate(
         width = max(map(len, prompts))
         input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
         attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        inputs = to_model_device({"input_ids": input_ids, "attention_mask": attention_mask}, model)
         generated = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
+            **inputs,
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=pad,

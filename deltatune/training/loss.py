@@ -65,6 +65,11 @@ def _linear_cross_entropy_sum(hidden: torch.Tensor, head: nn.Module, targets: to
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
 
+def to_model_device(batch: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    device = next(model.parameters()).device
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 def causal_lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token cross-entropy over labelled positions, and the number of such positions."""
     inputs = {k: v for k, v in batch.items() if k != "labels"} | {"use_cache": False}  # training needs no KV cache
@@ -97,4 +102,4 @@ class LossModule(nn.Module):
         from deltatune.model import DeltaModel
 
         model = self.model.base_model if isinstance(self.model, DeltaModel) else self.model
-        return self.loss_sum(model, batch)
+        return self.loss_sum(model, to_model_device(batch, model))

@@ -67,6 +67,13 @@ def init_distributed() -> tuple[int, int]:
     return (dist.get_rank() if world > 1 else 0), world
 
 
+def training_device() -> torch.device:
+    """This process's GPU under torchrun (LOCAL_RANK), the first GPU alone, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
 def task_of(base: str) -> str:
     if base in BUILTIN_MODELS:
         return BUILTIN_MODELS[base].default_task
@@ -110,7 +117,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
         train_features, cfg.batch_size * world, pad_token_id=pad, seed=cfg.seed, group_by_length=cfg.group_by_length
     )
     evaluation = Batcher(eval_features, cfg.batch_size, pad_token_id=pad, seed=cfg.seed, shuffle=False)
-    delta = wrap(model, methods.config_class_for_name(cfg.method)(**cfg.method_options))
+    delta = wrap(model.to(training_device()), methods.config_class_for_name(cfg.method)(**cfg.method_options))
     return Prepared(delta, tokenizer, task, train, evaluation, eval_examples, num_labels)
 
 
@@ -150,9 +157,11 @@ def count_targets(batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
 
 
 def all_reduce(value: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (on the training device: NCCL reduces only GPU tensors); returns a CPU tensor."""
     if dist.is_initialized():
+        value = value.to(training_device())
         dist.all_reduce(value)
-    return value
+    return value.cpu()
 
 
 class StopRequest:
@@ -220,7 +229,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         _trim_metrics(out / "metrics.jsonl", position.step)
         (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     module = LossModule(model, prepared.task)
-    runner = nn.parallel.DistributedDataParallel(module) if dist.is_initialized() else module
+    device_ids = [training_device()] if torch.cuda.is_available() else None
+    runner = nn.parallel.DistributedDataParallel(module, device_ids=device_ids) if dist.is_initialized() else module
     stop = StopRequest()
     feed = micro_batches(prepared.train, position.epoch, position.micro, rank, world)
     bar = tqdm(total=steps, initial=position.step, disable=not main, desc="training", unit="step", dynamic_ncols=True)
@@ -281,7 +291,7 @@ def _optimizer_step(
         with runner.no_sync() if is_ddp and j < len(batches) - 1 else contextlib.nullcontext():
             loss_sum, _ = runner(batch)
             (loss_sum * (world / count).to(loss_sum.dtype)).backward()
-        total += loss_sum.detach().to(torch.float64)
+        total += loss_sum.detach().to("cpu", torch.float64)
     if cfg.max_grad_norm:
         params = [p for group in optimizer.param_groups for p in group["params"]]
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
