@@ -177,10 +177,11 @@ def quality(model: Any, loss_model: Any, tokenizer: Any, args: argparse.Namespac
     seconds, hyps = timed(lambda: generate(model, tokenizer, [Example(mr, None) for mr, _ in dev], MAX_NEW_TOKENS))
     width = max(len(refs) for _, refs in dev)
     streams = [[refs[k] if k < len(refs) else None for _, refs in dev] for k in range(width)]
-    bleu = sacrebleu.corpus_bleu(hyps, streams)
+    metric = sacrebleu.BLEU()
+    bleu = metric.corpus_score(hyps, streams)
     result |= {
         "bleu": round(bleu.score, 2),
-        "bleu_signature": str(bleu.format(signature=True)).split(" = ")[0],
+        "bleu_signature": str(metric.get_signature()),
         "bleu_mrs": len(dev),
         "bleu_refs": sum(len(refs) for _, refs in dev),
         "generate_seconds": round(seconds, 1),

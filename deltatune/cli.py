@@ -233,7 +233,6 @@ def cmd_inspect(argv: list[str]) -> int:
     print("suggested targets:")
     print(f"  lora (attention, as in the LoRA paper): {attention or 'all-linear'}")
     print(f"  lora all-linear: {len(find_targets(model, 'all-linear'))} modules (skips {', '.join(sorted(heads))})")
-    options.setdefault("target_modules", attention or "all-linear")
     delta = wrap(model, config_cls(**options))
     trainable, total = delta.trainable_parameters()
     print(f"{known.method} with {options}:")

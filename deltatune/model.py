@@ -198,9 +198,9 @@ class DeltaModel(nn.Module):
         self.merge_adapter()
         for name, layer in list(self.delta_layers()):
             replace_module(self.base_model, name, layer.unwrap())
-        model = self.base_model
+        methods.finalize_merged(self.peft_config[self.active_adapter], self.base_model)
         self.peft_config.clear()
-        return model
+        return self.base_model
 
     def unload(self) -> nn.Module:
         """Remove every adapter without merging; return the plain base model."""

@@ -130,8 +130,8 @@ def _candidates(model: nn.Module, allowed_types: tuple[type[nn.Module], ...]) ->
     for name, module in model.named_modules():
         if isinstance(module, DeltaLayer):
             module = module.base_layer
-        elif ".base_layer" in name or name.endswith("base_layer"):
-            continue
+        elif name.endswith(".base_layer") or ".modules_to_save." in name:
+            continue  # a wrapped module (its wrapper stands for it) or a per-adapter trained copy
         if name and isinstance(module, allowed_types):
             found[name] = module
     return found

@@ -160,4 +160,12 @@ def test_cli_trains_the_top_layer(tiny_bert_dir, tmp_path):
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "PARTIAL" and config["train_top_layers"] == 1
     keys = load_file(out / "adapter" / "adapter_model.safetensors")
-    assert keys and all(k.startswith(KEY_PREFIX + ("bert.encoder.layer.1.", "classifier.")) for k in keys)
+    trained = tuple(KEY_PREFIX + m for m in ("bert.encoder.layer.1.", "classifier."))
+    assert keys and all(k.startswith(trained) for k in keys)
+
+
+def test_lora_added_after_partial_wraps_the_base_modules():
+    model = dt.wrap(tiny_llama(), dt.PartialConfig(train_top_layers=1))
+    model.add_adapter("lora", dt.LoraConfig(r=2, target_modules=["q_proj"]))
+    wrapped = sorted(n for n, m in model.base_model.named_modules() if type(m).__name__ == "LoraLinear")
+    assert wrapped == ["model.layers.0.self_attn.q_proj", "model.layers.1.base_layer.self_attn.q_proj"]

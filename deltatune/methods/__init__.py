@@ -2,7 +2,8 @@
 
 A method is a module with a config class (a :class:`~deltatune.config.DeltaConfig`) and an
 ``inject(model, adapter_name, config) -> list[str]`` function that adds the adapter to the
-modules it selects through :func:`deltatune.targeting.find_targets`.
+modules it selects through :func:`deltatune.targeting.find_targets`. It may also define
+``finalize_merged(model)``, run on the plain model ``merge_and_unload`` returns.
 """
 
 from __future__ import annotations
@@ -50,3 +51,9 @@ def config_class_for_name(name: str) -> type[DeltaConfig]:
 
 def inject(model, adapter_name: str, config: DeltaConfig) -> list[str]:
     return METHODS[method_name(config)].inject(model, adapter_name, config)
+
+
+def finalize_merged(config: DeltaConfig, model) -> None:
+    hook = getattr(METHODS[method_name(config)], "finalize_merged", None)
+    if hook is not None:
+        hook(model)

@@ -137,6 +137,15 @@ class ModulesToSave(DeltaLayer):
 
         self.modules_to_save[name] = copy.deepcopy(self.base_layer)
 
+    def __getattr__(self, name: str):
+        # Some transformers models read attributes of their blocks (e.g. ``attention_type``).
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base_layer", "modules_to_save"):
+                raise
+            return getattr(self.base_layer, name)
+
     def forward(self, *args, **kwargs):
         name = self.active_adapter
         if self.disabled or name is None or name not in self.modules_to_save:

@@ -168,7 +168,7 @@ def _base(module: nn.Module) -> nn.Module:
     return module.base_layer if isinstance(module, DeltaLayer) else module
 
 
-def declare_merged_biases(model: nn.Module) -> list[str]:
+def finalize_merged(model: nn.Module) -> list[str]:
     """Set the config flags (Llama's ``attention_bias``/``mlp_bias``) that make ``from_pretrained``
     build the biases ``merge_and_unload`` gave a bias-less model; without them a saved merged
     model silently loads without its biases. Returns the flags set."""
