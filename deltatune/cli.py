@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import types
 import typing
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,8 @@ _REGEX_CHARS = set("*[]()|\\^$+?")
 
 def _flag_kwargs(hint: Any) -> dict[str, Any]:
     """argparse settings for a dataclass field's type hint."""
-    args = set(typing.get_args(hint)) - {type(None)} or {hint}
+    is_union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    args = set(typing.get_args(hint)) - {type(None)} if is_union else {hint}
     if bool in args:
         return {"action": argparse.BooleanOptionalAction}
     if any(typing.get_origin(a) is list for a in args):

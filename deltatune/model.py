@@ -54,6 +54,7 @@ class DeltaModel(nn.Module):
         self.base_model = base_model
         self.peft_config: dict[str, DeltaConfig] = {}
         self.active_adapter: str | None = None
+        self.adapters_disabled = False
         for p in base_model.parameters():
             p.requires_grad_(False)
         self.add_adapter(adapter_name, config)
@@ -61,10 +62,25 @@ class DeltaModel(nn.Module):
 
     # --- forwarding -------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.base_model(*args, **kwargs)
+        return self.base_model(*args, **self.prepare_inputs(kwargs))
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        return self.base_model.generate(*args, **kwargs)
+        hook = self._method_hook("generate")
+        if hook is None:
+            return self.base_model.generate(*args, **kwargs)
+        return hook(self, self.active_adapter, *args, **kwargs)
+
+    def prepare_inputs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The base model's forward arguments with the active method's changes (virtual tokens,
+        prefix caches, task ids...); most methods change weights and leave them as they are."""
+        hook = self._method_hook("prepare_inputs")
+        return kwargs if hook is None else hook(self, self.active_adapter, dict(kwargs))
+
+    def _method_hook(self, name: str):
+        """A method module's optional ``prepare_inputs``/``generate`` for the active adapter."""
+        if self.adapters_disabled or self.active_adapter is None:
+            return None
+        return methods.hook(self.peft_config[self.active_adapter], name)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -159,9 +175,11 @@ class DeltaModel(nn.Module):
         layers = [layer for _, layer in self.delta_layers()]
         for layer in layers:
             layer.disabled = True
+        self.adapters_disabled = True
         try:
             yield
         finally:
+            self.adapters_disabled = False
             for layer in layers:
                 layer.disabled = False
             if merged is not None:
@@ -186,7 +204,14 @@ class DeltaModel(nn.Module):
         """Fold the adapter into the base weights: same outputs, no added latency."""
         adapter_name = adapter_name or self.active_adapter
         self._check_adapter(adapter_name)
-        for _, layer in self.delta_layers():
+        layers = [layer for _, layer in self.delta_layers() if adapter_name in layer.adapter_names]
+        refusing = sorted({type(layer).__name__ for layer in layers if not layer.mergeable})
+        if refusing:  # refuse before anything is folded in
+            raise TypeError(
+                f"adapter {adapter_name!r} cannot be merged: {', '.join(refusing)} adds modules that do not fold "
+                "into the base weights (only weight-changing methods such as LoRA, BitFit, partial merge)"
+            )
+        for layer in layers:
             layer.merge(adapter_name)
 
     def unmerge_adapter(self) -> None:

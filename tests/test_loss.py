@@ -29,6 +29,7 @@ def test_loss_module_equals_transformers_loss_and_gradients(factory, monkeypatch
     calls = []
     fused_apply = FusedLinearCrossEntropy.apply
     monkeypatch.setattr(FusedLinearCrossEntropy, "apply", lambda *a: calls.append(1) or fused_apply(*a))
+
     def make():
         model = dt.wrap(factory(), dt.LoraConfig(r=4, target_modules="all-linear"))
         torch.manual_seed(3)

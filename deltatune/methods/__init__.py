@@ -3,7 +3,10 @@
 A method is a module with a config class (a :class:`~deltatune.config.DeltaConfig`) and an
 ``inject(model, adapter_name, config) -> list[str]`` function that adds the adapter to the
 modules it selects through :func:`deltatune.targeting.find_targets`. It may also define
-``finalize_merged(model)``, run on the plain model ``merge_and_unload`` returns.
+``finalize_merged(model)``, run on the plain model ``merge_and_unload`` returns, and
+``prepare_inputs(delta_model, adapter_name, kwargs) -> kwargs`` /
+``generate(delta_model, adapter_name, *args, **kwargs)`` for methods that change a forward's
+inputs rather than (or besides) weights: virtual tokens, prefix caches, task ids.
 """
 
 from __future__ import annotations
@@ -53,7 +56,12 @@ def inject(model, adapter_name: str, config: DeltaConfig) -> list[str]:
     return METHODS[method_name(config)].inject(model, adapter_name, config)
 
 
+def hook(config: DeltaConfig, name: str):
+    """The method's optional function ``name`` (see the module docstring), or None."""
+    return getattr(METHODS[method_name(config)], name, None)
+
+
 def finalize_merged(config: DeltaConfig, model) -> None:
-    hook = getattr(METHODS[method_name(config)], "finalize_merged", None)
-    if hook is not None:
-        hook(model)
+    finalize = hook(config, "finalize_merged")
+    if finalize is not None:
+        finalize(model)

@@ -92,6 +92,8 @@ class AdapterConfig(DeltaConfig):
 class BottleneckAdapter(DeltaLayer):
     """A frozen output projection followed by a per-adapter bottleneck MLP with its own skip."""
 
+    mergeable = False
+
     adapter_attrs = ("adapter_down", "adapter_up", "adapter_act")
 
     def __init__(self, base_layer: nn.Module) -> None:

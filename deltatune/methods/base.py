@@ -16,6 +16,7 @@ from torch import nn
 
 class DeltaLayer(nn.Module):
     adapter_attrs: ClassVar[tuple[str, ...]] = ()
+    mergeable: ClassVar[bool] = True  # False: the method adds modules that cannot fold into weights
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -95,10 +96,7 @@ class DeltaLayer(nn.Module):
 
     # --- merging ---------------------------------------------------------------------------
     def delta_weight(self, name: str) -> torch.Tensor:
-        raise TypeError(
-            f"{type(self).__name__} adds modules that cannot be folded into the base weights; "
-            "merging is only possible for methods that change weights (LoRA, BitFit)."
-        )
+        raise NotImplementedError(f"{type(self).__name__} defines no weight delta")
 
     def merge(self, name: str) -> None:
         if self.merged_adapter == name or name not in self.adapter_names:

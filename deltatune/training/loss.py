@@ -72,7 +72,8 @@ def to_model_device(batch: dict[str, torch.Tensor], model: nn.Module) -> dict[st
 
 def causal_lm_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token cross-entropy over labelled positions, and the number of such positions."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"} | {"use_cache": False}  # training needs no KV cache
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs.setdefault("use_cache", False)  # training needs no KV cache (a prefix method may bring its own)
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE_INDEX
     parts = _backbone_and_head(model)
@@ -101,5 +102,8 @@ class LossModule(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         from deltatune.model import DeltaModel
 
-        model = self.model.base_model if isinstance(self.model, DeltaModel) else self.model
-        return self.loss_sum(model, to_model_device(batch, model))
+        if not isinstance(self.model, DeltaModel):
+            return self.loss_sum(self.model, to_model_device(batch, self.model))
+        # The method's input changes (virtual tokens extend inputs and labels alike) come first.
+        batch = self.model.prepare_inputs(to_model_device(batch, self.model))
+        return self.loss_sum(self.model.base_model, batch)
