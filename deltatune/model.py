@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,9 +19,16 @@ import torch
 from torch import nn
 
 from deltatune import methods
-from deltatune.checkpoint.adapter import KEY_PREFIX, load_tensors, save_tensors, split_by_module
+from deltatune.checkpoint.adapter import (
+    KEY_PREFIX,
+    load_tensors,
+    load_training_state,
+    save_tensors,
+    save_training_state,
+    split_by_module,
+)
 from deltatune.config import ConfigError, DeltaConfig
-from deltatune.methods.base import DeltaLayer, ModulesToSave
+from deltatune.methods.base import DeltaLayer, ModulesToSave, wrap_modules
 from deltatune.targeting import find_targets, name_matches, replace_module
 
 BASE_ADAPTER = "__base__"
@@ -62,6 +70,10 @@ class DeltaModel(nn.Module):
 
     # --- forwarding -------------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if args and self._method_hook("prepare_inputs") is not None:  # the method must see input_ids too
+            names = list(inspect.signature(self.base_model.forward).parameters)[: len(args)]
+            kwargs = {**dict(zip(names, args, strict=True)), **kwargs}
+            args = ()
         return self.base_model(*args, **self.prepare_inputs(kwargs))
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
@@ -118,11 +130,7 @@ class DeltaModel(nn.Module):
         # Resolve modules_to_save before injecting so a bad entry changes nothing.
         save_names = self._resolve_modules_to_save(config.modules_to_save)
         methods.inject(self.base_model, adapter_name, config)
-        for name in save_names:
-            layer = self.base_model.get_submodule(name)
-            if not isinstance(layer, ModulesToSave):
-                layer = ModulesToSave(layer)
-                replace_module(self.base_model, name, layer)
+        for layer in wrap_modules(self.base_model, dict.fromkeys(save_names, ModulesToSave)).values():
             layer.add(adapter_name)
         self.peft_config[adapter_name] = config
         for _, layer in self.delta_layers():  # new parameters follow the current trainable set
@@ -236,15 +244,25 @@ class DeltaModel(nn.Module):
         return self.base_model
 
     # --- checkpoints ------------------------------------------------------------------------
-    def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
-        """The adapter's tensors under peft's checkpoint keys."""
+    def adapter_state_dict(
+        self, adapter_name: str | None = None, training_state: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """The adapter's tensors under peft's checkpoint keys (``training_state``: the tensors only
+        resuming training needs, see :meth:`DeltaLayer.training_state_dict`, under the same keys)."""
         adapter_name = adapter_name or self.active_adapter
         self._check_adapter(adapter_name)
+        prefix = self._key_prefix(adapter_name)
         out = {}
         for name, layer in self.delta_layers():
-            for key, value in layer.adapter_state_dict(adapter_name).items():
-                out[f"{KEY_PREFIX}{name}.{key}"] = value
+            get = layer.training_state_dict if training_state else layer.adapter_state_dict
+            for key, value in get(adapter_name).items():
+                out[key if layer.top_level_keys else f"{prefix}{name}.{key}"] = value
         return out
+
+    def _key_prefix(self, adapter_name: str) -> str:
+        """peft prefixes module paths with ``base_model.model.``; a config may say otherwise (peft's
+        prompt-learning methods, whose model has no tuner layer in between, use ``base_model.``)."""
+        return getattr(self.peft_config[adapter_name], "checkpoint_key_prefix", KEY_PREFIX)
 
     def save_pretrained(self, save_directory: str | Path, selected_adapters: list[str] | None = None) -> None:
         """Write each adapter in peft's layout: ``default`` at the top, others in sub-directories."""
@@ -254,6 +272,7 @@ class DeltaModel(nn.Module):
             config = copy.copy(self.peft_config[name])
             config.inference_mode = True
             save_tensors(directory, self.adapter_state_dict(name), metadata={"format": "pt"})
+            save_training_state(directory, self.adapter_state_dict(name, training_state=True))
             config.save(directory)
 
     @classmethod
@@ -279,9 +298,11 @@ class DeltaModel(nn.Module):
 
     def load_adapter_weights(self, path: str | Path, adapter_name: str) -> None:
         """Load tensors, requiring every tensor to find its module and every module its tensors."""
-        tensors = load_tensors(path)
+        tensors = load_tensors(path) | load_training_state(path)
         layers = {n: layer for n, layer in self.delta_layers() if adapter_name in layer.adapter_names}
-        by_module, unmatched = split_by_module(tensors, list(layers))
+        prefix = self._key_prefix(adapter_name)
+        top = next((n for n, layer in layers.items() if layer.top_level_keys), None)
+        by_module, unmatched = split_by_module(tensors, [n for n in layers if n != top], prefix, top)
         problems = []
         for name, layer in layers.items():
             if name not in by_module:
@@ -292,7 +313,7 @@ class DeltaModel(nn.Module):
             except (KeyError, ValueError) as err:
                 problems.append(f"{name}: {err.args[0]}")
                 continue
-            unmatched += [f"{KEY_PREFIX}{name}.{k}" for k in leftover]
+            unmatched += [k if layer.top_level_keys else f"{prefix}{name}.{k}" for k in leftover]
         if unmatched:
             problems.append(
                 f"tensors that match no adapted module: {', '.join(sorted(unmatched)[:10])}"

@@ -39,8 +39,8 @@ from transformers.activations import ACT2FN
 from transformers.pytorch_utils import Conv1D
 
 from deltatune.config import ConfigError, DeltaConfig, method_config
-from deltatune.methods.base import DeltaLayer, ModulesToSave
-from deltatune.targeting import find_targets, layer_index, replace_module
+from deltatune.methods.base import DeltaLayer, ModulesToSave, wrap_modules
+from deltatune.targeting import find_targets, layer_index
 
 # Regexes (matching the whole module name) of the two output projections, by model_type.
 # In BERT the suffix "output.dense" also matches attention.output.dense: anchor it on the layer.
@@ -170,20 +170,9 @@ def inject(model: nn.Module, adapter_name: str, config: AdapterConfig) -> list[s
     norms: list[str] = []
     if config.train_layer_norms:
         norms = _layer_norms(model, {layer_index(n, config.layers_pattern) for n in names}, config.layers_pattern)
-    for name in names + norms:  # refuse before changing anything
-        layer, kind = model.get_submodule(name), BottleneckAdapter if name in names else ModulesToSave
-        if isinstance(layer, DeltaLayer) and not isinstance(layer, kind):
-            raise ConfigError(f"{name} already carries a {type(layer).__name__}; a bottleneck adapter cannot wrap it")
+    wrapped = wrap_modules(model, {**dict.fromkeys(names, BottleneckAdapter), **dict.fromkeys(norms, ModulesToSave)})
     for name in names:
-        layer = model.get_submodule(name)
-        if not isinstance(layer, BottleneckAdapter):
-            layer = BottleneckAdapter(layer)
-            replace_module(model, name, layer)
-        layer.add(adapter_name, config.bottleneck_size, config.non_linearity, config.init_std)
+        wrapped[name].add(adapter_name, config.bottleneck_size, config.non_linearity, config.init_std)
     for name in norms:
-        layer = model.get_submodule(name)
-        if not isinstance(layer, ModulesToSave):
-            layer = ModulesToSave(layer)
-            replace_module(model, name, layer)
-        layer.add(adapter_name)
+        wrapped[name].add(adapter_name)
     return names + norms

@@ -13,10 +13,14 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from deltatune.config import ConfigError
+from deltatune.targeting import replace_module
+
 
 class DeltaLayer(nn.Module):
     adapter_attrs: ClassVar[tuple[str, ...]] = ()
     mergeable: ClassVar[bool] = True  # False: the method adds modules that cannot fold into weights
+    top_level_keys: ClassVar[bool] = False  # True: checkpoint keys are bare names, not module paths
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -77,6 +81,12 @@ class DeltaLayer(nn.Module):
                 out.update({f"{attr}.{k}": v.detach() for k, v in item.state_dict().items()})
         return out
 
+    def training_state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        """Tensors that resuming training needs but the checkpoint's inference form leaves out (a
+        reparametrizing encoder whose output is what peft stores). Saved in a file of their own
+        and handed back to :meth:`load_adapter_state_dict` together with the checkpoint's tensors."""
+        return {}
+
     def load_adapter_state_dict(self, name: str, tensors: dict[str, torch.Tensor]) -> list[str]:
         """Copy ``tensors`` (keys as from :meth:`adapter_state_dict`) in; return the keys left over."""
         own = self.adapter_state_dict(name)
@@ -119,6 +129,26 @@ class DeltaLayer(nn.Module):
     def unwrap(self) -> nn.Module:
         """The module that replaces this one in ``merge_and_unload``."""
         return self.base_layer
+
+
+def wrap_modules(model: nn.Module, targets: dict[str, type[DeltaLayer]]) -> dict[str, DeltaLayer]:
+    """Wrap each named module in its DeltaLayer type, reusing a wrapper of that type already there.
+
+    The step every method shares. A module that carries another kind of wrapper is refused,
+    naming it, before anything changes.
+    """
+    for name, kind in targets.items():
+        layer = model.get_submodule(name)
+        if isinstance(layer, DeltaLayer) and not isinstance(layer, kind):
+            raise ConfigError(f"{name} already carries a {type(layer).__name__}; a {kind.__name__} cannot wrap it too")
+    wrapped = {}
+    for name, kind in targets.items():
+        layer = model.get_submodule(name)
+        if not isinstance(layer, kind):
+            layer = kind(layer)
+            replace_module(model, name, layer)
+        wrapped[name] = layer
+    return wrapped
 
 
 class ModulesToSave(DeltaLayer):

@@ -27,8 +27,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from deltatune.config import ConfigError, DeltaConfig, method_config
-from deltatune.methods.base import DeltaLayer
-from deltatune.targeting import find_targets, layer_index, name_matches, output_head_names, replace_module
+from deltatune.methods.base import DeltaLayer, wrap_modules
+from deltatune.targeting import find_targets, layer_index, name_matches, output_head_names
 
 BIAS_CHOICES = ("all", "attention", "mlp")
 BIAS_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D, nn.LayerNorm)
@@ -186,14 +186,6 @@ def finalize_merged(model: nn.Module) -> list[str]:
 def inject(model: nn.Module, adapter_name: str, config: BitFitConfig) -> list[str]:
     """Add bias deltas for adapter ``adapter_name`` to the layers ``config`` selects; return their names."""
     names = select(model, config)
-    for name in names:
-        layer = model.get_submodule(name)
-        if isinstance(layer, DeltaLayer) and not isinstance(layer, BitFitLayer):
-            raise ConfigError(f"{name} already carries a {type(layer).__name__}; BitFit cannot wrap it too")
-    for name in names:
-        layer = model.get_submodule(name)
-        if not isinstance(layer, BitFitLayer):
-            layer = BitFitLayer(layer)
-            replace_module(model, name, layer)
+    for layer in wrap_modules(model, dict.fromkeys(names, BitFitLayer)).values():
         layer.add(adapter_name)
     return names

@@ -30,8 +30,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from deltatune.config import ConfigError, DeltaConfig, method_config
-from deltatune.methods.base import DeltaLayer
-from deltatune.targeting import find_targets, replace_module
+from deltatune.methods.base import DeltaLayer, wrap_modules
+from deltatune.targeting import find_targets
 
 
 @method_config
@@ -213,14 +213,8 @@ def inject(model: nn.Module, adapter_name: str, config: LoraConfig) -> list[str]
         layers_to_transform=config.layers_to_transform,
         layers_pattern=config.layers_pattern,
     )
-    for name in names:
-        layer = model.get_submodule(name)
-        if not isinstance(layer, DeltaLayer):
-            wrapper = LoraEmbedding(layer) if isinstance(layer, nn.Embedding) else LoraLinear(layer)
-            replace_module(model, name, wrapper)
-            layer = wrapper
-        if not isinstance(layer, (LoraLinear, LoraEmbedding)):
-            raise ConfigError(f"{name} already carries a {type(layer).__name__}; LoRA cannot wrap it too")
+    kinds = {n: LoraEmbedding if isinstance(model.get_submodule(n), nn.Embedding) else LoraLinear for n in names}
+    for name, layer in wrap_modules(model, kinds).items():
         if isinstance(layer, LoraLinear) and layer.transposed:
             config.fan_in_fan_out = True  # peft's flag for Conv1D weights
         r, alpha = config.rank_and_alpha(name)

@@ -18,8 +18,8 @@ from __future__ import annotations
 from torch import nn
 
 from deltatune.config import ConfigError, DeltaConfig, method_config
-from deltatune.methods.base import DeltaLayer, ModulesToSave
-from deltatune.targeting import DEFAULT_LAYER_CONTAINERS, layer_index, replace_module
+from deltatune.methods.base import DeltaLayer, ModulesToSave, wrap_modules
+from deltatune.targeting import DEFAULT_LAYER_CONTAINERS, layer_index
 
 
 @method_config
@@ -109,10 +109,6 @@ def _base(module: nn.Module) -> nn.Module:
 def inject(model: nn.Module, adapter_name: str, config: PartialConfig) -> list[str]:
     """Give adapter ``adapter_name`` a trainable copy of each selected block; return their names."""
     names = select(model, config)
-    for name in names:
-        layer = model.get_submodule(name)
-        if not isinstance(layer, ModulesToSave):
-            layer = ModulesToSave(layer)
-            replace_module(model, name, layer)
+    for layer in wrap_modules(model, dict.fromkeys(names, ModulesToSave)).values():
         layer.add(adapter_name)
     return names
