@@ -4,8 +4,13 @@ from deltatune.config import ConfigError, DeltaConfig
 from deltatune.loading import load_base
 from deltatune.methods.adapter import AdapterConfig
 from deltatune.methods.bitfit import BitFitConfig
+from deltatune.methods.hyperformer import HyperAdapterConfig
+from deltatune.methods.llama_adapter import LlamaAdapterConfig
 from deltatune.methods.lora import LoraConfig
+from deltatune.methods.p_tuning import PTuningConfig
 from deltatune.methods.partial import PartialConfig
+from deltatune.methods.prefix_tuning import PrefixTuningConfig
+from deltatune.methods.prompt_tuning import PromptTuningConfig
 from deltatune.model import DeltaModel, wrap
 
 __version__ = "0.1.0"
@@ -15,8 +20,13 @@ __all__ = [
     "ConfigError",
     "DeltaConfig",
     "DeltaModel",
+    "HyperAdapterConfig",
+    "LlamaAdapterConfig",
     "LoraConfig",
+    "PTuningConfig",
     "PartialConfig",
+    "PrefixTuningConfig",
+    "PromptTuningConfig",
     "load_base",
     "wrap",
 ]

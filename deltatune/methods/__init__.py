@@ -14,7 +14,17 @@ from __future__ import annotations
 from types import ModuleType
 
 from deltatune.config import ConfigError, DeltaConfig
-from deltatune.methods import adapter, bitfit, lora, partial
+from deltatune.methods import (
+    adapter,
+    bitfit,
+    hyperformer,
+    llama_adapter,
+    lora,
+    p_tuning,
+    partial,
+    prefix_tuning,
+    prompt_tuning,
+)
 
 # CLI name -> method module. Each later method adds one line here.
 METHODS: dict[str, ModuleType] = {
@@ -22,12 +32,22 @@ METHODS: dict[str, ModuleType] = {
     "bitfit": bitfit,
     "partial": partial,
     "adapter": adapter,
+    "llama_adapter": llama_adapter,
+    "hyperformer": hyperformer,
+    "prompt_tuning": prompt_tuning,
+    "p_tuning": p_tuning,
+    "prefix_tuning": prefix_tuning,
 }
 _CONFIGS = {
     "lora": lora.LoraConfig,
     "bitfit": bitfit.BitFitConfig,
     "partial": partial.PartialConfig,
     "adapter": adapter.AdapterConfig,
+    "llama_adapter": llama_adapter.LlamaAdapterConfig,
+    "hyperformer": hyperformer.HyperAdapterConfig,
+    "prompt_tuning": prompt_tuning.PromptTuningConfig,
+    "p_tuning": p_tuning.PTuningConfig,
+    "prefix_tuning": prefix_tuning.PrefixTuningConfig,
 }
 
 
