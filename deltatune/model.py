@@ -79,12 +79,15 @@ class DeltaModel(nn.Module):
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         hook = self._method_hook("generate")
         if hook is None:
-            return self.base_model.generate(*args, **kwargs)
+            return self.base_model.generate(*args, **self.prepare_inputs(kwargs) if self.adapters_disabled else kwargs)
         return hook(self, self.active_adapter, *args, **kwargs)
 
     def prepare_inputs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """The base model's forward arguments with the active method's changes (virtual tokens,
         prefix caches, task ids...); most methods change weights and leave them as they are."""
+        if self.adapters_disabled:
+            own = {key for config in self.peft_config.values() for key in methods.hook(config, "INPUT_KEYS") or ()}
+            return {k: v for k, v in kwargs.items() if k not in own}
         hook = self._method_hook("prepare_inputs")
         return kwargs if hook is None else hook(self, self.active_adapter, dict(kwargs))
 

@@ -94,6 +94,18 @@ def randomize_adapters(model, seed: int = 0, std: float = 0.1) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
+@pytest.fixture(autouse=True)
+def one_thread_for_tiny_models(request):
+    """Tiny models run fastest on one thread (no sync overhead); real models keep the default."""
+    if request.node.get_closest_marker("real_model"):
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(params=sorted(TINY_MODELS))
 def arch(request) -> str:
     return request.param

@@ -6,7 +6,9 @@ modules it selects through :func:`deltatune.targeting.find_targets`. It may also
 ``finalize_merged(model)``, run on the plain model ``merge_and_unload`` returns, and
 ``prepare_inputs(delta_model, adapter_name, kwargs) -> kwargs`` /
 ``generate(delta_model, adapter_name, *args, **kwargs)`` for methods that change a forward's
-inputs rather than (or besides) weights: virtual tokens, prefix caches, task ids.
+inputs rather than (or besides) weights: virtual tokens, prefix caches, task ids. Forward
+arguments only such a method understands are listed in ``INPUT_KEYS``, so that they are dropped
+rather than passed to the base model while adapters are disabled.
 """
 
 from __future__ import annotations

@@ -124,7 +124,7 @@ class BottleneckAdapter(DeltaLayer):
         return h + z.to(h.dtype)
 
 
-def _adapter_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
+def adapter_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
     targets = config.target_modules
     if targets is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -166,7 +166,7 @@ def _layer_norms(model: nn.Module, layers: set[int | None], layers_pattern: Any)
 
 def inject(model: nn.Module, adapter_name: str, config: AdapterConfig) -> list[str]:
     """Add bottleneck adapter ``adapter_name`` (and per-adapter layer norms); return the module names."""
-    names = _adapter_targets(model, config)
+    names = adapter_targets(model, config)
     norms: list[str] = []
     if config.train_layer_norms:
         norms = _layer_norms(model, {layer_index(n, config.layers_pattern) for n in names}, config.layers_pattern)

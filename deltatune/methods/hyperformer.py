@@ -1,0 +1,403 @@
+"""HyperFormer (Mahabadi et al., 2021): one shared hypernetwork writes every adapter, per task.
+
+Instead of a bottleneck adapter per task and layer, a single network generates each adapter's
+weights from a learned task embedding and a learned embedding of the adapter's site. Tasks share
+what the generator learns; a new task costs one embedding vector.
+
+    task τ ──► z_τ (t)                    site s ──► l_s (e)     one per adapter site: the
+         └─────────────── concat ───────────┘                    layer index × position pair
+                            │
+                    projector: Linear(t+e → H), ReLU              shared by every site and task
+                            │ I (H)
+          ┌─────────────────┼─────────────────────┐
+     down head         up head (zero)        norm head (zero)      linear heads, shared
+     D (m×d), b_D      U (d×m), b_U          γ = 1 + g, β (d)
+          │                 │                     │
+          ▼                 ▼                     ▼
+    at each site (where Houlsby adapters sit: attention and feed-forward output projections):
+
+        h = frozen output projection(x)                         (batch rows may mix tasks)
+        y = h + U · act(D · LN_γ,β(h) + b_D) + b_U
+
+Choices made here (and why):
+
+* Layer id. Each adapter site has its own embedding l_s, so the generator tells apart the layer
+  index *and* the position (attention or feed-forward output) in one table; the paper's separate
+  layer and position embeddings are the special case where l_s splits into two shared parts.
+  The embedding lives in the site's wrapper, so every adapted module owns checkpoint tensors.
+* Layer norm. The generated, task-conditioned LayerNorm normalises the adapter's *input*, as
+  the HyperFormer code's ``add_layer_norm_before_adapter``. The paper's output LayerNorm would
+  turn the zero up-projection of the start into β (not the identity) and starve U of gradient.
+* Near-identity start. The up and norm heads start at zero: U = 0, b_U = 0, γ = 1, β = 0, so the
+  model's output equals the base model's exactly until the first step.
+* The paper's projector is a two-layer MLP followed by linear heads; its second linear layer is
+  folded into the heads here (a linear map followed by a linear map), leaving one hidden size H.
+
+Trainable parameters (T tasks, S sites, hidden size d, bottleneck m)::
+
+    T·t + S·e + (t + e)·H + H + (H + 1)·(2·m·d + m + 3·d)
+
+plus a sequence classifier's head, which ``DeltaModel`` trains for every adapter. After
+:func:`add_task` only the new task's t numbers train.
+
+Task ids reach the layers through the ``prepare_inputs``/``generate`` hooks:
+``model(**batch, task_ids=...)`` takes a LongTensor[B] of indices into ``config.tasks``, a list
+of task names, or one name or index for the whole batch. Without ``task_ids`` the forward uses
+``config.default_task``, or the only task; with several tasks and no default it is an error.
+Rows of the same task share generated weights; a mixed batch gathers each row's weights and
+runs batched matmuls (no loop over examples). The hypernetwork is a module of the adapter's first
+site (its checkpoint keys are ``<first site>.hypernet.*``); the other sites hold a reference.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import field
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+from transformers.pytorch_utils import Conv1D
+
+from deltatune.config import ConfigError, DeltaConfig, method_config
+from deltatune.methods.adapter import adapter_targets
+from deltatune.methods.base import DeltaLayer
+from deltatune.targeting import replace_module
+
+_TASK_NAME = re.compile(r"[A-Za-z0-9_\-]+")
+_LN_EPS = 1e-5
+
+
+@method_config
+class HyperAdapterConfig(DeltaConfig):
+    """The tasks (in order: a task id is an index into ``tasks``) and the hypernetwork's sizes.
+
+    ``default_task`` is the task of forwards that pass no ``task_ids`` (the command line trains
+    one data file this way); ``new_tasks`` lists tasks added by :func:`add_task`, which alone
+    train. ``placement``/``leave_out``/``target_modules`` choose sites as ``AdapterConfig`` does.
+    """
+
+    peft_type = "HYPERFORMER"
+    tasks: list[str] = field(default_factory=list)
+    task_embedding_dim: int = 64
+    layer_embedding_dim: int = 64
+    bottleneck_size: int = 32
+    hypernet_hidden: int = 128
+    non_linearity: str = "gelu"
+    placement: tuple[str, ...] | list[str] = ("attention", "ffn")
+    leave_out: list[int] = field(default_factory=list)
+    default_task: str | None = None
+    new_tasks: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.tasks = [self.tasks] if isinstance(self.tasks, str) else list(self.tasks)
+        self.new_tasks = [self.new_tasks] if isinstance(self.new_tasks, str) else list(self.new_tasks)
+        self.placement = (self.placement,) if isinstance(self.placement, str) else tuple(self.placement)
+        self.leave_out = [self.leave_out] if isinstance(self.leave_out, int) else list(self.leave_out)
+        super().__post_init__()
+
+    def validate(self) -> None:
+        if not self.tasks:
+            raise ConfigError("tasks is empty: name the tasks this adapter serves, e.g. tasks=['sst2', 'rte']")
+        for task in self.tasks:
+            _check_task_name(task, [])
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ConfigError(f"tasks must be distinct, got {self.tasks}")
+        for option in ("task_embedding_dim", "layer_embedding_dim", "bottleneck_size", "hypernet_hidden"):
+            value = getattr(self, option)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{option} must be a positive integer, got {value!r}")
+        if self.non_linearity not in ACT2FN:
+            raise ConfigError(f"non_linearity {self.non_linearity!r} is unknown; choose one of: {', '.join(ACT2FN)}")
+        if not self.placement or not set(self.placement) <= {"attention", "ffn"}:
+            raise ConfigError(f"placement must name 'attention' and/or 'ffn', got {list(self.placement)}")
+        if self.default_task is not None and self.default_task not in self.tasks:
+            raise ConfigError(f"default_task {self.default_task!r} is not one of tasks {self.tasks}")
+        if set(self.new_tasks) - set(self.tasks):
+            raise ConfigError(f"new_tasks {self.new_tasks} must be among tasks {self.tasks}")
+
+
+def _check_task_name(task: Any, existing: list[str]) -> None:
+    if not isinstance(task, str) or not _TASK_NAME.fullmatch(task):
+        raise ConfigError(f"task name {task!r} must be letters, digits, '_' or '-'")
+    if task in existing:
+        raise ConfigError(f"task {task!r} already exists; tasks: {', '.join(existing)}")
+
+
+class Generated(NamedTuple):
+    """One site's adapter for each of U tasks: weights [U, ...] in the hypernetwork's dtype."""
+
+    down_weight: torch.Tensor  # [U, m, d]
+    down_bias: torch.Tensor  # [U, m]
+    up_weight: torch.Tensor  # [U, d, m]
+    up_bias: torch.Tensor  # [U, d]
+    gain: torch.Tensor  # [U, d]
+    bias: torch.Tensor  # [U, d]
+
+
+class HyperNetwork(nn.Module):
+    """Task embeddings and the generator shared by every site; also which tasks this forward runs."""
+
+    def __init__(self, config: HyperAdapterConfig, features: int) -> None:
+        super().__init__()
+        t, e, h, m, d = (
+            config.task_embedding_dim,
+            config.layer_embedding_dim,
+            config.hypernet_hidden,
+            config.bottleneck_size,
+            features,
+        )
+        self.bottleneck, self.features = m, d
+        # A list, not a dict keyed by name: task names such as "train" would clash with attributes.
+        self.task_embeddings = nn.ParameterList([nn.Parameter(torch.randn(t)) for _ in config.tasks])
+        self.projector = nn.Linear(t + e, h)
+        self.down = nn.Linear(h, m * d + m)
+        self.up = nn.Linear(h, d * m + d)
+        self.norm = nn.Linear(h, 2 * d)
+        self.act = ACT2FN[config.non_linearity]
+        with torch.no_grad():
+            # E|I|² ≈ H/6 after the ReLU, so generated entries of D start at about 1/√d.
+            nn.init.normal_(self.down.weight, std=(6 / (h * d)) ** 0.5)
+            nn.init.zeros_(self.down.bias)
+            for head in (self.up, self.norm):
+                nn.init.zeros_(head.weight)
+                nn.init.zeros_(head.bias)
+        self.task_names = list(config.tasks)
+        self.default_task: str | None = config.default_task
+        self.new_tasks = [self.task_names.index(n) for n in config.new_tasks]
+        # Set per forward by select(): the batch's distinct task indices, and each row's position
+        # among them (None: every row runs tasks[0]). ``cache`` keeps generated weights in generate.
+        self.tasks: torch.Tensor | None = None
+        self.rows: torch.Tensor | None = None
+        self.cache: dict[int, Generated] | None = None
+
+    # --- which task each row runs ---------------------------------------------------------------
+    def _describe(self) -> str:
+        return ", ".join(f"{i}={name}" for i, name in enumerate(self.task_names))
+
+    def _index(self, task: str | int) -> int:
+        if isinstance(task, str):
+            if task not in self.task_names:
+                raise ValueError(f"unknown task {task!r}; this adapter's tasks are {self._describe()}")
+            return self.task_names.index(task)
+        if not 0 <= int(task) < len(self.task_names):
+            raise ValueError(f"task id {int(task)} is out of range; this adapter's tasks are {self._describe()}")
+        return int(task)
+
+    def default_index(self) -> int:
+        if self.default_task is not None:
+            return self.task_names.index(self.default_task)
+        if len(self.task_names) == 1:
+            return 0
+        raise ValueError(
+            f"this HyperFormer adapter serves several tasks ({self._describe()}): pass task_ids= to the "
+            "forward or generate (a LongTensor of task indices or a list of task names, one per row; or "
+            "one name for the whole batch), or set default_task in HyperAdapterConfig"
+        )
+
+    def select(self, task_ids: Any) -> None:
+        """Resolve ``task_ids`` (None, a name or index, or one per row) for the coming forward."""
+        if task_ids is None:
+            ids = torch.tensor([self.default_index()])
+        elif isinstance(task_ids, (str, int)):
+            ids = torch.tensor([self._index(task_ids)])
+        elif torch.is_tensor(task_ids):
+            if task_ids.is_floating_point() or task_ids.is_complex() or task_ids.numel() == 0:
+                raise ValueError(f"task_ids must be a non-empty integer tensor, got {task_ids.dtype} {task_ids}")
+            ids = task_ids.reshape(-1).long()
+            for bad in (int(ids.min()), int(ids.max())):
+                self._index(bad)
+        else:
+            ids = torch.tensor([self._index(t) for t in task_ids])
+            if ids.numel() == 0:
+                raise ValueError("task_ids is empty: give one task per row")
+        tasks, rows = torch.unique(ids.to(self.projector.weight.device), return_inverse=True)
+        self.tasks, self.rows = tasks, (rows if len(tasks) > 1 else None)
+
+    # --- generating a site's adapter ----------------------------------------------------------
+    def generate(self, site: torch.Tensor) -> Generated:
+        """The adapter of site ``site`` (its layer embedding) for each task of this forward."""
+        if self.tasks is None:
+            self.select(None)
+        key = id(site)
+        if self.cache is not None and key in self.cache:
+            return self.cache[key]
+        m, d = self.bottleneck, self.features
+        z = torch.stack(tuple(self.task_embeddings))[self.tasks]
+        hidden = F.relu(self.projector(torch.cat([z, site.expand(len(z), -1)], dim=-1)))
+        down, up = self.down(hidden), self.up(hidden)
+        gain, bias = self.norm(hidden).chunk(2, dim=-1)
+        out = Generated(
+            down[:, : m * d].view(-1, m, d),
+            down[:, m * d :],
+            up[:, : d * m].view(-1, d, m),
+            up[:, d * m :],
+            1 + gain,
+            bias,
+        )
+        if self.cache is not None:
+            self.cache[key] = out
+        return out
+
+    def row_index(self, batch: int) -> torch.Tensor | None:
+        """Each row's task position; generate() repeats rows (beams, num_return_sequences)."""
+        rows = self.rows
+        if rows is None or len(rows) == batch:
+            return rows
+        if batch % len(rows):
+            raise ValueError(f"task_ids has {len(rows)} rows but the batch has {batch}")
+        return rows.repeat_interleave(batch // len(rows))
+
+    # --- adding a task --------------------------------------------------------------------------
+    def add_task(self, task: str, init: str) -> int:
+        with torch.no_grad():
+            old = torch.stack(tuple(self.task_embeddings))
+            value = old.mean(0) if init == "mean" else torch.randn_like(old[0])
+        self.task_embeddings.append(nn.Parameter(value.clone()))
+        self.task_names.append(task)
+        self.new_tasks.append(len(self.task_names) - 1)
+        return len(self.task_names) - 1
+
+
+class HyperAdapterLayer(DeltaLayer):
+    """A frozen output projection followed by the adapter the hypernetwork generates for it."""
+
+    mergeable = False
+    # layer_embedding first: every site has one (adapter_active() and adapter_names look there).
+    adapter_attrs = ("layer_embedding", "hypernet")
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        weight = base_layer.weight  # Conv1D stores in×out, nn.Linear out×in
+        self.features = weight.shape[1] if isinstance(base_layer, Conv1D) else weight.shape[0]
+        self.layer_embedding = nn.ParameterDict()
+        self.hypernet = nn.ModuleDict()  # only at the adapter's first site
+        self._hypernets: dict[str, HyperNetwork] = {}  # not registered: one copy in state_dict
+
+    def add(self, name: str, embedding_dim: int, net: HyperNetwork, owner: bool) -> None:
+        device = self.base_layer.weight.device
+        self.layer_embedding[name] = nn.Parameter(torch.randn(embedding_dim, device=device))
+        if owner:
+            self.hypernet[name] = net.to(device)
+        self._hypernets[name] = net
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        """What trains: everything, or after :func:`add_task` only the new tasks' embeddings."""
+        net = self._hypernets.get(name)
+        if net is None or not net.new_tasks:
+            return super().adapter_parameters(name)
+        return [net.task_embeddings[i] for i in net.new_tasks] if name in self.hypernet else []
+
+    def delete_adapter(self, name: str) -> None:
+        super().delete_adapter(name)
+        self._hypernets.pop(name, None)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        h = self.base_layer(x, *args, **kwargs)
+        name = self.adapter_active()
+        if name is None:
+            return h
+        net = self._hypernets[name]
+        weights = net.generate(self.layer_embedding[name])
+        out = _bottleneck(h.to(weights.down_weight.dtype), weights, net.row_index(h.shape[0]), net.act)
+        return h + out.to(h.dtype)
+
+
+def _bottleneck(h: torch.Tensor, w: Generated, rows: torch.Tensor | None, act: nn.Module) -> torch.Tensor:
+    """U·act(D·LN(h) + b_D) + b_U: plain linear maps for one task, batched matmuls for a mix."""
+    d = h.shape[-1]
+    if rows is None:
+        x = F.layer_norm(h, (d,), w.gain[0], w.bias[0], _LN_EPS)
+        return F.linear(act(F.linear(x, w.down_weight[0], w.down_bias[0])), w.up_weight[0], w.up_bias[0])
+    x = F.layer_norm(h.reshape(len(rows), -1, d), (d,), eps=_LN_EPS) * w.gain[rows, None] + w.bias[rows, None]
+    z = act(torch.baddbmm(w.down_bias[rows, None], x, w.down_weight[rows].transpose(1, 2)))
+    return torch.baddbmm(w.up_bias[rows, None], z, w.up_weight[rows].transpose(1, 2)).reshape(h.shape)
+
+
+# --- the method's functions (see deltatune.methods) ----------------------------------------------
+def inject(model: nn.Module, adapter_name: str, config: HyperAdapterConfig) -> list[str]:
+    """Wrap the Houlsby adapter sites and give them one shared hypernetwork; return their names."""
+    names = adapter_targets(model, config)
+    for name in names:  # refuse before changing anything
+        layer = model.get_submodule(name)
+        if isinstance(layer, DeltaLayer) and not isinstance(layer, HyperAdapterLayer):
+            raise ConfigError(f"{name} already carries a {type(layer).__name__}; a HyperFormer adapter cannot wrap it")
+    layers = []
+    for name in names:
+        layer = model.get_submodule(name)
+        if not isinstance(layer, HyperAdapterLayer):
+            layer = HyperAdapterLayer(layer)
+            replace_module(model, name, layer)
+        layers.append(layer)
+    widths = {layer.features for layer in layers}
+    if len(widths) > 1:
+        raise ConfigError(f"one hypernetwork needs sites of one width; the targeted modules output {sorted(widths)}")
+    net = HyperNetwork(config, widths.pop())
+    for i, layer in enumerate(layers):
+        layer.add(adapter_name, config.layer_embedding_dim, net, owner=i == 0)
+    if config.new_tasks:  # a saved adapter after add_task: only the new embeddings train
+        _freeze(layers, adapter_name)
+    return names
+
+
+def _freeze(layers: list[DeltaLayer], adapter_name: str) -> None:
+    for layer in layers:
+        for p in DeltaLayer.adapter_parameters(layer, adapter_name):
+            p.requires_grad_(False)
+
+
+def _hypernet(delta_model: nn.Module, adapter_name: str) -> HyperNetwork:
+    for _, layer in delta_model.delta_layers():
+        if isinstance(layer, HyperAdapterLayer) and adapter_name in layer.hypernet:
+            return layer.hypernet[adapter_name]
+    raise KeyError(f"adapter {adapter_name!r} is not a HyperFormer adapter")
+
+
+# Forward arguments that belong to this method: dropped, not passed on, while adapters are disabled.
+INPUT_KEYS = ("task_ids",)
+
+
+def prepare_inputs(delta_model: nn.Module, adapter_name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Take ``task_ids`` out of the forward's arguments and tell the adapter's layers."""
+    _hypernet(delta_model, adapter_name).select(kwargs.pop("task_ids", None))
+    return kwargs
+
+
+def generate(delta_model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> Any:
+    """The base model's generate with ``task_ids`` per row; each site's weights are made once."""
+    net = _hypernet(delta_model, adapter_name)
+    net.select(kwargs.pop("task_ids", None))
+    net.cache = {}
+    try:
+        return delta_model.base_model.generate(*args, **kwargs)
+    finally:
+        net.cache = None
+
+
+def add_task(delta_model: nn.Module, task: str, adapter_name: str | None = None, init: str = "mean") -> int:
+    """Append task ``task`` to a trained HyperFormer adapter and return its id.
+
+    Its embedding starts at the mean of the existing ones (``init="random"``: normal noise), and
+    everything else of the adapter (the hypernetwork, layer embeddings, older tasks, a classifier
+    head) is frozen, so training changes only the new embedding and older tasks keep their exact
+    outputs. ``config.new_tasks`` records this, so a saved and reloaded adapter trains the same
+    way. (A later ``set_adapter`` makes ``modules_to_save`` copies trainable again.)
+    """
+    adapter_name = adapter_name or delta_model.active_adapter
+    delta_model._check_adapter(adapter_name)
+    config = delta_model.peft_config[adapter_name]
+    if not isinstance(config, HyperAdapterConfig):
+        raise TypeError(f"adapter {adapter_name!r} is a {type(config).__name__}, not a HyperFormer adapter")
+    _check_task_name(task, config.tasks)
+    if init not in ("mean", "random"):
+        raise ValueError(f"init must be 'mean' or 'random', got {init!r}")
+    net = _hypernet(delta_model, adapter_name)
+    _freeze([layer for _, layer in delta_model.delta_layers()], adapter_name)
+    index = net.add_task(task, init)
+    config.tasks.append(task)
+    config.new_tasks.append(task)
+    trains = adapter_name == delta_model.active_adapter and not config.inference_mode
+    net.task_embeddings[index].requires_grad_(trains)
+    return index
