@@ -35,13 +35,13 @@ TASKS = {
 }
 # Learning rates as the papers use them: small for full/partial fine-tuning, larger for PEFT.
 METHODS: dict[str, tuple[float, Any]] = {
-    "full": (5e-5, None),
-    "lora": (5e-4, lambda dt: dt.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"])),
-    "adapter": (1e-3, lambda dt: dt.AdapterConfig(bottleneck_size=64)),
-    "bitfit": (1e-3, lambda dt: dt.BitFitConfig(bias="all")),
+    "full": (1e-4, None),
+    "lora": (3e-3, lambda dt: dt.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"])),
+    "adapter": (3e-3, lambda dt: dt.AdapterConfig(bottleneck_size=64)),
+    "bitfit": (5e-3, lambda dt: dt.BitFitConfig(bias="all")),
     "partial_top2": (1e-4, lambda dt: dt.PartialConfig(train_top_layers=2)),
     "prompt_tuning": (3e-2, lambda dt: dt.PromptTuningConfig(num_virtual_tokens=16)),
-    "hyperformer": (1e-3, None),
+    "hyperformer": (3e-3, None),
 }
 BATCH, MAX_LENGTH = 32, 128
 
@@ -65,8 +65,8 @@ def build_model(method: str, tasks: list[str]):
     return dt.wrap(base, config), tokenizer
 
 
-def batches_for(task_data: dict[str, list], tokenizer, seed: int, multitask: bool):
-    """(task, batch) pairs: one task at a time, or shuffled mixed batches with task ids."""
+def batches_for(task_data: dict[str, list], tokenizer, seed: int, multitask: bool, epochs: int):
+    """Batches over ``epochs`` passes: one task at a time, or shuffled mixed batches with task ids."""
     from deltatune.training.data import Batcher, tokenize_examples
 
     features = []
@@ -74,11 +74,12 @@ def batches_for(task_data: dict[str, list], tokenizer, seed: int, multitask: boo
         for feature in tokenize_examples(examples, tokenizer, "classification", MAX_LENGTH):
             features.append({**feature, "task": task_index})
     batcher = Batcher(features, BATCH, pad_token_id=tokenizer.pad_token_id, seed=seed, group_by_length=False)
-    for indices in batcher.epoch_batches(0):
-        batch = batcher.collate(indices)
-        if multitask:
-            batch["task_ids"] = torch.tensor([features[i]["task"] for i in indices])
-        yield batch
+    for epoch in range(epochs):
+        for indices in batcher.epoch_batches(epoch):
+            batch = batcher.collate(indices)
+            if multitask:
+                batch["task_ids"] = torch.tensor([features[i]["task"] for i in indices])
+            yield batch
 
 
 @torch.no_grad()
@@ -133,7 +134,8 @@ def run_worker(method: str, tasks: list[str], args: argparse.Namespace) -> dict[
     for group in groups:
         torch.manual_seed(args.seed)
         model, tokenizer = build_model(method, group)
-        batches = list(batches_for({t: data[t][0] for t in group}, tokenizer, args.seed, method == "hyperformer"))
+        train_data = {t: data[t][0] for t in group}
+        batches = list(batches_for(train_data, tokenizer, args.seed, method == "hyperformer", args.epochs))
         results["seconds"] += train(model, batches, lr)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
@@ -171,6 +173,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
     parser.add_argument("--examples", type=int, default=2000, help="training examples per task (same for every method)")
+    parser.add_argument("--epochs", type=int, default=3, help="passes over those examples")
     parser.add_argument("--eval-examples", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
