@@ -3,6 +3,10 @@
 Tensor keys are the module path inside the transformers model, prefixed with
 ``base_model.model.`` and without the adapter name (``...q_proj.lora_A.weight``), so peft reads
 our files and we read theirs. Only safetensors are read: nothing is ever unpickled.
+
+A method whose checkpoint holds only the inference form of an adapter (peft's prompt-learning
+methods store the virtual tokens an encoder computed, not the encoder) keeps what training needs
+to resume in a second file beside it, ``adapter_training_state.safetensors``, which peft ignores.
 """
 
 from __future__ import annotations
@@ -15,14 +19,31 @@ from safetensors.torch import load_file, save_file
 from deltatune.checkpoint.atomic import atomic_write
 
 WEIGHTS_NAME = "adapter_model.safetensors"
+TRAINING_STATE_NAME = "adapter_training_state.safetensors"
 KEY_PREFIX = "base_model.model."
 
 
 def save_tensors(
-    directory: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+    directory: str | Path,
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, str] | None = None,
+    name: str = WEIGHTS_NAME,
 ) -> Path:
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    return atomic_write(Path(directory) / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata))
+    return atomic_write(Path(directory) / name, lambda tmp: save_file(tensors, str(tmp), metadata))
+
+
+def save_training_state(directory: str | Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write the training-only tensors, or remove a stale file when there are none."""
+    if tensors:
+        save_tensors(directory, tensors, {"format": "pt"}, TRAINING_STATE_NAME)
+    else:
+        (Path(directory) / TRAINING_STATE_NAME).unlink(missing_ok=True)
+
+
+def load_training_state(directory: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(directory) / TRAINING_STATE_NAME
+    return load_file(str(path)) if path.is_file() else {}
 
 
 def load_tensors(directory: str | Path) -> dict[str, torch.Tensor]:
@@ -35,17 +56,25 @@ def load_tensors(directory: str | Path) -> dict[str, torch.Tensor]:
 
 
 def split_by_module(
-    tensors: dict[str, torch.Tensor], module_names: list[str]
+    tensors: dict[str, torch.Tensor],
+    module_names: list[str],
+    prefix: str = KEY_PREFIX,
+    top_level: str | None = None,
 ) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
     """Group checkpoint keys by the adapted module they belong to (longest module name wins).
 
-    Returns ``{module_name: {relative_key: tensor}}`` and the keys that belong to no module.
+    Keys without ``prefix`` belong to module ``top_level`` when one is given: the module whose
+    keys are bare names (peft's ``prompt_embeddings``). Returns ``{module_name: {relative_key:
+    tensor}}`` and the keys that belong to no module.
     """
     by_module: dict[str, dict[str, torch.Tensor]] = {}
     unmatched = []
     ordered = sorted(module_names, key=len, reverse=True)
     for key, value in tensors.items():
-        path = key.removeprefix(KEY_PREFIX)
+        if top_level is not None and not key.startswith(prefix):
+            by_module.setdefault(top_level, {})[key] = value
+            continue
+        path = key.removeprefix(prefix)
         owner = next((m for m in ordered if path.startswith(m + ".")), None)
         if owner is None:
             unmatched.append(key)
