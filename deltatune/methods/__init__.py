@@ -13,6 +13,7 @@ rather than passed to the base model while adapters are disabled.
 
 from __future__ import annotations
 
+import sys
 from types import ModuleType
 
 from deltatune.config import ConfigError, DeltaConfig
@@ -28,59 +29,46 @@ from deltatune.methods import (
     prompt_tuning,
 )
 
-# CLI name -> method module. Each later method adds one line here.
-METHODS: dict[str, ModuleType] = {
-    "lora": lora,
-    "bitfit": bitfit,
-    "partial": partial,
-    "adapter": adapter,
-    "llama_adapter": llama_adapter,
-    "hyperformer": hyperformer,
-    "prompt_tuning": prompt_tuning,
-    "p_tuning": p_tuning,
-    "prefix_tuning": prefix_tuning,
-}
-_CONFIGS = {
+# CLI name -> config class. The module that defines a config class is its method.
+CONFIGS: dict[str, type[DeltaConfig]] = {
     "lora": lora.LoraConfig,
+    "adapter": adapter.AdapterConfig,
     "bitfit": bitfit.BitFitConfig,
     "partial": partial.PartialConfig,
-    "adapter": adapter.AdapterConfig,
-    "llama_adapter": llama_adapter.LlamaAdapterConfig,
-    "hyperformer": hyperformer.HyperAdapterConfig,
     "prompt_tuning": prompt_tuning.PromptTuningConfig,
     "p_tuning": p_tuning.PTuningConfig,
     "prefix_tuning": prefix_tuning.PrefixTuningConfig,
+    "llama_adapter": llama_adapter.LlamaAdapterConfig,
+    "hyperformer": hyperformer.HyperAdapterConfig,
 }
 
 
-def _by_peft_type() -> dict[str, str]:
-    return {cfg.peft_type: name for name, cfg in _CONFIGS.items()}
-
-
-def method_name(config: DeltaConfig) -> str:
-    return _by_peft_type()[config.peft_type]
+def method_module(config: DeltaConfig) -> ModuleType:
+    return sys.modules[type(config).__module__]
 
 
 def config_class_for(peft_type: str | None) -> type[DeltaConfig]:
-    names = _by_peft_type()
-    if peft_type not in names:
-        raise ConfigError(f"adapter method {peft_type!r} is not supported by deltatune; supported: {', '.join(names)}")
-    return _CONFIGS[names[peft_type]]
+    by_type = {cls.peft_type: cls for cls in CONFIGS.values()}
+    if peft_type not in by_type:
+        raise ConfigError(
+            f"adapter method {peft_type!r} is not supported by deltatune; supported: {', '.join(by_type)}"
+        )
+    return by_type[peft_type]
 
 
 def config_class_for_name(name: str) -> type[DeltaConfig]:
-    if name not in _CONFIGS:
-        raise ConfigError(f"unknown method {name!r}; choose one of: {', '.join(_CONFIGS)}")
-    return _CONFIGS[name]
+    if name not in CONFIGS:
+        raise ConfigError(f"unknown method {name!r}; choose one of: {', '.join(CONFIGS)}")
+    return CONFIGS[name]
 
 
 def inject(model, adapter_name: str, config: DeltaConfig) -> list[str]:
-    return METHODS[method_name(config)].inject(model, adapter_name, config)
+    return method_module(config).inject(model, adapter_name, config)
 
 
 def hook(config: DeltaConfig, name: str):
     """The method's optional function ``name`` (see the module docstring), or None."""
-    return getattr(METHODS[method_name(config)], name, None)
+    return getattr(method_module(config), name, None)
 
 
 def finalize_merged(config: DeltaConfig, model) -> None:
