@@ -125,3 +125,19 @@ def init_lora(model: nn.Module, seed: int, b_std: float = 0.0) -> float:
                 values = torch.randn(param.shape, generator=gen) * b_std
             param.copy_(values.to(param.dtype))
     return round(sum(float(p.detach().double().abs().sum()) for _, p in factors), 6)
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tensor) -> float:
+    """deltatune's step is its trainer's (LossModule); peft's and full FT's the usual HF forward."""
+    from deltatune import DeltaModel
+    from deltatune.training.loss import LossModule
+
+    if isinstance(model, DeltaModel):
+        loss_sum, count = LossModule(model, "causal-lm")({"input_ids": ids, "labels": ids})
+        loss = loss_sum / count
+    else:
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()

@@ -42,6 +42,7 @@ from _common import (
     peak_rss_mb,
     set_threads,
     timed_cpu,
+    train_step,
     wrap_lora,
 )
 
@@ -85,22 +86,6 @@ def build(worker: str, seed: int) -> tuple[nn.Module, dict[str, Any]]:
     info["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     model.train()
     return model, info
-
-
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tensor) -> float:
-    """deltatune's step is its trainer's (LossModule); peft's and full FT's the usual HF forward."""
-    from deltatune import DeltaModel
-    from deltatune.training.loss import LossModule
-
-    if isinstance(model, DeltaModel):
-        loss_sum, count = LossModule(model, "causal-lm")({"input_ids": ids, "labels": ids})
-        loss = loss_sum / count
-    else:
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss.item()
 
 
 def run_worker(args: argparse.Namespace) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit, load_model, log, median, peak_rss_mb, set_threads
+from _common import emit, load_model, log, median, peak_rss_mb, set_threads, train_step
 
 VIRTUAL_TOKENS = 16
 
@@ -52,10 +52,12 @@ def peft_config(method: str):
     return {
         "lora": lambda: peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], **common),
         "prompt_tuning": lambda: peft.PromptTuningConfig(num_virtual_tokens=VIRTUAL_TOKENS, **common),
-        "p_tuning": lambda: peft.PromptEncoderConfig(num_virtual_tokens=VIRTUAL_TOKENS, encoder_hidden_size=128,
-                                                      **common),
-        "prefix_tuning": lambda: peft.PrefixTuningConfig(num_virtual_tokens=VIRTUAL_TOKENS, prefix_projection=True,
-                                                         encoder_hidden_size=128, **common),
+        "p_tuning": lambda: peft.PromptEncoderConfig(
+            num_virtual_tokens=VIRTUAL_TOKENS, encoder_hidden_size=128, **common
+        ),
+        "prefix_tuning": lambda: peft.PrefixTuningConfig(
+            num_virtual_tokens=VIRTUAL_TOKENS, prefix_projection=True, encoder_hidden_size=128, **common
+        ),
         "llama_adapter": lambda: peft.AdaptionPromptConfig(adapter_len=10, adapter_layers=8, **common),
     }.get(method)
 
@@ -78,21 +80,6 @@ def build(method: str, library: str):
     return wrapped, tokenizer
 
 
-def train_step(model, optimizer, ids: torch.Tensor) -> float:
-    from deltatune import DeltaModel
-    from deltatune.training.loss import LossModule
-
-    if isinstance(model, DeltaModel):
-        loss_sum, count = LossModule(model, "causal-lm")({"input_ids": ids, "labels": ids})
-        loss = loss_sum / count
-    else:
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss.item()
-
-
 def train_worker(method: str, library: str, args: argparse.Namespace) -> dict[str, Any]:
     model, _ = build(method, library)
     model.train()
@@ -106,9 +93,13 @@ def train_worker(method: str, library: str, args: argparse.Namespace) -> dict[st
         train_step(model, optimizer, ids)
         if step >= args.warmup:
             times.append(time.perf_counter() - start)
-    return {"trainable_params": trainable, "trainable_pct": round(100 * trainable / total, 4),
-            "step_time_s": round(sum(times) / len(times), 3), "step_time_median_s": round(median(times), 3),
-            "peak_rss_mb": peak_rss_mb()}
+    return {
+        "trainable_params": trainable,
+        "trainable_pct": round(100 * trainable / total, 4),
+        "step_time_s": round(sum(times) / len(times), 3),
+        "step_time_median_s": round(median(times), 3),
+        "peak_rss_mb": peak_rss_mb(),
+    }
 
 
 @torch.no_grad()
@@ -121,8 +112,9 @@ def latency_worker(method: str, args: argparse.Namespace) -> dict[str, Any]:
     if method == "lora_merged":
         model.merge_adapter()
     model.eval()
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "Name three colours."}],
-                                         add_generation_prompt=True, tokenize=False)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Name three colours."}], add_generation_prompt=True, tokenize=False
+    )
     inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
     runs = []
     for i in range(args.repeats + 1):
@@ -134,8 +126,22 @@ def latency_worker(method: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def spawn(kind: str, method: str, library: str, args: argparse.Namespace) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--worker", kind, method, library, "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--repeats", str(args.repeats), "--threads", str(args.threads)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        kind,
+        method,
+        library,
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--repeats",
+        str(args.repeats),
+        "--threads",
+        str(args.threads),
+    ]
     log(f"{kind}: {method} ({library}) ...")
     done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
     if done.returncode != 0:
@@ -170,13 +176,21 @@ def main() -> None:
     latency = {} if args.no_latency else {m: spawn("latency", m, "deltatune", args) for m in LATENCY}
     for method, row in training.items():
         ours, theirs = row["deltatune"], row.get("peft", {})
-        log(f"{method:<14} {ours.get('trainable_pct', '-'):>8}% {ours.get('step_time_s', '-'):>7} s "
+        log(
+            f"{method:<14} {ours.get('trainable_pct', '-'):>8}% {ours.get('step_time_s', '-'):>7} s "
             f"{ours.get('peak_rss_mb', '-'):>7} MB | peft {theirs.get('step_time_s', '-'):>7} s "
-            f"{theirs.get('peak_rss_mb', '-'):>7} MB")
+            f"{theirs.get('peak_rss_mb', '-'):>7} MB"
+        )
     for method, row in latency.items():
         log(f"latency {method:<14} {row.get('ms_per_token', '-')} ms/token")
-    emit({"bench": "methods", "training": training, "latency_batch1": latency,
-          "goal": {"step_time_ratio<=": 0.9, "peak_rss_ratio<=": 1.0}})
+    emit(
+        {
+            "bench": "methods",
+            "training": training,
+            "latency_batch1": latency,
+            "goal": {"step_time_ratio<=": 0.9, "peak_rss_ratio<=": 1.0},
+        }
+    )
 
 
 if __name__ == "__main__":
