@@ -18,8 +18,6 @@ from typing import Any
 
 from deltatune.config import ConfigError
 
-# Options every method config has that a user does not set from the command line.
-_INTERNAL_FIELDS = {"task_type", "base_model_name_or_path", "inference_mode"}
 _REGEX_CHARS = set("*[]()|\\^$+?")
 
 
@@ -43,6 +41,7 @@ def _flag_kwargs(hint: Any) -> dict[str, Any]:
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, skip: set[str] = frozenset()) -> set[str]:
     hints = typing.get_type_hints(cls)
     names = set()
+    skip = set(skip) | set(getattr(cls, "cli_hidden", ()))
     for f in dataclasses.fields(cls):
         if f.name in skip or not f.init:
             continue
@@ -83,7 +82,7 @@ def cmd_train(argv: list[str]) -> int:
     parser.add_argument("--print-config", action="store_true", help="print the effective config and exit")
     train_fields = add_dataclass_flags(parser, TrainConfig, skip={"method_options"})
     group = parser.add_argument_group(f"{method} options")
-    method_fields = add_dataclass_flags(group, config_cls, skip=_INTERNAL_FIELDS | train_fields)
+    method_fields = add_dataclass_flags(group, config_cls, skip=train_fields)
     args = vars(parser.parse_args(argv))
     values = {**file_values, **{k: v for k, v in args.items() if k in train_fields | method_fields}}
     _normalise_targets(values)
@@ -217,7 +216,7 @@ def cmd_inspect(argv: list[str]) -> int:
     known, rest = parser.parse_known_args(argv)
     config_cls = methods.config_class_for_name(known.method)
     method_parser = argparse.ArgumentParser(prog=f"deltatune inspect --method {known.method}")
-    add_dataclass_flags(method_parser, config_cls, skip=_INTERNAL_FIELDS)
+    add_dataclass_flags(method_parser, config_cls)
     options = vars(method_parser.parse_args(rest))
     _normalise_targets(options)
     model, _ = load_base(known.base, task=known.task)

@@ -55,6 +55,8 @@ class DeltaConfig:
     """
 
     peft_type: ClassVar[str] = ""
+    # Options the command line does not offer: refused by the method, derived, or peft's aliases.
+    cli_hidden: ClassVar[frozenset[str]] = frozenset({"task_type", "base_model_name_or_path", "inference_mode"})
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
     layers_to_transform: list[int] | int | None = None

@@ -20,7 +20,7 @@ merging gives the base layer a bias parameter it did not have.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -44,6 +44,7 @@ class BitFitConfig(DeltaConfig):
     """
 
     peft_type = "BITFIT"
+    cli_hidden: ClassVar[frozenset[str]] = DeltaConfig.cli_hidden | {"target_modules"}
     bias: str = "all"
     add_missing: bool = False
 

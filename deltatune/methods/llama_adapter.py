@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +52,11 @@ class LlamaAdapterConfig(DeltaConfig):
     them, recorded as a number when the adapter is added). Names and JSON follow peft."""
 
     peft_type = "ADAPTION_PROMPT"
+    cli_hidden: ClassVar[frozenset[str]] = DeltaConfig.cli_hidden | {
+        "exclude_modules",
+        "layers_to_transform",
+        "layers_pattern",
+    }
     adapter_len: int = 10
     adapter_layers: int | None = None
 

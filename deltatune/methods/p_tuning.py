@@ -33,6 +33,7 @@ class PTuningConfig(PromptLearningConfig):
 
     peft_type = "P_TUNING"
     peft_spellings: ClassVar[dict[str, str]] = {"encoder": "encoder_reparameterization_type"}
+    cli_hidden: ClassVar[frozenset[str]] = pl.PromptLearningConfig.cli_hidden | set(peft_spellings.values())
     encoder: str | None = None
     encoder_hidden_size: int | None = None
     encoder_num_layers: int = 2

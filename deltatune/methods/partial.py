@@ -15,6 +15,8 @@ the checkpoint holds only the trained blocks, and ``merge_and_unload`` swaps the
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from torch import nn
 
 from deltatune.config import ConfigError, DeltaConfig, method_config
@@ -31,6 +33,11 @@ class PartialConfig(DeltaConfig):
     """
 
     peft_type = "PARTIAL"
+    cli_hidden: ClassVar[frozenset[str]] = DeltaConfig.cli_hidden | {
+        "target_modules",
+        "layers_to_transform",
+        "exclude_modules",
+    }
     train_top_layers: int | None = None
     freeze_bottom_layers: int | None = None
 

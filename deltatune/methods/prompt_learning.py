@@ -53,6 +53,13 @@ class PromptLearningConfig(DeltaConfig):
 
     checkpoint_key_prefix: ClassVar[str] = "base_model."  # peft wraps no tuner around the model here
     peft_spellings: ClassVar[dict[str, str]] = {}  # our option -> peft's name, written in its place
+    cli_hidden: ClassVar[frozenset[str]] = DeltaConfig.cli_hidden | {
+        *_TARGETING,
+        "token_dim",
+        "num_transformer_submodules",
+        "num_attention_heads",
+        "num_layers",
+    }
     num_virtual_tokens: int = 20
     token_dim: int | None = None
     num_transformer_submodules: int | None = None

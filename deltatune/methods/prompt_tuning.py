@@ -36,6 +36,7 @@ class PromptTuningConfig(PromptLearningConfig):
 
     peft_type = "PROMPT_TUNING"
     peft_spellings: ClassVar[dict[str, str]] = {"init": "prompt_tuning_init", "init_text": "prompt_tuning_init_text"}
+    cli_hidden: ClassVar[frozenset[str]] = pl.PromptLearningConfig.cli_hidden | set(peft_spellings.values())
     init: str | None = None
     init_text: str | None = None
     tokenizer_name_or_path: str | None = None
