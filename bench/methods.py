@@ -75,7 +75,7 @@ def build(method: str, library: str):
     if library == "peft":
         import peft
 
-        return peft.get_peft_model(model, peft_config(method)), tokenizer
+        return peft.get_peft_model(model, peft_config(method)()), tokenizer
     wrapped = dt.wrap(model, deltatune_config(method.removesuffix("_merged")))
     return wrapped, tokenizer
 
@@ -171,7 +171,9 @@ def main() -> None:
             ours, theirs = training[method]["deltatune"], spawn("train", method, "peft", args)
             training[method]["peft"] = theirs
             if "error" not in ours and "error" not in theirs:
-                training[method]["step_time_ratio"] = round(ours["step_time_s"] / theirs["step_time_s"], 3)
+                training[method]["step_time_ratio"] = round(
+                    ours["step_time_median_s"] / theirs["step_time_median_s"], 3
+                )
                 training[method]["peak_rss_ratio"] = round(ours["peak_rss_mb"] / theirs["peak_rss_mb"], 3)
     latency = {} if args.no_latency else {m: spawn("latency", m, "deltatune", args) for m in LATENCY}
     for method, row in training.items():
