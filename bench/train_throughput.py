@@ -48,6 +48,7 @@ from _common import (
     load_average,
     load_model,
     log,
+    median,
     peak_rss_mb,
     set_threads,
     timed,
@@ -138,12 +139,15 @@ def batch_stats(batches: list[dict]) -> dict[str, Any]:
 
 
 def throughput(tokens: list[int], times: list[float]) -> dict[str, Any]:
-    """tokens/s over all steps, and over all but the first (warm-up; deltatune's first batch is its longest)."""
+    """tokens/s over all steps, over all but the first (warm-up; deltatune's first batch is its longest), and the
+    median of the steps' own tokens/s."""
     total = sum(times)
     return {
         "train_seconds": round(total, 3),
         "tokens_per_s": round(sum(tokens) / total, 1),
         "tokens_per_s_after_step1": round(sum(tokens[1:]) / sum(times[1:]), 1) if len(times) > 1 else None,
+        # Robust to other processes taking the cores for part of the run (a 2-thread step then takes many times longer).
+        "tokens_per_s_median_step": round(median([n / t for n, t in zip(tokens, times, strict=True)]), 1),
         "step_seconds": [round(t, 3) for t in times],
     }
 
@@ -324,6 +328,7 @@ def run_peft_trainer(args: argparse.Namespace) -> dict[str, Any]:
         "loop_seconds": loop["train_seconds"],
         "loop_tokens_per_s": loop["tokens_per_s"],
         "tokens_per_s_after_step1": loop["tokens_per_s_after_step1"],
+        "tokens_per_s_median_step": loop["tokens_per_s_median_step"],
         "step_seconds": loop["step_seconds"],
         "train_cpu_seconds": round(cpu, 1),
         **stats,
@@ -394,6 +399,9 @@ def main(argv: list[str] | None = None) -> None:
             )
             if len(dt_res["step_seconds"]) > 1
             else None,
+            "tokens_per_s_ratio_median_step": round(
+                dt_res["tokens_per_s_median_step"] / hf_res["tokens_per_s_median_step"], 3
+            ),
             "peak_rss_ratio": round(dt_res["peak_rss_mb"] / hf_res["peak_rss_mb"], 3),
             "final_loss": {"deltatune": dt_res["final_loss"], "peft_trainer": hf_res["final_loss"]},
             f"loss_last{LAST_K}_mean": {
