@@ -141,3 +141,28 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Te
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss.item()
+
+
+def cpu_counters() -> tuple[float, float]:
+    """(busy, steal) CPU seconds of the whole machine since boot, from /proc/stat; (0, 0) where it does not exist."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:9]]
+    except OSError:
+        return 0.0, 0.0
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    tick = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq) / tick, steal / tick
+
+
+def contention(before: tuple[float, float], after: tuple[float, float], own_cpu_s: float, wall_s: float) -> dict:
+    """Cores that other processes used (and that the hypervisor withheld) on average during a measured window.
+
+    ``before``/``after`` come from :func:`cpu_counters`, ``own_cpu_s`` is the measured code's CPU time. Near 0 means
+    the timing had the machine to itself; a 2-thread run slows down many times over when others hold a core.
+    """
+    wall_s = max(wall_s, 1e-9)
+    return {
+        "other_procs_cores": round(max(after[0] - before[0] - own_cpu_s, 0.0) / wall_s, 2),
+        "steal_cores": round((after[1] - before[1]) / wall_s, 2),
+    }

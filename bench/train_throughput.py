@@ -44,6 +44,8 @@ from _common import (
     LORA_R,
     LORA_TARGETS,
     MODEL,
+    contention,
+    cpu_counters,
     emit,
     load_average,
     load_model,
@@ -215,11 +217,13 @@ def run_deltatune(args: argparse.Namespace) -> dict[str, Any]:
         "--log-every", "1",
         "--save-every", "100000",
     ]  # fmt: skip
-    load_before = load_average()
+    load_before, counters = load_average(), cpu_counters()
     log("[deltatune]", " ".join(cmd[1:]))
     # The CLI's summary goes to stderr with its progress bar, so stdout carries only this worker's JSON line.
     wall, _ = timed(lambda: subprocess.run(cmd, cwd=REPO, stdout=sys.stderr, check=True))
-    rss = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)
+    child = resource.getrusage(resource.RUSAGE_CHILDREN)
+    busy = contention(counters, cpu_counters(), child.ru_utime + child.ru_stime, wall)
+    rss = round(child.ru_maxrss / 1024, 1)
     load_after = load_average()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
     if [r["step"] for r in records] != list(range(1, args.steps + 1)):
@@ -255,6 +259,7 @@ def run_deltatune(args: argparse.Namespace) -> dict[str, Any]:
         "cli_eval_loss_before_after": [round(summary["before"]["loss"], 4), round(summary["after"]["loss"], 4)],
         "lr_last": records[-1]["lr"],
         "load_avg_1m": [load_before, load_after],
+        "contention_whole_cli": busy,
         **quality(model, model, tokenizer, args),
     }
 
@@ -312,14 +317,18 @@ def run_peft_trainer(args: argparse.Namespace) -> dict[str, Any]:
     trainer = Trainer(
         model=model, args=training_args, train_dataset=features, data_collator=collator, callbacks=[clock]
     )
-    load_before = load_average()
+    load_before, counters = load_average(), cpu_counters()
     seconds, cpu, _ = timed_cpu(trainer.train)
+    busy = contention(counters, cpu_counters(), cpu, seconds)
     rss = peak_rss_mb()
     load_after = load_average()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
     if len(batches) < args.steps or len(losses) != args.steps:
         raise RuntimeError(f"expected {args.steps} batches and losses, got {len(batches)} and {len(losses)}")
     stats = batch_stats(batches[: args.steps])
+    # Trainer sets config.use_cache = TrainingArguments.use_cache (False): generating without the KV cache would
+    # recompute the whole prefix per token. Greedy outputs are the same either way; this only restores the speed.
+    model.config.use_cache = True
     step_times = [b - a for a, b in zip(clock.marks[:-1], clock.marks[1:], strict=True)]
     loop = throughput(stats["tokens_per_step"], step_times)
     return {
@@ -338,6 +347,7 @@ def run_peft_trainer(args: argparse.Namespace) -> dict[str, Any]:
         "optim": str(training_args.optim.value),
         "lr_last": trainer.lr_scheduler.get_last_lr()[0],
         "load_avg_1m": [load_before, load_after],
+        "contention": busy,
         # LossModule needs the transformers model itself (LoRA layers are injected into it in place).
         **quality(model, model.base_model.model, tokenizer, args),
     }
