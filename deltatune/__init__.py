@@ -11,10 +11,11 @@ from deltatune.methods.p_tuning import PTuningConfig
 from deltatune.methods.partial import PartialConfig
 from deltatune.methods.prefix_tuning import PrefixTuningConfig
 from deltatune.methods.prompt_tuning import PromptTuningConfig
-from deltatune.model import DeltaModel, wrap
+from deltatune.model import BASE_ADAPTER, DeltaModel, wrap
 
 __version__ = "0.1.0"
 __all__ = [
+    "BASE_ADAPTER",
     "AdapterConfig",
     "BitFitConfig",
     "ConfigError",

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from deltatune import methods
+from deltatune import methods, mixed
 from deltatune.checkpoint.adapter import (
     KEY_PREFIX,
     load_tensors,
@@ -31,7 +31,7 @@ from deltatune.config import ConfigError, DeltaConfig
 from deltatune.methods.base import DeltaLayer, ModulesToSave, wrap_modules
 from deltatune.targeting import find_targets, name_matches, replace_module
 
-BASE_ADAPTER = "__base__"
+BASE_ADAPTER = mixed.BASE_ADAPTER
 _TASK_TYPES = {
     "ForSequenceClassification": "SEQ_CLS",
     "ForCausalLM": "CAUSAL_LM",
@@ -69,14 +69,21 @@ class DeltaModel(nn.Module):
         self.set_adapter(adapter_name)
 
     # --- forwarding -------------------------------------------------------------------------
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if args and self._method_hook("prepare_inputs") is not None:  # the method must see input_ids too
+    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """The base model's forward with the active adapter, or with ``adapter_names``: one
+        adapter per row (``"__base__"``: none), all rows in one pass (see deltatune.mixed)."""
+        if args and (adapter_names is not None or self._method_hook("prepare_inputs") is not None):
             names = list(inspect.signature(self.base_model.forward).parameters)[: len(args)]
-            kwargs = {**dict(zip(names, args, strict=True)), **kwargs}
+            kwargs = {**dict(zip(names, args, strict=True)), **kwargs}  # input hooks must see input_ids
             args = ()
+        if adapter_names is not None:
+            return mixed.forward(self, adapter_names, kwargs)
         return self.base_model(*args, **self.prepare_inputs(kwargs))
 
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
+    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """transformers' generate with the active adapter, or one adapter per row (``adapter_names``)."""
+        if adapter_names is not None:
+            return mixed.generate(self, adapter_names, *args, **kwargs)
         hook = self._method_hook("generate")
         if hook is None:
             return self.base_model.generate(*args, **self.prepare_inputs(kwargs) if self.adapters_disabled else kwargs)

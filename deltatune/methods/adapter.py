@@ -115,6 +115,8 @@ class BottleneckAdapter(DeltaLayer):
         self.to(self.base_layer.weight.device)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.routing is not None:
+            return self.forward_rows(x, *args, **kwargs)
         h = self.base_layer(x, *args, **kwargs)
         name = self.adapter_active()
         if name is None:

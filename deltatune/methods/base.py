@@ -8,7 +8,7 @@ Hugging Face peft's checkpoint layout (the adapter name is dropped from the key 
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -28,6 +28,7 @@ class DeltaLayer(nn.Module):
         self.active_adapter: str | None = None
         self.disabled = False
         self.merged_adapter: str | None = None
+        self.routing: Any = None  # a mixed batch's RowAdapters (deltatune.mixed) while one runs
 
     @property
     def adapter_names(self) -> list[str]:
@@ -40,13 +41,30 @@ class DeltaLayer(nn.Module):
         """The adapter whose delta this forward pass adds (None: plain base layer)."""
         name = self.active_adapter
         if (
-            self.disabled
+            self.routing is not None  # a mixed batch: a layer that cannot split rows runs as the base
+            or self.disabled
             or name is None
             or name == self.merged_adapter
             or name not in getattr(self, self.adapter_attrs[0])
         ):
             return None
         return name
+
+    def forward_rows(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """A mixed batch through a row-wise layer: each adapter's rows through the one-adapter
+        forward. The rows partition the batch, so the base layer still sees every row once."""
+        routing, active = self.routing, self.active_adapter
+        self.routing = None
+        try:
+            out = None
+            for name, rows in routing.groups(x.shape[0], x.device).items():
+                self.active_adapter = name
+                y = self(x[rows], *args, **kwargs)
+                out = y.new_empty((x.shape[0], *y.shape[1:])) if out is None else out
+                out[rows] = y
+            return out
+        finally:
+            self.routing, self.active_adapter = routing, active
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         params = []
@@ -175,6 +193,8 @@ class ModulesToSave(DeltaLayer):
             return getattr(self.base_layer, name)
 
     def forward(self, *args, **kwargs):
+        if self.routing is not None:
+            return self.forward_rows(*args, **kwargs)
         name = self.active_adapter
         if self.disabled or name is None or name not in self.modules_to_save:
             return self.base_layer(*args, **kwargs)

@@ -82,6 +82,8 @@ class BitFitLayer(DeltaLayer):
         self.bias_delta[name] = nn.Parameter(torch.zeros(self.bias_shape(), device=device))
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.routing is not None:
+            return self.forward_rows(x, *args, **kwargs)
         out = self.base_layer(x, *args, **kwargs)
         name = self.adapter_active()
         if name is None:

@@ -112,8 +112,36 @@ class LoraLinear(DeltaLayer):
         delta = self.lora_B[name].weight @ self.lora_A[name].weight * self.scaling[name]
         return delta.T if self.transposed else delta
 
+    def row_factors(self, names: list[str], slots: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Each row's Aᵀ (in×r) and scaled Bᵀ (r×out), padded to the largest rank (zero for rows
+        whose adapter this layer lacks), and its dropout probability."""
+        rank = max(self.lora_A[n].weight.shape[0] for n in names)
+        a = [F.pad(self.lora_A[n].weight, (0, 0, 0, rank - self.lora_A[n].weight.shape[0])).T for n in names]
+        b = [
+            F.pad(self.lora_B[n].weight * self.scaling[n], (0, rank - self.lora_B[n].weight.shape[1])).T for n in names
+        ]
+        p = [self.lora_dropout[n].p if n in self.lora_dropout else 0.0 for n in names]
+        a_t, b_t = torch.stack([torch.zeros_like(a[0]), *a]), torch.stack([torch.zeros_like(b[0]), *b])
+        return a_t[slots], b_t[slots], torch.tensor([0.0, *p], device=slots.device)[slots]
+
+    def mixed_delta(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Every row's own adapter in one pass: rows gather their A and B, then two batched
+        matmuls (the gather-BMM that Punica/S-LoRA write as kernels); no loop over adapters."""
+        factors = self.routing.per_row(self, self.lora_A, x.shape[0], x.device, self.row_factors)
+        if factors is None:
+            return None
+        a_rows, b_rows, dropout = factors
+        rows = x.reshape(x.shape[0], -1, x.shape[-1]).to(a_rows.dtype)
+        if self.training and bool(dropout.any()):
+            keep = (1 - dropout).view(-1, 1, 1)
+            rows = rows * torch.bernoulli(keep.expand_as(rows)) / keep
+        return torch.bmm(torch.bmm(rows, a_rows), b_rows).view(*x.shape[:-1], -1)
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
+        if self.routing is not None:
+            delta = self.mixed_delta(x)
+            return out if delta is None else out + delta.to(out.dtype)
         name = self.adapter_active()
         if name is None:
             return out
@@ -162,8 +190,25 @@ class LoraEmbedding(DeltaLayer):
             )
         return super().load_adapter_state_dict(name, tensors)
 
+    def row_factors(self, names: list[str], slots: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Aᵀ (num×r) per adapter after a zero slot, each row's scaled Bᵀ (r×dim), and the slots."""
+        rank = max(self.lora_embedding_A[n].shape[0] for n in names)
+        a = [F.pad(self.lora_embedding_A[n], (0, 0, 0, rank - self.lora_embedding_A[n].shape[0])).T for n in names]
+        b = [
+            F.pad(self.lora_embedding_B[n] * self.scaling[n], (0, rank - self.lora_embedding_B[n].shape[1])).T
+            for n in names
+        ]
+        return torch.stack([torch.zeros_like(a[0]), *a]), torch.stack([torch.zeros_like(b[0]), *b])[slots], slots
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
+        if self.routing is not None:  # a mixed batch: each row looks its ids up in its own adapter's A
+            factors = self.routing.per_row(self, self.lora_embedding_A, x.shape[0], x.device, self.row_factors)
+            if factors is None:
+                return out
+            a_t, b_rows, slots = factors
+            rows = a_t[slots.view(-1, *[1] * (x.dim() - 1)), x].reshape(x.shape[0], -1, a_t.shape[-1])
+            return out + torch.bmm(rows, b_rows).view_as(out).to(out.dtype)
         name = self.adapter_active()
         if name is None:
             return out

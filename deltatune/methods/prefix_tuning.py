@@ -101,14 +101,17 @@ def inject(model: nn.Module, adapter_name: str, config: PrefixTuningConfig) -> l
     return pl.attach(model, adapter_name, encoder)
 
 
-def fill_cache(model: nn.Module, config: PrefixTuningConfig, prefix: torch.Tensor, batch: int, cache: Any) -> Cache:
-    """Put layer l's prefix keys and values (batch, heads_kv, n, head_dim) into the KV cache."""
-    layers, heads = config.num_layers, config.num_attention_heads
+def key_values(model: nn.Module, config: PrefixTuningConfig, prefix: torch.Tensor) -> torch.Tensor:
+    """The prefix as attention keys and values: (2·layers, heads_kv, n, head_dim), keys at even indices."""
     n = prefix.shape[0]
-    kv = prefix.to(model.dtype).view(n, 2 * layers, heads, -1).permute(1, 2, 0, 3)  # (2·layers, heads, n, dim)
+    return prefix.to(model.dtype).view(n, 2 * config.num_layers, config.num_attention_heads, -1).permute(1, 2, 0, 3)
+
+
+def fill_cache(model: nn.Module, kv: torch.Tensor, cache: Any) -> Cache:
+    """Put layer l's keys kv[:, 2l] and values kv[:, 2l+1] (each batch × heads_kv × n × head_dim) in the KV cache."""
     cache = cache if isinstance(cache, Cache) else DynamicCache(config=model.config)
-    for layer in range(layers):
-        cache.update(kv[2 * layer].expand(batch, -1, -1, -1), kv[2 * layer + 1].expand(batch, -1, -1, -1), layer)
+    for layer in range(kv.shape[1] // 2):
+        cache.update(kv[:, 2 * layer], kv[:, 2 * layer + 1], layer)
     return cache
 
 
@@ -131,8 +134,8 @@ def prepare_inputs(
             )
         inputs = kwargs.get("input_ids")
         batch = (inputs if inputs is not None else kwargs["inputs_embeds"]).shape[0]
-        prefix = pl.prompt_layer(delta_model).prompt(adapter_name)
-        kwargs["past_key_values"] = fill_cache(model, config, prefix, batch, kwargs.get("past_key_values"))
+        kv = key_values(model, config, pl.prompt_layer(delta_model).prompt(adapter_name))
+        kwargs["past_key_values"] = fill_cache(model, kv.expand(batch, -1, -1, -1, -1), kwargs.get("past_key_values"))
     pl.extend_attention_mask(kwargs, n)
     return kwargs
 

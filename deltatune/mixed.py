@@ -1,0 +1,216 @@
+"""Mixed-adapter batches: every row of one batch runs with its own adapter, in one pass.
+
+Seed 003 names merged LoRA's limit: with W0 + BA folded in for one task, a batch serves one task.
+Here ``model(**batch, adapter_names=[...])`` / ``model.generate(..., adapter_names=[...])`` take
+one adapter per row (``"__base__"``: none), and every adapted layer serves all rows at once::
+
+    rows        x0 "sql"      x1 "__base__"      x2 "chat" (rank 16)      x3 "sql"
+    slots           1               0                   2                     1
+    LoRA layer  h = W0·x + bmm(bmm(x, Aᵀ[slot]), Bᵀ[slot])     Aᵀ: (K+1) × in × r_max, Bᵀ scaled
+                (slot 0 is zero: base rows, and adapters this layer does not adapt)
+    Houlsby adapters, BitFit, trained heads: each adapter's rows through the layer (rows partition
+                the batch: the frozen weights still see each row once)
+    prompt / P-tuning rows: their virtual tokens, right-aligned and left-padded to the longest
+    prefix rows: their prefix keys/values in the KV cache, right-aligned and padded likewise
+                (padding masked out; positions follow the mask, so every row sees what it would alone)
+
+The batch's :class:`RowAdapters` reaches the layers as their ``routing`` attribute for the call;
+each row's LoRA factors are gathered once per call and reused by every decoding step. Methods whose
+layers see more than single rows (partial fine-tuning's blocks, LLaMA-Adapter's attention,
+HyperFormer's task routing) cannot mix and are refused by name, as are merged adapters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from deltatune.methods import prefix_tuning
+from deltatune.methods import prompt_learning as pl
+
+BASE_ADAPTER = "__base__"
+MIXABLE = {"LORA", "BOTTLENECK_ADAPTER", "BITFIT", "PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING"}
+VIRTUAL_TOKENS, PREFIX = {"PROMPT_TUNING", "P_TUNING"}, {"PREFIX_TUNING"}
+
+
+class RowAdapters:
+    """The adapter of each row of a batch, and what layers derive from it during one call."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = list(names)
+        self.extra_mask: torch.Tensor | None = None  # prefix + virtual-token mask, for decoding steps
+        self._stacks: dict[tuple[int, int], Any] = {}
+
+    def for_batch(self, batch: int) -> list[str]:
+        """Names for ``batch`` rows: generate repeats each row in place for beams and samples."""
+        if batch % len(self.names):
+            raise ValueError(f"adapter_names has {len(self.names)} entries for a batch of {batch} rows")
+        return [name for name in self.names for _ in range(batch // len(self.names))]
+
+    def groups(self, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """Row indices of each adapter."""
+        rows: dict[str, list[int]] = {}
+        for i, name in enumerate(self.for_batch(batch)):
+            rows.setdefault(name, []).append(i)
+        return {name: torch.tensor(index, device=device) for name, index in rows.items()}
+
+    def per_row(
+        self, layer: nn.Module, store: Any, batch: int, device: torch.device, build: Callable[..., tuple]
+    ) -> tuple | None:
+        """``build(names, slots)``: a layer's per-row tensors from the batch's adapters that it holds
+        in ``store`` (``slots``: each row's index into ``names``, counted from 1; 0 for none).
+        None when no row uses this layer. Without gradients the result is kept for the call, so
+        every decoding step reuses it."""
+        key = (id(layer), batch)
+        if key in self._stacks:
+            return self._stacks[key]
+        rows = self.for_batch(batch)
+        names = [name for name in dict.fromkeys(rows) if name in store]
+        result = None
+        if names:
+            slot_of = {name: i + 1 for i, name in enumerate(names)}
+            slots = torch.tensor([slot_of.get(name, 0) for name in rows], device=device)
+            result = build(names, slots)
+        if not torch.is_grad_enabled():
+            self._stacks[key] = result
+        return result
+
+
+def check(delta_model: Any, names: Sequence[str]) -> list[str]:
+    """The names, if every one is an adapter (or the base) that can mix; otherwise a clear error."""
+    if isinstance(names, str) or not names or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"adapter_names takes a list with one adapter name per row, got {names!r}")
+    configs = delta_model.peft_config
+    unknown = sorted({n for n in names if n != BASE_ADAPTER and n not in configs})
+    if unknown:
+        raise KeyError(
+            f"unknown adapter name(s) in adapter_names: {', '.join(unknown)}; this model has: "
+            f"{', '.join(configs) or 'none'} (and {BASE_ADAPTER!r} for no adapter)"
+        )
+    refused = sorted(
+        {f"{n} ({configs[n].peft_type})" for n in names if n in configs and configs[n].peft_type not in MIXABLE}
+    )
+    if refused:
+        raise ValueError(
+            f"adapters {', '.join(refused)} cannot share a batch with other adapters: mixed batches support "
+            "LoRA, Houlsby adapters, BitFit, prompt tuning, P-tuning and prefix tuning"
+        )
+    if delta_model.merged_adapter is not None:
+        raise ValueError(
+            f"adapter {delta_model.merged_adapter!r} is merged into the base weights, which every row shares: "
+            "call unmerge_adapter() before running mixed batches"
+        )
+    if delta_model.adapters_disabled:
+        raise ValueError("adapter_names inside disable_adapter(): name '__base__' for rows without an adapter")
+    for name in {n for n in names if n in configs and configs[n].peft_type in VIRTUAL_TOKENS | PREFIX}:
+        if configs[name].task_type != "CAUSAL_LM":
+            raise ValueError(f"adapter {name!r}: mixed batches with prompt learning need a causal LM")
+    return list(names)
+
+
+@contextlib.contextmanager
+def routed(delta_model: Any, names: Sequence[str]) -> Iterator[RowAdapters]:
+    """Route the model's layers by row for the duration of the block."""
+    routing = RowAdapters(check(delta_model, names))
+    layers = [layer for _, layer in delta_model.delta_layers()]
+    for layer in layers:
+        layer.routing = routing
+    try:
+        yield routing
+    finally:
+        for layer in layers:
+            layer.routing = None
+
+
+def _counts(delta_model: Any, rows: list[str], kinds: set[str]) -> list[int]:
+    configs = delta_model.peft_config
+    return [configs[n].num_virtual_tokens if n in configs and configs[n].peft_type in kinds else 0 for n in rows]
+
+
+def _right_aligned(counts: list[int], device: torch.device) -> torch.Tensor:
+    """Mask (rows × longest) with each row's count of ones at the right end."""
+    longest = max(counts)
+    return (torch.arange(longest, device=device) >= longest - torch.tensor(counts, device=device)[:, None]).long()
+
+
+def prepare_inputs(delta_model: Any, routing: RowAdapters, kwargs: dict[str, Any], generating: bool = False) -> dict:
+    """Each row's virtual tokens and prefix, padded to the batch's longest and masked; positions
+    from the full mask. Batches without prompt-learning rows pass through unchanged."""
+    configs = delta_model.peft_config
+    kinds = {configs[n].peft_type for n in routing.names if n in configs}
+    if not kinds & (VIRTUAL_TOKENS | PREFIX):
+        return kwargs
+    kwargs.pop("position_ids", None)  # recomputed from the full mask below
+    pl.drop(kwargs, "token_type_ids", "virtual tokens and prefixes have none", quietly=generating)
+    ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
+    batch, length = (ids if ids is not None else embeds).shape[:2]
+    device = (ids if ids is not None else embeds).device
+    mask = kwargs.get("attention_mask")
+    mask = torch.ones(batch, length, dtype=torch.long, device=device) if mask is None else mask.long()
+    if pl.is_empty(kwargs.get("past_key_values")):
+        rows = routing.for_batch(batch)
+        prefix_mask = _add_prefixes(delta_model, rows, kwargs, device)
+        virtual_mask = _add_virtual_tokens(delta_model, rows, kwargs)
+        routing.extra_mask = torch.cat([prefix_mask, virtual_mask], dim=1)
+    full = torch.cat([routing.extra_mask.to(mask.device), mask], dim=1)
+    query = (kwargs["inputs_embeds"] if kwargs.get("inputs_embeds") is not None else kwargs["input_ids"]).shape[1]
+    kwargs["attention_mask"] = full
+    kwargs["position_ids"] = (full.cumsum(-1) - 1).clamp(min=0)[:, -query:]
+    return kwargs
+
+
+def _add_virtual_tokens(delta_model: Any, rows: list[str], kwargs: dict[str, Any]) -> torch.Tensor:
+    counts = _counts(delta_model, rows, VIRTUAL_TOKENS)
+    ids = kwargs.get("input_ids")
+    device = (ids if ids is not None else kwargs["inputs_embeds"]).device
+    if not any(counts):
+        return torch.zeros(len(rows), 0, dtype=torch.long, device=device)
+    layer = pl.prompt_layer(delta_model)
+    embeds = kwargs.get("inputs_embeds")
+    if embeds is None:
+        embeds = layer(kwargs.pop("input_ids"))
+    kwargs.pop("input_ids", None)
+    longest = max(counts)
+    virtual = [embeds.new_zeros(longest, embeds.shape[-1]) for _ in rows]
+    for name in {n for n, c in zip(rows, counts, strict=True) if c}:
+        table = layer.prompt(name).to(embeds.dtype)
+        for i in (i for i, n in enumerate(rows) if n == name):
+            virtual[i] = torch.cat([virtual[i][: longest - len(table)], table])
+    kwargs["inputs_embeds"] = torch.cat([torch.stack(virtual), embeds], dim=1)
+    if kwargs.get("labels") is not None:
+        labels = kwargs["labels"]
+        kwargs["labels"] = torch.cat([labels.new_full((len(rows), longest), pl.IGNORE_INDEX), labels], dim=1)
+    return _right_aligned(counts, device)
+
+
+def _add_prefixes(delta_model: Any, rows: list[str], kwargs: dict[str, Any], device: torch.device) -> torch.Tensor:
+    counts = _counts(delta_model, rows, PREFIX)
+    if not any(counts):
+        return torch.zeros(len(rows), 0, dtype=torch.long, device=device)
+    model, longest = delta_model.base_model, max(counts)
+    per_row: dict[str, torch.Tensor] = {}
+    for name in {n for n, c in zip(rows, counts, strict=True) if c}:
+        prefix = pl.prompt_layer(delta_model).prompt(name)
+        per_row[name] = prefix_tuning.key_values(model, delta_model.peft_config[name], prefix)
+    template = next(iter(per_row.values()))
+    zeros = template.new_zeros(*template.shape[:2], longest, template.shape[-1])
+    kv = [
+        torch.cat([zeros[..., : longest - c, :], per_row[n]], dim=2) if c else zeros
+        for n, c in zip(rows, counts, strict=True)
+    ]
+    kwargs["past_key_values"] = prefix_tuning.fill_cache(model, torch.stack(kv), kwargs.get("past_key_values"))
+    return _right_aligned(counts, device)
+
+
+def forward(delta_model: Any, names: Sequence[str], kwargs: dict[str, Any]) -> Any:
+    with routed(delta_model, names) as routing:
+        return delta_model.base_model(**prepare_inputs(delta_model, routing, kwargs))
+
+
+def generate(delta_model: Any, names: Sequence[str], *args: Any, **kwargs: Any) -> Any:
+    with routed(delta_model, names) as routing:
+        return pl.generate_with(prepare_inputs)(delta_model, routing, *args, **kwargs)
