@@ -140,9 +140,7 @@ def _right_aligned(counts: list[int], device: torch.device) -> torch.Tensor:
 def prepare_inputs(delta_model: Any, routing: RowAdapters, kwargs: dict[str, Any], generating: bool = False) -> dict:
     """Each row's virtual tokens and prefix, padded to the batch's longest and masked; positions
     from the full mask. Batches without prompt-learning rows pass through unchanged."""
-    configs = delta_model.peft_config
-    kinds = {configs[n].peft_type for n in routing.names if n in configs}
-    if not kinds & (VIRTUAL_TOKENS | PREFIX):
+    if not _changes_inputs(delta_model, routing.names):
         return kwargs
     kwargs.pop("position_ids", None)  # recomputed from the full mask below
     pl.drop(kwargs, "token_type_ids", "virtual tokens and prefixes have none", quietly=generating)
@@ -161,6 +159,12 @@ def prepare_inputs(delta_model: Any, routing: RowAdapters, kwargs: dict[str, Any
     kwargs["attention_mask"] = full
     kwargs["position_ids"] = (full.cumsum(-1) - 1).clamp(min=0)[:, -query:]
     return kwargs
+
+
+def _changes_inputs(delta_model: Any, names: list[str]) -> bool:
+    """Whether any row brings virtual tokens or a prefix."""
+    configs = delta_model.peft_config
+    return any(configs[n].peft_type in VIRTUAL_TOKENS | PREFIX for n in names if n in configs)
 
 
 def _add_virtual_tokens(delta_model: Any, rows: list[str], kwargs: dict[str, Any]) -> torch.Tensor:
@@ -213,4 +217,6 @@ def forward(delta_model: Any, names: Sequence[str], kwargs: dict[str, Any]) -> A
 
 def generate(delta_model: Any, names: Sequence[str], *args: Any, **kwargs: Any) -> Any:
     with routed(delta_model, names) as routing:
+        if not _changes_inputs(delta_model, routing.names):  # weights only: transformers' generate as it is
+            return delta_model.base_model.generate(*args, **kwargs)
         return pl.generate_with(prepare_inputs)(delta_model, routing, *args, **kwargs)
