@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import types
 import typing
@@ -241,7 +242,48 @@ def cmd_inspect(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "merge": cmd_merge, "inspect": cmd_inspect}
+def cmd_serve(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="deltatune serve",
+        description="An OpenAI-compatible server for one base model and many adapters: requests for different "
+        "adapters that arrive together are generated together in one batch.",
+    )
+    parser.add_argument("--base", default="smollm2-135m", help="base model: smollm2-135m or a local model dir")
+    parser.add_argument("--adapters", help="a directory of adapters (each sub-directory with adapter_config.json)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("DELTATUNE_API_KEY"),
+        help="required as 'Authorization: Bearer KEY' on every request when set (default: $DELTATUNE_API_KEY)",
+    )
+    parser.add_argument("--max-batch", type=int, default=16, help="most requests generated together")
+    parser.add_argument("--max-queue", type=int, default=256, help="most requests held; more get 429")
+    parser.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask")
+    args = parser.parse_args(argv)
+    import uvicorn
+
+    from deltatune.loading import load_base
+    from deltatune.serving import Engine, create_app
+
+    if args.adapters and not Path(args.adapters).is_dir():
+        raise ConfigError(f"--adapters {args.adapters} is not a directory")
+    model, tokenizer = load_base(args.base)
+    name = Path(args.base).name if Path(args.base).is_dir() else args.base
+    engine = Engine(model, tokenizer, name, args.adapters, max_batch=args.max_batch, max_queue=args.max_queue)
+    print(f"serving {name} with adapters: {', '.join(engine.adapters) or 'none'}", file=sys.stderr)
+    uvicorn.run(create_app(engine, args.api_key, args.max_tokens_limit), host=args.host, port=args.port)
+    return 0
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "eval": cmd_eval,
+    "generate": cmd_generate,
+    "merge": cmd_merge,
+    "inspect": cmd_inspect,
+    "serve": cmd_serve,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

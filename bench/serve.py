@@ -1,0 +1,238 @@
+"""Serving benchmark: eight LoRA adapters on one SmolLM2-135M through ``deltatune serve``.
+
+The load: ``--requests`` chat completions (Alpaca instructions from ../shared/data) at
+``--concurrency`` over loopback, ``--max-tokens`` new tokens each, greedy; request i uses adapter
+i mod 8 (LoRA r=8, alpha=16 on q_proj/v_proj, B drawn from N(0, 0.01) so every adapter changes
+the text). Four ways to serve it:
+
+* ``mixed``: one server holding the eight adapters; requests in flight together share a batch
+  whatever their adapter (deltatune's mixed-adapter batches);
+* ``merged``: the same load on one adapter merged into the weights (``merge_and_unload``, served
+  as the base model): the cost of a batch with no adapter arithmetic at all;
+* ``one_at_a_time``: the mixed server, but the load sent adapter by adapter, as a server that can
+  batch only one adapter's requests would run it;
+* ``peft``: no server; the same prompts in the same batches through peft 0.21's
+  ``generate(adapter_names=...)`` path.
+
+Figures: generated tokens/s (completion tokens over wall time) and p50/p95 request latency.
+Goal: mixed >= 0.9x merged and >= 1.5x peft. Prints one JSON line; progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import emit, load_average, log, median
+
+import deltatune as dt
+
+ALPACA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca" / "alpaca_data_first200.json"
+ADAPTERS = [f"task{i}" for i in range(8)]
+BASE = "smollm2-135m"
+
+
+def make_adapters(directory: Path, seed: int) -> None:
+    """Eight LoRA adapters with seeded random factors, saved in peft's layout (one folder each)."""
+    base, _ = dt.load_base(BASE)
+    config = dt.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+    model = dt.wrap(base, config, ADAPTERS[0])
+    for name in ADAPTERS[1:]:
+        model.add_adapter(name, config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora_B." in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.01)
+    model.save_pretrained(directory)
+
+
+def make_merged(adapters: Path, directory: Path) -> None:
+    """The first adapter folded into the base weights, saved as a plain transformers model."""
+    base, tokenizer = dt.load_base(BASE)
+    merged = dt.DeltaModel.from_pretrained(base, adapters / ADAPTERS[0], ADAPTERS[0]).merge_and_unload()
+    merged.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """``deltatune serve`` in a child process, ready once /v1/models answers."""
+
+    def __init__(self, base: str, adapters: Path | None, max_batch: int) -> None:
+        self.port = free_port()
+        cmd = [sys.executable, "-m", "deltatune", "serve", "--base", base, "--port", str(self.port)]
+        cmd += ["--max-batch", str(max_batch)] + (["--adapters", str(adapters)] if adapters else [])
+        self.process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"deltatune serve exited with {self.process.returncode}: {' '.join(cmd)}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/models", timeout=2) as answer:
+                    self.models = [m["id"] for m in json.load(answer)["data"]]
+                return
+            except OSError:
+                time.sleep(1)
+        raise TimeoutError("the server did not come up within 300 s")
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=60)
+
+
+def send(url: str, model: str, instruction: str, max_tokens: int) -> tuple[float, int, str]:
+    """One chat completion; (latency s, completion tokens, text)."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)
+    start = time.perf_counter()
+    answer = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": instruction}], max_tokens=max_tokens, temperature=0
+    )
+    return time.perf_counter() - start, answer.usage.completion_tokens, answer.choices[0].message.content
+
+
+def load(url: str, jobs: list[tuple[str, str]], concurrency: int, max_tokens: int) -> dict[str, Any]:
+    """Send ``jobs`` (model, instruction) with ``concurrency`` in flight; throughput and latency."""
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(lambda job: send(url, job[0], job[1], max_tokens), jobs))
+    return summary(time.perf_counter() - start, [r[0] for r in results], [r[1] for r in results]) | {
+        "texts": [r[2] for r in results]
+    }
+
+
+def summary(wall: float, latencies: list[float], tokens: list[int]) -> dict[str, Any]:
+    ordered = sorted(latencies)
+    return {
+        "tokens_per_s": round(sum(tokens) / wall, 1),
+        "p50_latency_s": round(median(ordered), 2),
+        "p95_latency_s": round(ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))], 2),
+        "generated_tokens": sum(tokens),
+        "wall_s": round(wall, 1),
+    }
+
+
+def run_peft(adapters: Path, jobs: list[tuple[str, str]], batch: int, max_tokens: int) -> dict[str, Any]:
+    """peft's mixed path on the same prompts, ``batch`` rows at a time (each row's latency: its batch's)."""
+    from peft import PeftModel
+
+    base, tokenizer = dt.load_base(BASE)
+    model = PeftModel.from_pretrained(base, str(adapters / ADAPTERS[0]), adapter_name=ADAPTERS[0])
+    for name in ADAPTERS[1:]:
+        model.load_adapter(str(adapters / name), adapter_name=name)
+    model.eval()
+    tokenizer.padding_side = "left"
+    latencies, tokens = [], []
+    start = time.perf_counter()
+    for i in range(0, len(jobs), batch):
+        chunk = jobs[i : i + batch]
+        prompts = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+            )
+            for _, text in chunk
+        ]
+        inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        began = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(
+                **inputs,
+                adapter_names=[name for name, _ in chunk],
+                max_new_tokens=max_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        latencies += [time.perf_counter() - began] * len(chunk)
+        new = out[:, inputs["input_ids"].shape[1] :]
+        tokens += [int((row != tokenizer.pad_token_id).sum()) for row in new]
+    return summary(time.perf_counter() - start, latencies, tokens)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-peft", action="store_true")
+    args = parser.parse_args()
+    instructions = [row["instruction"] for row in json.loads(ALPACA.read_text())]
+    jobs = [(ADAPTERS[i % len(ADAPTERS)], instructions[i % len(instructions)]) for i in range(args.requests)]
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        adapters, merged = Path(tmp) / "adapters", Path(tmp) / "merged"
+        log("saving 8 adapters and a merged copy ...")
+        make_adapters(adapters, args.seed)
+        make_merged(adapters, merged)
+        with Server(BASE, adapters, args.concurrency) as server:
+            load(server.url, jobs[: args.concurrency], args.concurrency, 4)  # warm-up
+            log("mixed ...")
+            results["mixed"] = load(server.url, jobs, args.concurrency, args.max_tokens)
+            log("one adapter at a time ...")
+            waves = [
+                load(server.url, [j for j in jobs if j[0] == name], args.concurrency, args.max_tokens)
+                for name in ADAPTERS
+            ]
+            wall = sum(w["wall_s"] for w in waves)
+            results["one_at_a_time"] = {
+                "tokens_per_s": round(sum(w["generated_tokens"] for w in waves) / wall, 1),
+                "wall_s": round(wall, 1),
+                "p50_latency_s (per wave)": median([w["p50_latency_s"] for w in waves]),
+            }
+        with Server(str(merged), None, args.concurrency) as server:
+            load(server.url, [(server.models[0], text) for _, text in jobs[: args.concurrency]], args.concurrency, 4)
+            log("merged ...")
+            results["merged"] = load(
+                server.url, [(server.models[0], t) for _, t in jobs], args.concurrency, args.max_tokens
+            )
+        if not args.skip_peft:
+            log("peft adapter_names ...")
+            results["peft"] = run_peft(adapters, jobs, args.concurrency, args.max_tokens)
+    pairs = zip(jobs, results["mixed"].pop("texts"), results["merged"].pop("texts"), strict=True)
+    own = [a == b for (name, _), a, b in pairs if name == ADAPTERS[0]]
+    for r in results.values():
+        r.pop("texts", None)
+    mixed = results["mixed"]["tokens_per_s"]
+    ratios = {"mixed_vs_merged": round(mixed / results["merged"]["tokens_per_s"], 2)}
+    if "peft" in results:
+        ratios["mixed_vs_peft"] = round(mixed / results["peft"]["tokens_per_s"], 2)
+    emit(
+        {
+            "bench": "serve",
+            "settings": vars(args) | {"adapters": len(ADAPTERS), "threads": torch.get_num_threads()},
+            "results": results,
+            "ratios": ratios,
+            "goal": {"mixed_vs_merged": 0.9, "mixed_vs_peft": 1.5},
+            "load_average": load_average(),
+            "check": f"{sum(own)}/{len(own)} of {ADAPTERS[0]}'s answers in mixed batches equal the merged server's",
+            "cpu_count": os.cpu_count(),
+        }
+    )
+
+
+if __name__ == "__main__":
+    main()
