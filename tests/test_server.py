@@ -47,7 +47,7 @@ def adapters_dir(tmp_path_factory, smol_tokenizer):
 @pytest.fixture(scope="module")
 def server(adapters_dir, smol_tokenizer):
     engine = Engine(
-        tiny_model(len(smol_tokenizer)), smol_tokenizer, "tiny", adapters_dir, max_queue=4, batch_window_s=0.2
+        tiny_model(len(smol_tokenizer)), smol_tokenizer, "tiny", adapters_dir, max_queue=4, arrival_gap_s=0.2
     )
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

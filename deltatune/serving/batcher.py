@@ -1,9 +1,9 @@
 """The generation engine behind ``deltatune serve``: dynamic batching across adapters.
 
     HTTP handlers ──submit()──► bounded queue ──► worker thread ──► one generate() per batch
-        ▲  (asyncio)              (full: 429)       gathers up to max_batch requests that are
-        └──── text deltas, done, errors ◄──────────  waiting, whatever their adapter, and runs
-                                                     them together with adapter_names (mixed.py)
+        ▲  (asyncio)              (full: 429)       gathers up to max_batch requests that arrive
+        └──── text deltas, done, errors ◄──────────  together, whatever their adapter, and runs
+                                                     them in one pass with adapter_names (mixed.py)
 
 Each row stops on its own: at its ``max_tokens``, at one of its ``stop`` strings, or at the
 end-of-sequence token (transformers keeps finished rows padded while the others go on). Rows can
@@ -18,6 +18,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,14 +72,15 @@ class Engine:
         adapters_dir: str | Path | None = None,
         max_batch: int = 16,
         max_queue: int = 256,
-        batch_window_s: float = 0.005,
+        batch_window_s: float = 0.25,
+        arrival_gap_s: float = 0.02,
     ) -> None:
         self.base_model = base_model.eval()
         self.model: DeltaModel | None = None
         self.tokenizer = tokenizer
         self.base_name = base_name
         self.adapters_dir = Path(adapters_dir).resolve() if adapters_dir else None
-        self.max_batch, self.batch_window_s = max_batch, batch_window_s
+        self.max_batch, self.batch_window_s, self.arrival_gap_s = max_batch, batch_window_s, arrival_gap_s
         self.context_length = getattr(base_model.config, "max_position_embeddings", None) or 2048
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.waiting: queue.Queue[Request] = queue.Queue(maxsize=max_queue)
@@ -117,10 +119,15 @@ class Engine:
             raise QueueFull(f"the server holds {self.waiting.maxsize} requests already; retry later") from None
 
     def _next_batch(self) -> list[Request]:
+        """The first waiting request and those that follow it closely: collecting stops when none
+        arrives for ``arrival_gap_s``, after ``batch_window_s``, or at ``max_batch``. Clients that
+        get their answers together send their next requests a few ms apart; a fixed short window
+        would split them into small batches that then queue behind each other."""
         batch = [self.waiting.get()]
-        while len(batch) < self.max_batch:
+        deadline = time.monotonic() + self.batch_window_s
+        while len(batch) < self.max_batch and (left := deadline - time.monotonic()) > 0:
             try:
-                batch.append(self.waiting.get(timeout=self.batch_window_s))
+                batch.append(self.waiting.get(timeout=min(left, self.arrival_gap_s)))
             except queue.Empty:
                 break
         return batch
