@@ -176,6 +176,13 @@ def test_load_and_unload_adapters_at_run_time(client):
         client.post("/adapters", body={"name": "poet", "path": "poet"}, cast_to=object)
 
 
+def test_adapters_that_cannot_mix_are_refused(client, adapters_dir, smol_tokenizer):
+    model = dt.wrap(tiny_model(len(smol_tokenizer)), dt.LlamaAdapterConfig(adapter_len=2, adapter_layers=1))
+    model.save_pretrained(adapters_dir / "gated")
+    with pytest.raises(openai.BadRequestError, match="ADAPTION_PROMPT adapter cannot share batches"):
+        client.post("/adapters", body={"name": "gated", "path": "gated"}, cast_to=object)
+
+
 def test_adapter_paths_cannot_leave_the_directory(client, adapters_dir, tmp_path):
     outside = tmp_path / "elsewhere"
     (outside).mkdir()

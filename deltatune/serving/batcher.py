@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from deltatune.mixed import BASE_ADAPTER
+from deltatune.config import DeltaConfig
+from deltatune.mixed import BASE_ADAPTER, MIXABLE
 from deltatune.model import DeltaModel
 
 log = logging.getLogger("deltatune.serve")
@@ -98,6 +99,11 @@ class Engine:
         return list(self.model.peft_config) if self.model is not None else []
 
     def load_adapter(self, name: str, path: Path) -> None:
+        kind = DeltaConfig.load(path).peft_type
+        if kind not in MIXABLE:
+            raise ValueError(
+                f"a {kind} adapter cannot share batches with others; the server takes {', '.join(MIXABLE)}"
+            )
         with self.lock:
             if self.model is None:
                 self.model = DeltaModel.from_pretrained(self.base_model, path, name)
