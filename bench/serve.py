@@ -12,7 +12,10 @@ the text). Four ways to serve it:
 * ``one_at_a_time``: the mixed server, but the load sent adapter by adapter, as a server that can
   batch only one adapter's requests would run it;
 * ``peft``: no server; the same prompts in the same batches through peft 0.21's
-  ``generate(adapter_names=...)`` path.
+  ``generate(adapter_names=...)`` path;
+* ``deltatune_direct``: the same, through deltatune's ``generate(adapter_names=...)``: the
+  like-for-like comparison of the two mixed paths (the server's HTTP, JSON and client threads
+  share the same two cores in the other rows).
 
 Figures: generated tokens/s (completion tokens over wall time) and p50/p95 request latency.
 Goal: mixed >= 0.9x merged and >= 1.5x peft. Prints one JSON line; progress goes to stderr.
@@ -136,15 +139,26 @@ def summary(wall: float, latencies: list[float], tokens: list[int]) -> dict[str,
     }
 
 
-def run_peft(adapters: Path, jobs: list[tuple[str, str]], batch: int, max_tokens: int) -> dict[str, Any]:
-    """peft's mixed path on the same prompts, ``batch`` rows at a time (each row's latency: its batch's)."""
-    from peft import PeftModel
-
+def load_direct(library: str, adapters: Path) -> tuple[Any, Any]:
+    """The eight adapters on SmolLM2 in-process, with ``library``'s own loader."""
     base, tokenizer = dt.load_base(BASE)
-    model = PeftModel.from_pretrained(base, str(adapters / ADAPTERS[0]), adapter_name=ADAPTERS[0])
-    for name in ADAPTERS[1:]:
-        model.load_adapter(str(adapters / name), adapter_name=name)
-    model.eval()
+    if library == "peft":
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(base, str(adapters / ADAPTERS[0]), adapter_name=ADAPTERS[0])
+        for name in ADAPTERS[1:]:
+            model.load_adapter(str(adapters / name), adapter_name=name)
+    else:
+        model = dt.DeltaModel.from_pretrained(base, adapters / ADAPTERS[0], ADAPTERS[0])
+        for name in ADAPTERS[1:]:
+            model.load_adapter(adapters / name, name)
+    return model.eval(), tokenizer
+
+
+def run_direct(library: str, adapters: Path, jobs: list[tuple[str, str]], batch: int, max_tokens: int) -> dict:
+    """A library's mixed path with no server: the same prompts, ``batch`` rows per generate call
+    (each row's latency: its batch's)."""
+    model, tokenizer = load_direct(library, adapters)
     tokenizer.padding_side = "left"
     latencies, tokens = [], []
     start = time.perf_counter()
@@ -209,9 +223,11 @@ def main() -> None:
             results["merged"] = load(
                 server.url, [(server.models[0], t) for _, t in jobs], args.concurrency, args.max_tokens
             )
+        log("deltatune adapter_names, no server ...")
+        results["deltatune_direct"] = run_direct("deltatune", adapters, jobs, args.concurrency, args.max_tokens)
         if not args.skip_peft:
-            log("peft adapter_names ...")
-            results["peft"] = run_peft(adapters, jobs, args.concurrency, args.max_tokens)
+            log("peft adapter_names, no server ...")
+            results["peft"] = run_direct("peft", adapters, jobs, args.concurrency, args.max_tokens)
     pairs = zip(jobs, results["mixed"].pop("texts"), results["merged"].pop("texts"), strict=True)
     own = [a == b for (name, _), a, b in pairs if name == ADAPTERS[0]]
     for r in results.values():
@@ -220,6 +236,9 @@ def main() -> None:
     ratios = {"mixed_vs_merged": round(mixed / results["merged"]["tokens_per_s"], 2)}
     if "peft" in results:
         ratios["mixed_vs_peft"] = round(mixed / results["peft"]["tokens_per_s"], 2)
+        ratios["direct_vs_peft (same batches, no server)"] = round(
+            results["deltatune_direct"]["tokens_per_s"] / results["peft"]["tokens_per_s"], 2
+        )
     emit(
         {
             "bench": "serve",
