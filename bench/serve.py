@@ -106,11 +106,8 @@ class Server:
         self.process.wait(timeout=60)
 
 
-def send(url: str, model: str, instruction: str, max_tokens: int) -> tuple[float, int, str]:
+def send(client: Any, model: str, instruction: str, max_tokens: int) -> tuple[float, int, str]:
     """One chat completion; (latency s, completion tokens, text)."""
-    from openai import OpenAI
-
-    client = OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)
     start = time.perf_counter()
     answer = client.chat.completions.create(
         model=model, messages=[{"role": "user", "content": instruction}], max_tokens=max_tokens, temperature=0
@@ -120,9 +117,12 @@ def send(url: str, model: str, instruction: str, max_tokens: int) -> tuple[float
 
 def load(url: str, jobs: list[tuple[str, str]], concurrency: int, max_tokens: int) -> dict[str, Any]:
     """Send ``jobs`` (model, instruction) with ``concurrency`` in flight; throughput and latency."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)  # one connection pool, shared
     start = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        results = list(pool.map(lambda job: send(url, job[0], job[1], max_tokens), jobs))
+        results = list(pool.map(lambda job: send(client, job[0], job[1], max_tokens), jobs))
     return summary(time.perf_counter() - start, [r[0] for r in results], [r[1] for r in results]) | {
         "texts": [r[2] for r in results]
     }

@@ -73,8 +73,8 @@ class Engine:
         adapters_dir: str | Path | None = None,
         max_batch: int = 16,
         max_queue: int = 256,
-        batch_window_s: float = 0.25,
-        arrival_gap_s: float = 0.02,
+        batch_window_s: float = 0.5,
+        arrival_gap_s: float = 0.05,
     ) -> None:
         self.base_model = base_model.eval()
         self.model: DeltaModel | None = None
