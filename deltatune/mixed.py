@@ -154,6 +154,8 @@ def prepare_inputs(delta_model: Any, routing: RowAdapters, kwargs: dict[str, Any
         prefix_mask = _add_prefixes(delta_model, rows, kwargs, device)
         virtual_mask = _add_virtual_tokens(delta_model, rows, kwargs)
         routing.extra_mask = torch.cat([prefix_mask, virtual_mask], dim=1)
+    elif routing.extra_mask is None:
+        raise ValueError("mixed batches with virtual tokens or prefixes must start from an empty KV cache")
     full = torch.cat([routing.extra_mask.to(mask.device), mask], dim=1)
     query = (kwargs["inputs_embeds"] if kwargs.get("inputs_embeds") is not None else kwargs["input_ids"]).shape[1]
     kwargs["attention_mask"] = full
