@@ -74,6 +74,15 @@ class LoraConfig(DeltaConfig):
         return lookup(self.rank_pattern, self.r), lookup(self.alpha_pattern, self.lora_alpha)
 
 
+def stacked_factors(a: list[torch.Tensor], b: list[torch.Tensor], scaling: list[float]) -> tuple[torch.Tensor, ...]:
+    """Adapters' Aᵀ (k×r) and scaled Bᵀ (r×n), zero-padded to the largest rank and stacked after
+    a zero slot (index 0: no adapter), for mixed batches to index by row."""
+    rank = max(t.shape[0] for t in a)
+    a_t = [F.pad(t, (0, 0, 0, rank - t.shape[0])).T for t in a]
+    b_t = [F.pad(t * s, (0, rank - t.shape[1])).T for t, s in zip(b, scaling, strict=True)]
+    return torch.stack([torch.zeros_like(a_t[0]), *a_t]), torch.stack([torch.zeros_like(b_t[0]), *b_t])
+
+
 class LoraLinear(DeltaLayer):
     """LoRA around ``nn.Linear`` or ``Conv1D`` (whose weight is stored as in×out)."""
 
@@ -113,15 +122,14 @@ class LoraLinear(DeltaLayer):
         return delta.T if self.transposed else delta
 
     def row_factors(self, names: list[str], slots: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Each row's Aᵀ (in×r) and scaled Bᵀ (r×out), padded to the largest rank (zero for rows
-        whose adapter this layer lacks), and its dropout probability."""
-        rank = max(self.lora_A[n].weight.shape[0] for n in names)
-        a = [F.pad(self.lora_A[n].weight, (0, 0, 0, rank - self.lora_A[n].weight.shape[0])).T for n in names]
-        b = [
-            F.pad(self.lora_B[n].weight * self.scaling[n], (0, rank - self.lora_B[n].weight.shape[1])).T for n in names
-        ]
+        """Each row's Aᵀ (in×r) and scaled Bᵀ (r×out) (zero for rows whose adapter this layer
+        lacks), and its dropout probability."""
+        a_t, b_t = stacked_factors(
+            [self.lora_A[n].weight for n in names],
+            [self.lora_B[n].weight for n in names],
+            [self.scaling[n] for n in names],
+        )
         p = [self.lora_dropout[n].p if n in self.lora_dropout else 0.0 for n in names]
-        a_t, b_t = torch.stack([torch.zeros_like(a[0]), *a]), torch.stack([torch.zeros_like(b[0]), *b])
         return a_t[slots], b_t[slots], torch.tensor([0.0, *p], device=slots.device)[slots]
 
     def mixed_delta(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -192,13 +200,12 @@ class LoraEmbedding(DeltaLayer):
 
     def row_factors(self, names: list[str], slots: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Aᵀ (num×r) per adapter after a zero slot, each row's scaled Bᵀ (r×dim), and the slots."""
-        rank = max(self.lora_embedding_A[n].shape[0] for n in names)
-        a = [F.pad(self.lora_embedding_A[n], (0, 0, 0, rank - self.lora_embedding_A[n].shape[0])).T for n in names]
-        b = [
-            F.pad(self.lora_embedding_B[n] * self.scaling[n], (0, rank - self.lora_embedding_B[n].shape[1])).T
-            for n in names
-        ]
-        return torch.stack([torch.zeros_like(a[0]), *a]), torch.stack([torch.zeros_like(b[0]), *b])[slots], slots
+        a_t, b_t = stacked_factors(
+            [self.lora_embedding_A[n] for n in names],
+            [self.lora_embedding_B[n] for n in names],
+            [self.scaling[n] for n in names],
+        )
+        return a_t, b_t[slots], slots
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         out = self.base_layer(x, *args, **kwargs)
