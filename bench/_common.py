@@ -7,14 +7,19 @@ order), so any difference in a figure comes from the library, not from the set-u
 
 from __future__ import annotations
 
+import datetime
+import importlib.metadata
 import json
 import math
 import os
+import platform
 import resource
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -130,7 +135,7 @@ def init_lora(model: nn.Module, seed: int, b_std: float = 0.0) -> float:
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, ids: torch.Tensor) -> float:
     """deltatune's step is its trainer's (LossModule); peft's and full FT's the usual HF forward."""
     from deltatune import DeltaModel
-    from deltatune.training.loss import LossModule
+    from deltatune.loss import LossModule
 
     if isinstance(model, DeltaModel):
         loss_sum, count = LossModule(model, "causal-lm")({"input_ids": ids, "labels": ids})
@@ -166,3 +171,106 @@ def contention(before: tuple[float, float], after: tuple[float, float], own_cpu_
         "other_procs_cores": round(max(after[0] - before[0] - own_cpu_s, 0.0) / wall_s, 2),
         "steal_cores": round((after[1] - before[1]) / wall_s, 2),
     }
+
+
+# --- raw results ----------------------------------------
+# DELTATUNE_BENCH_RESULTS points smoke tests elsewhere, so that only real runs land in the committed files.
+RESULTS_DIR = Path(os.environ.get("DELTATUNE_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
+
+
+def versions() -> dict[str, str]:
+    """Versions of the libraries a figure depends on (peft/transformers may be absent: then ``None``)."""
+    found: dict[str, str] = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("transformers", "peft", "deltatune"):
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None  # type: ignore[assignment]
+    return found
+
+
+def machine() -> dict[str, Any]:
+    """The machine a run used: ``os.cpu_count()``, the cores this process may run on, the CPU model."""
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return {
+        "os_cpu_count": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpu_model": model,
+        "platform": platform.platform(),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def git_revision() -> dict[str, Any]:
+    """The checkout's commit and whether tracked files differed from it (figures of a dirty tree are provisional)."""
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", "deltatune"],
+            cwd=repo, capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "library_dirty": None}
+    return {"commit": commit, "library_dirty": bool(dirty)}
+
+
+class RunMeter:
+    """Wall time, own CPU time (this process and its waited-for children) and other processes' CPU use of a run.
+
+    ``other_procs_cores``: cores' worth of CPU that processes other than this one and its children used on average
+    over the run, from /proc/stat's busy time minus our own; 0 means the run had the machine to itself.
+    """
+
+    def __init__(self) -> None:
+        self.start_wall, self.start_own, self.start_counters = time.perf_counter(), self._own(), cpu_counters()
+
+    @staticmethod
+    def _own() -> float:
+        me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+    def read(self) -> dict[str, Any]:
+        wall, own = time.perf_counter() - self.start_wall, self._own() - self.start_own
+        return {
+            "wall_s": round(wall, 1),
+            "own_cpu_s": round(own, 1),
+            **contention(self.start_counters, cpu_counters(), own, wall),
+            "load_avg_1m_end": load_average(),
+        }
+
+
+def append_result(bench: str, figures: dict[str, Any], meter: RunMeter | None = None, **extra: Any) -> dict[str, Any]:
+    """Append one raw result line to ``bench/results/<bench>.jsonl`` and return it.
+
+    The line carries the date, versions, machine, the exact command line (``sys.argv``), the run's contention (from
+    ``meter``) and ``figures``. One ``write`` of one line in append mode, flushed and fsynced, so a run killed
+    half-way leaves whole lines only.
+    """
+    now = datetime.datetime.now(datetime.timezone.utc)
+    line = {
+        "bench": bench,
+        "run_id": f"{bench}-{now.strftime('%Y%m%dT%H%M%S.%f')}-{os.getpid()}",
+        "date": now.isoformat(timespec="seconds"),
+        "argv": [Path(sys.argv[0]).name, *sys.argv[1:]],
+        "versions": versions(),
+        "git": git_revision(),
+        "machine": machine(),
+        "run": meter.read() if meter is not None else None,
+        **extra,
+        "figures": figures,
+    }
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS_DIR / f"{bench}.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(line) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    log(f"appended {line['run_id']} to {RESULTS_DIR / (bench + '.jsonl')}")
+    return line

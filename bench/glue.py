@@ -1,31 +1,47 @@
 """GLUE quality benchmark: PEFT methods vs full fine-tuning on the real all-MiniLM-L6-v2.
 
-For SST-2, RTE and MRPC (train splits in ../shared/data; a validation split is carved from each
-with a fixed seed), every method trains on the same budget of examples (``--examples`` per task,
-batch 32, max length 128) in its own fresh process, and reports validation accuracy (F1 too for
-MRPC), trainable %, wall time and peak RSS. HyperFormer trains one model on the three tasks at
-once (mixed batches, a task id per example), with the same total budget.
+For SST-2, RTE and MRPC (train splits in ../shared/data), three disjoint parts are carved from each train file:
 
-The papers' claim checked on our own runs: LoRA and adapters within 1 point of full fine-tuning
-with under 1% (LoRA) / 4% (adapters) of the parameters; BitFit close behind.
+* ``report``: a fixed validation split (10% of the file, seed 0, its first ``--eval-examples``), the only figures
+  the README shows;
+* ``select``: ``--select-examples`` further examples (seed 1), used only to choose each method's learning rate;
+* the training pool (everything else): each run trains on ``--examples`` of it, drawn with the run's seed.
 
-Prints a table on stderr and one JSON line on stdout.
+Every method trains on the same budget (``--examples`` per task x ``--epochs``, batch 16, ``--max-length``, length-
+grouped batches, 1 thread). HyperFormer trains one model on all the tasks at once (mixed batches, a task id per
+example) with the same total budget.
+
+Each method runs in its own fresh process (methods one after another), which does:
+
+1. lr selection: every learning rate of the method's grid (:data:`GRID`), at ``--select-seed``, trained on
+   ``--select-tasks`` and scored on their ``select`` split; the rate with the best mean accuracy wins;
+2. report: the chosen rate at each of ``--seeds`` on every task, scored on the ``report`` split.
+
+Each run appends one raw line to ``bench/results/glue.jsonl`` as soon as it ends (``campaign`` ties the lines of one
+invocation together; a summary line closes the campaign); ``bench/report.py glue`` prints the README table (mean +-
+std over seeds) from those lines. The defaults are the README's budget: ``python bench/glue.py``.
+
+The papers' claim checked on our own runs: LoRA and adapters within 1 point of full fine-tuning with under 1% (LoRA)
+/ 4% (adapters) of the parameters; BitFit close behind.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit, log, peak_rss_mb, set_threads
+from _common import RunMeter, append_result, emit, log, peak_rss_mb, set_threads
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 TASKS = {
@@ -33,29 +49,52 @@ TASKS = {
     "rte": SHARED / "rte" / "train.tsv",
     "mrpc": SHARED / "mrpc" / "train.tsv",
 }
-# Learning rates as the papers use them: small for full/partial fine-tuning, larger for PEFT.
-METHODS: dict[str, tuple[float, Any]] = {
-    "full": (1e-4, None),
-    "lora": (3e-3, lambda dt: dt.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"])),
-    "adapter": (3e-3, lambda dt: dt.AdapterConfig(bottleneck_size=64)),
-    "bitfit": (5e-3, lambda dt: dt.BitFitConfig(bias="all")),
-    "partial_top2": (1e-4, lambda dt: dt.PartialConfig(train_top_layers=2)),
-    "prompt_tuning": (3e-2, lambda dt: dt.PromptTuningConfig(num_virtual_tokens=16)),
-    # The generator's heads are shared by every site and fan in from H hidden units, so one Adam
-    # step moves each generated weight ~H times the learning rate: it needs a small rate (3e-3
-    # diverges to one class). H=16 keeps it under 2% of the parameters; on SST-2 alone H=128 did no better.
-    "hyperformer": (3e-4, lambda dt, tasks: dt.HyperAdapterConfig(tasks=tasks, hypernet_hidden=16)),
+CONFIGS: dict[str, Any] = {
+    "full": None,
+    "lora": lambda dt: dt.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"]),
+    "adapter": lambda dt: dt.AdapterConfig(bottleneck_size=64),
+    "bitfit": lambda dt: dt.BitFitConfig(bias="all"),
+    "partial_top2": lambda dt: dt.PartialConfig(train_top_layers=2),
+    "prompt_tuning": lambda dt: dt.PromptTuningConfig(num_virtual_tokens=16),
+    # The generator's heads are shared by every site and fan in from H hidden units, so one Adam step moves each
+    # generated weight ~H times the learning rate: it needs a small rate. H=16 keeps it under 2% of the parameters.
+    "hyperformer": lambda dt, tasks: dt.HyperAdapterConfig(tasks=tasks, hypernet_hidden=16),
 }
-BATCH, MAX_LENGTH = 32, 128
+# Learning-rate grid per method (2 values each, to fit the budget): around the rates the papers use, small for
+# full/partial fine-tuning, larger for PEFT.
+GRID: dict[str, list[float]] = {
+    "full": [5e-5, 2e-4],
+    "lora": [1e-3, 4e-3],
+    "adapter": [1e-3, 4e-3],
+    "bitfit": [2e-3, 1e-2],
+    "partial_top2": [1e-4, 5e-4],
+    "prompt_tuning": [3e-2, 3e-1],
+    "hyperformer": [3e-4, 1e-3],
+}
+BATCH = 16
+# The reference first and the method least likely to move on this budget last, so a cut-short campaign keeps the
+# comparisons that matter.
+METHOD_ORDER = ["full", "lora", "adapter", "bitfit", "partial_top2", "hyperformer", "prompt_tuning"]
+REPORT_FRACTION, REPORT_SEED, SELECT_SEED = 0.1, 0, 1
 
 
-def read_task(task: str, examples: int, eval_examples: int, seed: int):
-    from deltatune.training.data import read_examples, split_train_eval
+def splits(task: str, select_examples: int, eval_examples: int) -> dict[str, list]:
+    """The task's ``report``, ``select`` and training ``pool`` parts: disjoint, and fixed whatever the run's seed."""
+    from deltatune.data import read_examples, split_train_eval
 
-    train, evaluation = split_train_eval(read_examples(TASKS[task], "classification"), 0.1, seed)
-    generator = torch.Generator().manual_seed(seed)
-    train = [train[i] for i in torch.randperm(len(train), generator=generator)[:examples].tolist()]
-    return train, evaluation[:eval_examples]
+    rest, report = split_train_eval(read_examples(TASKS[task], "classification"), REPORT_FRACTION, REPORT_SEED)
+    order = np.random.default_rng(SELECT_SEED).permutation(len(rest))
+    chosen = set(order[:select_examples].tolist())
+    return {
+        "report": report[:eval_examples],
+        "select": [e for i, e in enumerate(rest) if i in chosen],
+        "pool": [e for i, e in enumerate(rest) if i not in chosen],
+    }
+
+
+def train_subsample(pool: list, examples: int, seed: int) -> list:
+    order = np.random.default_rng(seed).permutation(len(pool))[:examples]
+    return [pool[i] for i in order.tolist()]
 
 
 def build_model(method: str, tasks: list[str]):
@@ -64,34 +103,33 @@ def build_model(method: str, tasks: list[str]):
     base, tokenizer = dt.load_base("minilm-l6", num_labels=2)
     if method == "full":
         return base, tokenizer
-    config = METHODS[method][1](dt, tasks) if method == "hyperformer" else METHODS[method][1](dt)
+    config = CONFIGS[method](dt, tasks) if method == "hyperformer" else CONFIGS[method](dt)
     return dt.wrap(base, config), tokenizer
 
 
-def batches_for(task_data: dict[str, list], tokenizer, seed: int, multitask: bool, epochs: int):
-    """Batches over ``epochs`` passes: one task at a time, or shuffled mixed batches with task ids."""
-    from deltatune.training.data import Batcher, tokenize_examples
+def batches_for(
+    task_data: dict[str, list], tokenizer, args: argparse.Namespace, seed: int, multitask: bool
+) -> list[dict]:
+    """Batches over ``--epochs`` passes: one task at a time, or shuffled mixed batches with a task id per row (the
+    library's multi-task path, as ``deltatune train --data sst2=... rte=...``: features tagged with their task)."""
+    from deltatune.data import Batcher, tag_tasks, tokenize_examples
 
     features = []
     for task_index, examples in enumerate(task_data.values()):
-        for feature in tokenize_examples(examples, tokenizer, "classification", MAX_LENGTH):
-            features.append({**feature, "task": task_index})
-    batcher = Batcher(features, BATCH, pad_token_id=tokenizer.pad_token_id, seed=seed, group_by_length=False)
-    for epoch in range(epochs):
-        for indices in batcher.epoch_batches(epoch):
-            batch = batcher.collate(indices)
-            if multitask:
-                batch["task_ids"] = torch.tensor([features[i]["task"] for i in indices])
-            yield batch
+        part = tokenize_examples(examples, tokenizer, "classification", args.max_length)
+        features += tag_tasks(part, task_index) if multitask else part
+    batcher = Batcher(features, BATCH, pad_token_id=tokenizer.pad_token_id, seed=seed, group_by_length=True)
+    # collate gives "task_ids" (one per row) for tagged features
+    return [batcher.collate(indices) for epoch in range(args.epochs) for indices in batcher.epoch_batches(epoch)]
 
 
 @torch.no_grad()
-def accuracy_f1(model, tokenizer, examples, task_id: int | None) -> dict[str, float]:
-    from deltatune.training.data import Batcher, tokenize_examples
-    from deltatune.training.evaluate import binary_f1
+def accuracy_f1(model, tokenizer, examples, task_id: int | None, max_length: int) -> dict[str, float]:
+    from deltatune.data import Batcher, tokenize_examples
+    from deltatune.evaluation import binary_f1
 
     model.eval()
-    features = tokenize_examples(examples, tokenizer, "classification", MAX_LENGTH)
+    features = tokenize_examples(examples, tokenizer, "classification", max_length)
     batcher = Batcher(features, 64, pad_token_id=tokenizer.pad_token_id, seed=0, shuffle=False)
     predictions, labels = [], []
     for indices in batcher.epoch_batches(0):
@@ -101,12 +139,17 @@ def accuracy_f1(model, tokenizer, examples, task_id: int | None) -> dict[str, fl
             batch["task_ids"] = torch.full((len(indices),), task_id)
         predictions += model(**batch).logits.argmax(-1).tolist()
     accuracy = sum(p == g for p, g in zip(predictions, labels, strict=True)) / len(labels)
-    return {"accuracy": round(100 * accuracy, 2), "f1": round(100 * binary_f1(predictions, labels), 2)}
+    return {
+        "accuracy": round(100 * accuracy, 2),
+        "f1": round(100 * binary_f1(predictions, labels), 2),
+        "n": len(labels),
+        "majority": round(100 * max(sum(labels), len(labels) - sum(labels)) / len(labels), 2),
+    }
 
 
-def train(model, batches, lr: float) -> tuple[float, float]:
-    """One pass over ``batches``; returns (wall seconds, CPU seconds), CPU time being robust to contention."""
-    from deltatune.training.loss import LossModule
+def train(model, batches: list[dict], lr: float) -> tuple[float, float]:
+    """One pass over ``batches`` (AdamW, linear warm-up 6% then decay, clipping 1.0); (wall s, CPU s)."""
+    from deltatune.loss import LossModule
 
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -127,109 +170,136 @@ def train(model, batches, lr: float) -> tuple[float, float]:
     return time.perf_counter() - start, time.process_time() - cpu_start
 
 
-def run_worker(method: str, tasks: list[str], args: argparse.Namespace) -> dict[str, Any]:
-    """Train and evaluate one method (on each task in turn, or on all tasks at once)."""
-    set_threads(args.threads)
-    lr = METHODS[method][0]
-    data = {t: read_task(t, args.examples, args.eval_examples, args.seed) for t in tasks}
-    results: dict[str, Any] = {"tasks": {}, "seconds": 0.0, "cpu_seconds": 0.0}
+def run_one(method: str, lr: float, seed: int, tasks: list[str], split: str, data: dict, args) -> dict[str, Any]:
+    """Train ``method`` at ``lr`` and ``seed`` (on each task in turn, or on all at once) and score it on ``split``."""
+    results: dict[str, Any] = {"tasks": {}, "train_s": 0.0, "train_cpu_s": 0.0, "steps": 0}
     groups = [tasks] if method == "hyperformer" else [[t] for t in tasks]
     for group in groups:
-        torch.manual_seed(args.seed)
+        torch.manual_seed(seed)
         model, tokenizer = build_model(method, group)
-        train_data = {t: data[t][0] for t in group}
-        batches = list(batches_for(train_data, tokenizer, args.seed, method == "hyperformer", args.epochs))
+        train_data = {t: train_subsample(data[t]["pool"], args.examples, seed) for t in group}
+        batches = batches_for(train_data, tokenizer, args, seed, method == "hyperformer")
         wall, cpu = train(model, batches, lr)
-        results["seconds"] += wall
-        results["cpu_seconds"] += cpu
+        results["train_s"] += wall
+        results["train_cpu_s"] += cpu
+        results["steps"] += len(batches)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
+        results["trainable_params"] = trainable
         results["trainable_pct"] = round(100 * trainable / total, 3)
         for task in group:
             task_id = group.index(task) if method == "hyperformer" else None
-            results["tasks"][task] = accuracy_f1(model, tokenizer, data[task][1], task_id)
-        log(f"[{method}] {group}: {results['tasks']}")
-    results["seconds"] = round(results["seconds"], 1)
-    results["cpu_seconds"] = round(results["cpu_seconds"], 1)
-    results["peak_rss_mb"] = peak_rss_mb()
+            results["tasks"][task] = accuracy_f1(model, tokenizer, data[task][split], task_id, args.max_length)
+        log(f"[{method} lr={lr:g} seed={seed} {split}] {group}: {results['tasks']}")
+    results["train_s"] = round(results["train_s"], 1)
+    results["train_cpu_s"] = round(results["train_cpu_s"], 1)
+    results["peak_rss_mb"] = peak_rss_mb()  # of this worker so far: the largest of its runs up to this one
     return results
 
 
-def table(results: dict[str, dict[str, Any]], tasks: list[str]) -> str:
-    mrpc_f1 = "mrpc F1" if "mrpc" in tasks else ""
-    header = ["method", *tasks, mrpc_f1, "avg", "trainable %", "seconds", "CPU s", "RSS MB"]
-    rows = [" | ".join(h for h in header if h)]
-    for method, r in results.items():
-        scores = [r["tasks"][t]["accuracy"] for t in tasks]
-        cells = [method, *map(str, scores)]
-        if "mrpc" in tasks:
-            cells.append(str(r["tasks"]["mrpc"]["f1"]))
-        cells += [
-            f"{sum(scores) / len(scores):.2f}",
-            str(r["trainable_pct"]),
-            str(r["seconds"]),
-            str(r.get("cpu_seconds", "")),
-            f"{r['peak_rss_mb']:.0f}",
-        ]
-        rows.append(" | ".join(cells))
-    return "\n".join(rows)
+def run_worker(args: argparse.Namespace) -> dict[str, Any]:
+    """One method's whole campaign in this process: lr selection on the select split, then every seed on report.
+
+    Each run appends its raw line to bench/results/glue.jsonl as soon as it ends.
+    """
+    set_threads(args.threads)
+    method = args.worker
+    data = {t: splits(t, args.select_examples, args.eval_examples) for t in {*args.tasks, *args.select_tasks}}
+
+    def one(lr: float, seed: int, tasks: list[str], split: str) -> dict[str, Any]:
+        meter = RunMeter()
+        figures = run_one(method, lr, seed, tasks, split, data, args)
+        append_result(
+            "glue", figures, meter, campaign=args.campaign, settings=settings(args),
+            method=method, lr=lr, seed=seed, split=split, tasks=tasks,
+        )  # fmt: skip
+        return figures
+
+    fixed = {m: float(v) for m, v in (item.split("=", 1) for item in args.lrs)}
+    scores: dict[str, float] = {}
+    if method in fixed:
+        lr = fixed[method]
+    else:
+        for candidate in GRID[method]:
+            scores[repr(candidate)] = round(
+                mean_accuracy(one(candidate, args.select_seed, args.select_tasks, "select")), 2
+            )
+        lr = float(max(scores, key=lambda k: scores[k]))  # ties: the first (smaller) rate
+        log(f"{method}: select-split accuracy {scores} -> lr {lr:g}")
+    runs = [one(lr, seed, args.tasks, "report") for seed in args.seeds]
+    return {
+        "method": method,
+        "chosen_lr": lr,
+        "select_accuracy": scores,
+        "mean_accuracy": {t: round(statistics.fmean(r["tasks"][t]["accuracy"] for r in runs), 2) for t in args.tasks},
+    }
+
+
+def settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "model": "minilm-l6",
+        "examples_per_task": args.examples,
+        "epochs": args.epochs,
+        "batch": BATCH,
+        "max_length": args.max_length,
+        "select_examples": args.select_examples,
+        "eval_examples": args.eval_examples,
+        "threads": args.threads,
+        "group_by_length": True,
+        "splits": f"report = 10% of train.tsv (seed {REPORT_SEED}); select = seed-{SELECT_SEED} draw from the rest; "
+        "training = run-seed draw from what remains",
+    }
+
+
+def mean_accuracy(figures: dict[str, Any]) -> float:
+    return statistics.fmean(r["accuracy"] for r in figures["tasks"].values())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--worker", choices=list(METHODS), help=argparse.SUPPRESS)
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--worker", choices=list(CONFIGS), help=argparse.SUPPRESS)
+    parser.add_argument("--campaign", help=argparse.SUPPRESS)
+    parser.add_argument("--methods", nargs="+", choices=list(CONFIGS), default=METHOD_ORDER)
     parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
-    parser.add_argument("--examples", type=int, default=2000, help="training examples per task (same for every method)")
-    parser.add_argument("--epochs", type=int, default=3, help="passes over those examples")
-    parser.add_argument("--eval-examples", type=int, default=500)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--select-tasks", nargs="+", choices=list(TASKS), default=["sst2", "rte"])
+    parser.add_argument("--select-seed", type=int, default=0)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--lrs", nargs="+", default=[], metavar="METHOD=LR", help="fixed rates: skip their selection")
+    parser.add_argument("--examples", type=int, default=96, help="training examples per task (same for every method)")
+    parser.add_argument("--epochs", type=int, default=2, help="passes over those examples")
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--select-examples", type=int, default=96, help="lr-selection examples per task")
+    parser.add_argument("--eval-examples", type=int, default=200, help="reported examples per task (at most 10%%)")
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    missing = [t for t in args.tasks if not TASKS[t].is_file()]
+    missing = [t for t in {*args.tasks, *args.select_tasks} if not TASKS[t].is_file()]
     if missing:
         sys.exit(f"GLUE data not found for {missing} under {SHARED} (the shared datasets sit beside the checkout)")
     if args.worker:
-        emit(run_worker(args.worker, args.tasks, args))
+        emit(run_worker(args))
         return
-    results = {}
-    for method in args.methods:
-        cmd = [
-            sys.executable,
-            __file__,
-            "--worker",
-            method,
-            "--tasks",
-            *args.tasks,
-            "--examples",
-            str(args.examples),
-            "--epochs",
-            str(args.epochs),
-            "--eval-examples",
-            str(args.eval_examples),
-            "--seed",
-            str(args.seed),
-            "--threads",
-            str(args.threads),
-        ]
-        log(f"running {method} ...")
+    set_threads(args.threads)  # the workers compute; this only makes the recorded thread count theirs
+    args.campaign = "glue-" + datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    log(f"campaign {args.campaign}")
+    meter = RunMeter()
+    summary: dict[str, Any] = {"campaign": args.campaign, "methods": {}}
+    for method in args.methods:  # one fresh process per method, which runs its lr selection and then its seeds
+        cmd = [sys.executable, __file__, "--worker", method, "--campaign", args.campaign, *worker_options(args)]
+        log(f"{method} ...")
         done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
-        results[method] = json.loads(done.stdout.strip().splitlines()[-1])
-    log("\n" + table(results, args.tasks))
-    emit(
-        {
-            "bench": "glue",
-            "settings": {
-                "examples_per_task": args.examples,
-                "eval_examples": args.eval_examples,
-                "batch": BATCH,
-                "max_length": MAX_LENGTH,
-                "epochs": args.epochs,
-                "seed": args.seed,
-            },
-            "results": results,
-        }
-    )
+        summary["methods"][method] = json.loads(done.stdout.strip().splitlines()[-1])
+    append_result("glue", summary, meter, kind="summary", campaign=args.campaign, settings=settings(args))
+    emit(summary)
+
+
+def worker_options(args: argparse.Namespace) -> list[str]:
+    return [
+        "--tasks", *args.tasks, "--select-tasks", *args.select_tasks, "--select-seed", str(args.select_seed),
+        "--seeds", *map(str, args.seeds), *(["--lrs", *args.lrs] if args.lrs else []),
+        "--examples", str(args.examples), "--epochs", str(args.epochs), "--max-length", str(args.max_length),
+        "--select-examples", str(args.select_examples), "--eval-examples", str(args.eval_examples),
+        "--threads", str(args.threads),
+    ]  # fmt: skip
 
 
 if __name__ == "__main__":

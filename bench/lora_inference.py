@@ -18,7 +18,8 @@ Checks: merged tokens == unmerged tokens, peft tokens == deltatune tokens, LoRA 
 Goal: merged LoRA costs nothing over the base model (merged/base ~ 1.0), unmerged LoRA stays close
 to it and no slower than peft's, and merging never changes the generated tokens.
 
-Prints one JSON line on stdout; progress goes to stderr.
+Each invocation appends one raw line to ``bench/results/lora_inference.jsonl``. Prints one JSON line on stdout;
+progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -32,7 +33,20 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit, init_lora, load_average, load_model, log, median, peak_rss_mb, set_threads, timed, wrap_lora
+from _common import (
+    RunMeter,
+    append_result,
+    emit,
+    init_lora,
+    load_average,
+    load_model,
+    log,
+    median,
+    peak_rss_mb,
+    set_threads,
+    timed,
+    wrap_lora,
+)
 
 PROMPT = "Give me three short tips for writing clear and maintainable Python code."
 
@@ -171,13 +185,17 @@ def summarize(
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     set_threads(args.threads)
+    meter = RunMeter()
     load_start = load_average()
     base, tokenizer = load_model()
     inputs = prompt_inputs(tokenizer)
     log(f"prompt: {inputs['input_ids'].shape[1]} tokens")
     configs, checksums = build_configs(base, args)
     res = measure_all(configs, inputs, args, tokenizer.pad_token_id)
-    emit(summarize(res, checksums, [load_start, load_average()], args))
+    summary = summarize(res, checksums, [load_start, load_average()], args)
+    # one invocation is one run: the README shows the median over the latest invocations (bench/report.py)
+    append_result("lora_inference", summary, meter, kind="summary")
+    emit(summary)
 
 
 if __name__ == "__main__":

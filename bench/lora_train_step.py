@@ -13,9 +13,13 @@ Every configuration runs in a fresh process (the script re-invokes itself with `
 that memory peaks and allocator state do not leak from one to the next. The LoRA factors are
 filled identically in both libraries (seeded, library-neutral order).
 
+``--runs`` rounds run the workers in turn (deltatune, peft, full, deltatune, ...); each worker run appends a raw line
+to ``bench/results/lora_train_step.jsonl``, then a summary line gives per worker the median over rounds of each run's
+median step time (min-max) and peak RSS, and the ratios of those medians.
+
 Goal: deltatune's step time <= 0.8 x peft's and its peak RSS <= 0.9 x peft's, with the same losses.
 
-Prints one JSON line on stdout; progress goes to stderr.
+Prints the summary as one JSON line on stdout; progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +38,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
     LIBRARIES,
+    RunMeter,
+    append_result,
     emit,
     init_lora,
     load_average,
@@ -61,6 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-full", action="store_true", help="do not run the full fine-tuning reference")
+    parser.add_argument("--runs", type=int, default=3, help="rounds of fresh worker processes, for medians")
     parser.add_argument("--quick", action="store_true", help="1 warm-up and 2 timed steps")
     args = parser.parse_args(argv)
     if args.quick:
@@ -143,26 +151,54 @@ def spawn(worker: str, args: argparse.Namespace) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def summarize(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
-    dt_res, peft_res = results["deltatune"], results["peft"]
+def settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "batch": args.batch,
+        "seq": args.seq,
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "lr": args.lr,
+        "threads": args.threads,
+        "dtype": "float32",
+        "runs": args.runs,
+    }
+
+
+def spread(values: list[float]) -> dict[str, Any]:
+    return {"median": round(median(values), 4), "min": min(values), "max": max(values), "runs": values}
+
+
+def summarize(lines: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> dict[str, Any]:
+    per: dict[str, Any] = {}
+    for worker, runs in lines.items():
+        figs = [line["figures"] for line in runs]
+        per[worker] = {
+            "run_ids": [line["run_id"] for line in runs],
+            "step_time_median_s": spread([f["step_time_median_s"] for f in figs]),
+            "step_cpu_time_s": spread([f["step_cpu_time_s"] for f in figs]),
+            "peak_rss_mb": spread([f["peak_rss_mb"] for f in figs]),
+            "other_procs_cores": [line["run"]["other_procs_cores"] for line in runs],
+            "trainable_params": figs[0]["trainable_params"],
+        }
+    ours, theirs = per["deltatune"], per["peft"]
+    dt_losses, peft_losses = lines["deltatune"][0]["figures"]["losses"], lines["peft"][0]["figures"]["losses"]
+    ratio = round(ours["step_time_median_s"]["median"] / theirs["step_time_median_s"]["median"], 3)
+    rss_ratio = round(ours["peak_rss_mb"]["median"] / theirs["peak_rss_mb"]["median"], 3)
     return {
         "bench": "lora_train_step",
-        "settings": {
-            "batch": args.batch,
-            "seq": args.seq,
-            "warmup": args.warmup,
-            "steps": args.steps,
-            "lr": args.lr,
-            "threads": args.threads,
-            "dtype": "float32",
-        },
-        **results,
-        "step_time_ratio": round(dt_res["step_time_s"] / peft_res["step_time_s"], 3),
-        "step_time_median_ratio": round(dt_res["step_time_median_s"] / peft_res["step_time_median_s"], 3),
-        "step_cpu_time_ratio": round(dt_res["step_cpu_time_s"] / peft_res["step_cpu_time_s"], 3),
-        "peak_rss_ratio": round(dt_res["peak_rss_mb"] / peft_res["peak_rss_mb"], 3),
-        "max_loss_diff": max(abs(a - b) for a, b in zip(dt_res["losses"], peft_res["losses"], strict=True)),
+        "settings": settings(args),
+        "workers": per,
+        "step_time_ratio_of_medians": ratio,
+        "step_cpu_time_ratio_of_medians": round(
+            ours["step_cpu_time_s"]["median"] / theirs["step_cpu_time_s"]["median"], 3
+        ),
+        "peak_rss_ratio_of_medians": rss_ratio,
+        "max_loss_diff": max(abs(a - b) for a, b in zip(dt_losses, peft_losses, strict=True)),
         "goal": GOAL,
+        "goal_met": {
+            "step_time": ratio <= GOAL["step_time_ratio<="],
+            "peak_rss": rss_ratio <= GOAL["peak_rss_ratio<="],
+        },
     }
 
 
@@ -171,8 +207,30 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         emit(run_worker(args))
         return
+    set_threads(args.threads)
+    campaign = "lora_train_step-" + time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    meter = RunMeter()
     workers = [w for w in WORKERS if not (args.skip_full and w == "full")]
-    emit(summarize({w: spawn(w, args) for w in workers}, args))
+    lines: dict[str, list[dict[str, Any]]] = {w: [] for w in workers}
+    for round_index in range(args.runs):
+        for worker in workers:
+            run_meter = RunMeter()
+            figures = spawn(worker, args)
+            lines[worker].append(
+                append_result(
+                    "lora_train_step",
+                    figures,
+                    run_meter,
+                    kind="worker",
+                    campaign=campaign,
+                    round=round_index + 1,
+                    side=worker,
+                    settings=settings(args),
+                )
+            )
+    summary = summarize(lines, args)
+    append_result("lora_train_step", summary, meter, kind="summary", campaign=campaign, settings=settings(args))
+    emit(summary)
 
 
 if __name__ == "__main__":

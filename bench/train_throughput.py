@@ -2,24 +2,35 @@
 
 SmolLM2-135M-Instruct (float32, CPU, 2 threads) with LoRA r=8 alpha=16 on q_proj/v_proj, no dropout, trained for
 the same ``--steps`` optimizer steps of ``--batch-size`` examples (lr 1e-3, cosine to 0 without warm-up, gradient
-clipping at 1.0, no weight decay) on a fixed seeded subsample of the E2E NLG training set. Both sides see the same
-features: deltatune's ``read_examples`` + ``tokenize_examples`` (chat template, loss only on the response + EOS).
+clipping at 1.0, no weight decay) on a fixed seeded subsample of the E2E NLG training set of exactly
+``steps x batch-size`` examples, so that each side trains on every example once: the same examples and the same
+tokens, in each side's own batch order. Both sides see the same features: deltatune's ``read_examples`` +
+``tokenize_examples`` (chat template, loss only on the response + EOS), and both group batches by length.
 
 * deltatune: the real command line, ``python -m deltatune train ...`` in a subprocess. It batches by length and runs
-  the output head + cross-entropy fused and only on response positions. Throughput comes from its metrics.jsonl
-  (``elapsed_s`` covers the training loop only, not the model load nor the evaluations before and after); peak RSS
-  is the subprocess's (``RUSAGE_CHILDREN`` of a worker that starts nothing else before it).
-* peft: ``peft.get_peft_model`` + ``transformers.Trainer`` with ``DataCollatorForSeq2Seq`` (the usual random,
-  padded batches) and the model's own loss (head on every position). Only ``trainer.train()`` is timed; peak RSS is
-  that of its worker process, measured right after training.
+  the output head + cross-entropy fused and only on response positions. Its clock is the training loop's, from
+  metrics.jsonl (``elapsed_s``: from just before the first step to the end of the last, not the model load nor the
+  evaluations before and after); peak RSS is the subprocess's (``RUSAGE_CHILDREN`` of a worker that starts nothing
+  else before it).
+* peft: ``peft.get_peft_model`` + ``transformers.Trainer`` with ``train_sampling_strategy="group_by_length"``
+  (transformers' own length grouping, ``LengthGroupedSampler``), ``DataCollatorForSeq2Seq`` and the model's own loss
+  (head on every position). Its clock is the same training loop's: from ``on_train_begin`` to the last
+  ``on_step_end`` (``trainer.train()``'s whole wall time is recorded beside it); peak RSS is its worker process's,
+  measured right after training.
 
-Throughput is non-pad tokens (the attention mask's sum, as deltatune counts them) per training second. After
-training, each adapter is scored on the E2E devset: the mean response loss on the first ``--bleu-examples`` distinct
-MRs (first reference each, same batches on both sides) and multi-reference corpus BLEU (sacrebleu) of greedy
-generations (64 new tokens), with deltatune's ``generate`` so that both sides get the same prompts.
+Throughput is non-pad tokens (the attention mask's sum, as deltatune counts them) per second of that loop; both
+sides train on the same tokens, so the ratio is the inverse ratio of loop times. After training, each adapter is
+scored on the E2E devset: the mean response loss on the first ``--bleu-examples`` distinct MRs (first reference
+each, same batches on both sides) and, in the first ``--bleu-rounds`` rounds only (training is seeded, so later
+rounds give the same adapter), multi-reference corpus BLEU (sacrebleu) of greedy generations (64 new tokens), with
+deltatune's ``generate`` so that both sides get the same prompts.
 
-Goal: deltatune's tokens/s >= 1.5 x peft's. Each side runs in a fresh process (``--worker``). Prints one JSON line
-on stdout; progress goes to stderr.
+``--runs`` rounds alternate the sides (deltatune, peft, deltatune, peft, ...), each in a fresh process
+(``--worker``). Every worker run appends a raw line to ``bench/results/train_throughput.jsonl``, and a summary line
+follows: per side the median tokens/s with its min-max, and the ratio of the medians.
+
+Goal: deltatune's median tokens/s >= 1.5 x peft's. Prints the summary as one JSON line on stdout; progress goes to
+stderr.
 """
 
 from __future__ import annotations
@@ -44,6 +55,8 @@ from _common import (
     LORA_R,
     LORA_TARGETS,
     MODEL,
+    RunMeter,
+    append_result,
     contention,
     cpu_counters,
     emit,
@@ -75,7 +88,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps on each side")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--train-examples", type=int, default=2000, help="size of the seeded training subsample")
+    parser.add_argument(
+        "--train-examples", type=int, help="size of the seeded training subsample (default: steps x batch size)"
+    )
+    parser.add_argument("--runs", type=int, default=3, help="alternating rounds (deltatune, peft) in fresh processes")
+    parser.add_argument("--bleu-rounds", type=int, default=1, help="rounds that also generate and score BLEU")
     parser.add_argument("--bleu-examples", type=int, default=100, help="distinct devset MRs to score")
     parser.add_argument("--no-bleu", action="store_true", help="skip generation and BLEU (dev loss is still measured)")
     parser.add_argument("--seed", type=int, default=0)
@@ -84,13 +101,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.steps = 6
+    if args.train_examples is None:
+        args.train_examples = args.steps * args.batch_size
     return args
 
 
 # --- data ----------------------------------------
 def prepare_data(work: Path, n_train: int, seed: int) -> dict[str, Any]:
     """Write the training subsample and the CLI's small eval file as prompt/completion JSON lines."""
-    from deltatune.training.data import read_examples
+    from deltatune.data import read_examples
 
     examples = read_examples(E2E / "trainset.csv", "causal-lm")
     order = np.random.default_rng(seed).permutation(len(examples))[:n_train]
@@ -120,7 +139,7 @@ def dev_references(n: int) -> list[tuple[str, list[str]]]:
 
 def train_features(work: Path, tokenizer: Any) -> list[dict]:
     """The features both sides train on, built exactly as ``deltatune train`` builds them."""
-    from deltatune.training.data import read_examples, tokenize_examples
+    from deltatune.data import read_examples, tokenize_examples
 
     return tokenize_examples(read_examples(work / "train.jsonl", "causal-lm"), tokenizer, "causal-lm", MAX_LENGTH)
 
@@ -170,8 +189,8 @@ def quality(model: Any, loss_model: Any, tokenizer: Any, args: argparse.Namespac
     import sacrebleu
     import torch
 
-    from deltatune.training.data import Batcher, Example, tokenize_examples
-    from deltatune.training.evaluate import evaluate_loss, generate
+    from deltatune.data import Batcher, Example, tokenize_examples
+    from deltatune.evaluation import evaluate_loss, generate
 
     dev = dev_references(args.bleu_examples)
     features = tokenize_examples([Example(mr, refs[0]) for mr, refs in dev], tokenizer, "causal-lm", MAX_LENGTH)
@@ -237,7 +256,7 @@ def run_deltatune(args: argparse.Namespace) -> dict[str, Any]:
 
     # Replay the CLI's batch order (a pure function of seed and epoch) for its padding and response-token counts.
     import deltatune as dt
-    from deltatune.training.data import Batcher
+    from deltatune.data import Batcher
     from deltatune.training.trainer import micro_batches
 
     set_threads(args.threads)
@@ -311,12 +330,17 @@ def run_peft_trainer(args: argparse.Namespace) -> dict[str, Any]:
         save_strategy="no",
         logging_steps=1,
         dataloader_num_workers=0,
+        train_sampling_strategy="group_by_length",
         seed=args.seed,
         disable_tqdm=True,
     )
     trainer = Trainer(
-        model=model, args=training_args, train_dataset=features, data_collator=collator, callbacks=[clock]
-    )
+        model=model,
+        args=training_args,
+        train_dataset=features,
+        data_collator=collator,
+        callbacks=[clock],
+    )  # no processing_class: LengthGroupedSampler then measures each feature's input_ids
     load_before, counters = load_average(), cpu_counters()
     seconds, cpu, _ = timed_cpu(trainer.train)
     busy = contention(counters, cpu_counters(), cpu, seconds)
@@ -332,13 +356,10 @@ def run_peft_trainer(args: argparse.Namespace) -> dict[str, Any]:
     step_times = [b - a for a, b in zip(clock.marks[:-1], clock.marks[1:], strict=True)]
     loop = throughput(stats["tokens_per_step"], step_times)
     return {
-        "train_seconds": round(seconds, 3),
-        "tokens_per_s": round(stats["tokens"] / seconds, 1),
-        "loop_seconds": loop["train_seconds"],
-        "loop_tokens_per_s": loop["tokens_per_s"],
-        "tokens_per_s_after_step1": loop["tokens_per_s_after_step1"],
-        "tokens_per_s_median_step": loop["tokens_per_s_median_step"],
-        "step_seconds": loop["step_seconds"],
+        **loop,
+        "trainer_train_seconds": round(seconds, 3),
+        "trainer_train_tokens_per_s": round(stats["tokens"] / seconds, 1),
+        "train_sampling_strategy": training_args.train_sampling_strategy,
         "train_cpu_seconds": round(cpu, 1),
         **stats,
         **loss_summary(losses),
@@ -354,18 +375,91 @@ def run_peft_trainer(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # --- orchestration ----------------------------------------
-def spawn(worker: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """Run ``worker`` in a fresh Python process; its stdout's last line is its JSON result."""
+def spawn(worker: str, args: argparse.Namespace, work: Path, round_index: int, campaign: str) -> dict[str, Any]:
+    """Run ``worker`` in a fresh Python process, append its raw line to the results file, return that line."""
+    bleu = round_index < args.bleu_rounds and not args.no_bleu
     cmd = [
         sys.executable, str(Path(__file__).resolve()),
         "--worker", worker, "--work-dir", str(work),
         "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
         "--bleu-examples", str(args.bleu_examples), "--seed", str(args.seed), "--threads", str(args.threads),
-        *(["--no-bleu"] if args.no_bleu else []),
+        *([] if bleu else ["--no-bleu"]),
     ]  # fmt: skip
-    log(f"running worker {worker} ...")
+    log(f"round {round_index + 1}/{args.runs}: running worker {worker} ...")
+    meter = RunMeter()
     done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    busy = figures.get("contention") or figures.get("contention_whole_cli")
+    log(f"  {worker}: {figures['tokens_per_s']} tokens/s, other processes during training: {busy}")
+    return append_result(
+        "train_throughput", figures, meter, kind="worker", campaign=campaign, round=round_index + 1, side=worker,
+        worker_argv=[Path(c).name if c.endswith(".py") else c for c in cmd[1:] if not c.startswith(str(work))],
+        settings=settings(args),
+    )  # fmt: skip
+
+
+def settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "model": MODEL,
+        "dtype": "float32",
+        "lora": {"r": LORA_R, "alpha": LORA_ALPHA, "targets": LORA_TARGETS, "dropout": 0.0},
+        "data": "E2E NLG trainset.csv, seeded subsample of steps x batch_size examples (each trained on once)",
+        "train_examples": args.train_examples,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "scheduler": "cosine, no warm-up",
+        "max_grad_norm": 1.0,
+        "seed": args.seed,
+        "threads": args.threads,
+        "runs": args.runs,
+        "bleu_examples": args.bleu_examples,
+        "bleu_rounds": 0 if args.no_bleu else min(args.bleu_rounds, args.runs),
+        "max_new_tokens": MAX_NEW_TOKENS,
+        "peft_sampler": "train_sampling_strategy=group_by_length",
+    }
+
+
+def spread(values: list[float]) -> dict[str, Any]:
+    """Median, min and max of one figure over the rounds, and the values themselves in round order."""
+    return {"median": round(median(values), 4), "min": min(values), "max": max(values), "runs": values}
+
+
+def summarize(lines: dict[str, list[dict]], data: dict[str, Any], campaign: str) -> dict[str, Any]:
+    """The summary line: per side the median (min-max) of each figure over rounds; ratios of the medians."""
+    sides: dict[str, Any] = {}
+    for side, runs in lines.items():
+        figs = [line["figures"] for line in runs]
+        other = [f.get("contention") or f.get("contention_whole_cli") for f in figs]
+        sides[side] = {
+            "run_ids": [line["run_id"] for line in runs],
+            "tokens_per_s": spread([f["tokens_per_s"] for f in figs]),
+            "train_seconds": spread([f["train_seconds"] for f in figs]),
+            "tokens": sorted({f["tokens"] for f in figs}),
+            "peak_rss_mb": spread([f["peak_rss_mb"] for f in figs]),
+            "pad_fraction": spread([f["pad_fraction"] for f in figs]),
+            "dev_loss": spread([f["dev_loss"] for f in figs]),
+            "final_loss": spread([f["final_loss"] for f in figs]),
+            "bleu": [f["bleu"] for f in figs if "bleu" in f],
+            "other_procs_cores_during_training": [c["other_procs_cores"] for c in other],
+        }
+    dt_s, hf_s = sides["deltatune"], sides["peft_trainer"]
+    ratio = round(dt_s["tokens_per_s"]["median"] / hf_s["tokens_per_s"]["median"], 3)
+    return {
+        **data,
+        "campaign": campaign,
+        "sides": sides,
+        "same_tokens": dt_s["tokens"] == hf_s["tokens"],
+        "tokens_per_s_ratio_of_medians": ratio,
+        # the extremes: deltatune's slowest run over peft's fastest, and the other way round
+        "tokens_per_s_ratio_range": [
+            round(dt_s["tokens_per_s"]["min"] / hf_s["tokens_per_s"]["max"], 3),
+            round(dt_s["tokens_per_s"]["max"] / hf_s["tokens_per_s"]["min"], 3),
+        ],
+        "peak_rss_ratio_of_medians": round(dt_s["peak_rss_mb"]["median"] / hf_s["peak_rss_mb"]["median"], 3),
+        "goal": GOAL,
+        "goal_met": ratio >= GOAL["tokens_per_s_ratio>="],
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -373,56 +467,21 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         emit(run_deltatune(args) if args.worker == "deltatune" else run_peft_trainer(args))
         return
-    load_start = load_average()
+    set_threads(args.threads)
+    campaign = "train_throughput-" + time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    meter = RunMeter()
     work = Path(tempfile.mkdtemp(prefix="deltatune-train-throughput-"))
+    lines: dict[str, list[dict]] = {w: [] for w in WORKERS}
     try:
         data = prepare_data(work, args.train_examples, args.seed)
-        results = {w: spawn(w, args, work) for w in WORKERS}
+        for round_index in range(args.runs):  # alternate the sides, so a busy spell hits both alike
+            for worker in WORKERS:
+                lines[worker].append(spawn(worker, args, work, round_index, campaign))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    dt_res, hf_res = results["deltatune"], results["peft_trainer"]
-    emit(
-        {
-            "bench": "train_throughput",
-            "settings": {
-                "model": MODEL,
-                "dtype": "float32",
-                "lora": {"r": LORA_R, "alpha": LORA_ALPHA, "targets": LORA_TARGETS, "dropout": 0.0},
-                "data": "E2E NLG trainset.csv, seeded subsample",
-                **data,
-                "steps": args.steps,
-                "batch_size": args.batch_size,
-                "lr": args.lr,
-                "scheduler": "cosine, no warm-up",
-                "max_grad_norm": 1.0,
-                "seed": args.seed,
-                "threads": args.threads,
-                "bleu_examples": 0 if args.no_bleu else args.bleu_examples,
-                "max_new_tokens": MAX_NEW_TOKENS,
-                "load_avg_1m": [load_start, load_average()],
-            },
-            **results,
-            "tokens_per_s_ratio": round(dt_res["tokens_per_s"] / hf_res["tokens_per_s"], 3),
-            "tokens_per_s_ratio_loop_only": round(dt_res["tokens_per_s"] / hf_res["loop_tokens_per_s"], 3),
-            "tokens_per_s_ratio_after_step1": round(
-                dt_res["tokens_per_s_after_step1"] / hf_res["tokens_per_s_after_step1"], 3
-            )
-            if len(dt_res["step_seconds"]) > 1
-            else None,
-            "tokens_per_s_ratio_median_step": round(
-                dt_res["tokens_per_s_median_step"] / hf_res["tokens_per_s_median_step"], 3
-            ),
-            "peak_rss_ratio": round(dt_res["peak_rss_mb"] / hf_res["peak_rss_mb"], 3),
-            "final_loss": {"deltatune": dt_res["final_loss"], "peft_trainer": hf_res["final_loss"]},
-            f"loss_last{LAST_K}_mean": {
-                "deltatune": dt_res[f"loss_last{LAST_K}_mean"],
-                "peft_trainer": hf_res[f"loss_last{LAST_K}_mean"],
-            },
-            "dev_loss": {"deltatune": dt_res["dev_loss"], "peft_trainer": hf_res["dev_loss"]},
-            "bleu": None if args.no_bleu else {"deltatune": dt_res["bleu"], "peft_trainer": hf_res["bleu"]},
-            "goal": GOAL,
-        }
-    )
+    summary = summarize(lines, data, campaign)
+    append_result("train_throughput", summary, meter, kind="summary", campaign=campaign, settings=settings(args))
+    emit(summary)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,9 @@ class ConfigError(ValueError):
     """A configuration that cannot work; the message says what to change."""
 
 
-def _check_known(cls: type, kwargs: dict[str, Any]) -> None:
+def check_known(cls: type, kwargs: dict[str, Any]) -> None:
+    """Raise :class:`ConfigError` naming the first key of ``kwargs`` that is no init field of the
+    dataclass ``cls``, with the closest valid one and the full list."""
     known = {f.name for f in dataclasses.fields(cls) if f.init}
     for key in kwargs:
         if key not in known:
@@ -31,13 +33,16 @@ def _check_known(cls: type, kwargs: dict[str, Any]) -> None:
             raise ConfigError(f"{cls.__name__} has no option {key!r}.{hint} Valid options: {', '.join(sorted(known))}.")
 
 
+_check_known = check_known  # the old name, still imported elsewhere
+
+
 def method_config(cls: type) -> type:
     """Make ``cls`` a dataclass whose constructor rejects unknown options with a helpful error."""
     cls = dataclasses.dataclass(cls)
     dataclass_init = cls.__init__
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        _check_known(cls, kwargs)
+        check_known(cls, kwargs)
         dataclass_init(self, *args, **kwargs)
 
     __init__.__doc__ = dataclass_init.__doc__
@@ -85,8 +90,6 @@ class DeltaConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DeltaConfig:
         """Build the config of the method named by ``data["peft_type"]``; unknown keys warn."""
-        from deltatune.methods import config_class_for
-
         data = dict(data)
         config_cls = config_class_for(data.pop("peft_type", None)) if cls is DeltaConfig else cls
         known = {f.name for f in dataclasses.fields(config_cls) if f.init}
@@ -103,7 +106,7 @@ class DeltaConfig:
         return config_cls(**{k: v for k, v in data.items() if k in known})
 
     def save(self, directory: str | Path) -> Path:
-        from deltatune.checkpoint.atomic import atomic_write_text
+        from deltatune.atomic import atomic_write_text
 
         path = Path(directory) / CONFIG_NAME
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
@@ -117,6 +120,30 @@ class DeltaConfig:
                 f"No {CONFIG_NAME} in {directory}: point at a directory written by save_pretrained (deltatune or peft)."
             )
         return cls.from_dict(json.loads(path.read_text()))
+
+
+# peft_type -> config class, filled by deltatune.methods.register as each method's file is imported.
+_CONFIG_CLASSES: dict[str, type[DeltaConfig]] = {}
+
+
+def register_config(config_class: type[DeltaConfig]) -> None:
+    """Make ``DeltaConfig.from_dict`` build ``config_class`` for its ``peft_type``."""
+    peft_type = config_class.peft_type
+    if not peft_type:
+        raise ConfigError(f"{config_class.__name__} sets no peft_type")
+    known = _CONFIG_CLASSES.get(peft_type)
+    if known is not None and known is not config_class:
+        raise ConfigError(f"peft_type {peft_type!r} is taken by {known.__name__}, not free for {config_class.__name__}")
+    _CONFIG_CLASSES[peft_type] = config_class
+
+
+def config_class_for(peft_type: str | None) -> type[DeltaConfig]:
+    """The registered config class of ``peft_type``; the error lists the registered ones."""
+    if peft_type not in _CONFIG_CLASSES:
+        raise ConfigError(
+            f"adapter method {peft_type!r} is not supported by deltatune; supported: {', '.join(_CONFIG_CLASSES)}"
+        )
+    return _CONFIG_CLASSES[peft_type]
 
 
 # Keys peft writes for its own bookkeeping; harmless to ignore, so they do not warn.

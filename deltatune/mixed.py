@@ -14,73 +14,53 @@ one adapter per row (``"__base__"``: none), and every adapted layer serves all r
     prefix rows: their prefix keys/values in the KV cache, right-aligned and padded likewise
                 (padding masked out; positions follow the mask, so every row sees what it would alone)
 
-The batch's :class:`RowAdapters` reaches the layers as their ``routing`` attribute for the call;
+The batch's :class:`RowAdapters` reaches the layers through the call scope (deltatune.routing);
 each row's LoRA factors are gathered once per call and reused by every decoding step. Methods whose
 layers see more than single rows (partial fine-tuning's blocks, LLaMA-Adapter's attention,
-HyperFormer's task routing) cannot mix and are refused by name, as are merged adapters.
+HyperFormer's task routing) cannot mix and are refused by name, as are merged adapters: each
+method's record (deltatune.methods.contract.Method.mixes) says whether and how it mixes.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import torch
-from torch import nn
 
+from deltatune import routing
+from deltatune.compat import get_cache, set_cache
+from deltatune.config import DeltaConfig
+from deltatune.constants import BASE_ADAPTER, IGNORE_INDEX
 from deltatune.methods import prefix_tuning
 from deltatune.methods import prompt_learning as pl
+from deltatune.methods.contract import INPUT_WISE, AdapterHost, Mixes, describe, method_for, registered
 
-BASE_ADAPTER = "__base__"
-MIXABLE = {"LORA", "BOTTLENECK_ADAPTER", "BITFIT", "PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING"}
-VIRTUAL_TOKENS, PREFIX = {"PROMPT_TUNING", "P_TUNING"}, {"PREFIX_TUNING"}
-
-
-class RowAdapters:
-    """The adapter of each row of a batch, and what layers derive from it during one call."""
-
-    def __init__(self, names: Sequence[str]) -> None:
-        self.names = list(names)
-        self.extra_mask: torch.Tensor | None = None  # prefix + virtual-token mask, for decoding steps
-        self._stacks: dict[tuple[int, int], Any] = {}
-
-    def for_batch(self, batch: int) -> list[str]:
-        """Names for ``batch`` rows: generate repeats each row in place for beams and samples."""
-        if batch % len(self.names):
-            raise ValueError(f"adapter_names has {len(self.names)} entries for a batch of {batch} rows")
-        return [name for name in self.names for _ in range(batch // len(self.names))]
-
-    def groups(self, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
-        """Row indices of each adapter."""
-        rows: dict[str, list[int]] = {}
-        for i, name in enumerate(self.for_batch(batch)):
-            rows.setdefault(name, []).append(i)
-        return {name: torch.tensor(index, device=device) for name, index in rows.items()}
-
-    def per_row(
-        self, layer: nn.Module, store: Any, batch: int, device: torch.device, build: Callable[..., tuple]
-    ) -> tuple | None:
-        """``build(names, slots)``: a layer's per-row tensors from the batch's adapters that it holds
-        in ``store`` (``slots``: each row's index into ``names``, counted from 1; 0 for none).
-        None when no row uses this layer. Without gradients the result is kept for the call, so
-        every decoding step reuses it."""
-        key = (id(layer), batch)
-        if key in self._stacks:
-            return self._stacks[key]
-        rows = self.for_batch(batch)
-        names = [name for name in dict.fromkeys(rows) if name in store]
-        result = None
-        if names:
-            slot_of = {name: i + 1 for i, name in enumerate(names)}
-            slots = torch.tensor([slot_of.get(name, 0) for name in rows], device=device)
-            result = build(names, slots)
-        if not torch.is_grad_enabled():
-            self._stacks[key] = result
-        return result
+RowAdapters = routing.RowAdapters
 
 
-def check(delta_model: Any, names: Sequence[str]) -> list[str]:
+class MixingHost(AdapterHost, Protocol):
+    """What mixing reads of a DeltaModel besides what every hook may."""
+
+    merged_adapter: str | None
+    adapters_disabled: bool
+
+
+def mixes(config: DeltaConfig) -> Mixes | None:
+    """How the adapter's method mixes in a batch (its record says; None: it cannot)."""
+    return method_for(config).mixes
+
+
+def mixable() -> frozenset[str]:
+    """The peft types of the registered methods that can share a batch."""
+    return frozenset(m.peft_type for m in registered() if m.mixes is not None)
+
+
+MIXABLE = mixable()  # the built-in methods'; mixable() also knows those registered later
+
+
+def check(delta_model: MixingHost, names: Sequence[str]) -> list[str]:
     """The names, if every one is an adapter (or the base) that can mix; otherwise a clear error."""
     if isinstance(names, str) or not names or not all(isinstance(n, str) for n in names):
         raise TypeError(f"adapter_names takes a list with one adapter name per row, got {names!r}")
@@ -91,13 +71,11 @@ def check(delta_model: Any, names: Sequence[str]) -> list[str]:
             f"unknown adapter name(s) in adapter_names: {', '.join(unknown)}; this model has: "
             f"{', '.join(configs) or 'none'} (and {BASE_ADAPTER!r} for no adapter)"
         )
-    refused = sorted(
-        {f"{n} ({configs[n].peft_type})" for n in names if n in configs and configs[n].peft_type not in MIXABLE}
-    )
+    refused = sorted({f"{n} ({configs[n].peft_type})" for n in names if n in configs and mixes(configs[n]) is None})
     if refused:
         raise ValueError(
             f"adapters {', '.join(refused)} cannot share a batch with other adapters: mixed batches support "
-            "LoRA, Houlsby adapters, BitFit, prompt tuning, P-tuning and prefix tuning"
+            f"{describe([m for m in registered() if m.mixes is not None])}"
         )
     if delta_model.merged_adapter is not None:
         raise ValueError(
@@ -106,29 +84,21 @@ def check(delta_model: Any, names: Sequence[str]) -> list[str]:
         )
     if delta_model.adapters_disabled:
         raise ValueError("adapter_names inside disable_adapter(): name '__base__' for rows without an adapter")
-    for name in {n for n in names if n in configs and configs[n].peft_type in VIRTUAL_TOKENS | PREFIX}:
+    for name in {n for n in names if n in configs and mixes(configs[n]) in INPUT_WISE}:
         if configs[name].task_type != "CAUSAL_LM":
             raise ValueError(f"adapter {name!r}: mixed batches with prompt learning need a causal LM")
     return list(names)
 
 
-@contextlib.contextmanager
-def routed(delta_model: Any, names: Sequence[str]) -> Iterator[RowAdapters]:
-    """Route the model's layers by row for the duration of the block."""
-    routing = RowAdapters(check(delta_model, names))
-    layers = [layer for _, layer in delta_model.delta_layers()]
-    for layer in layers:
-        layer.routing = routing
-    try:
-        yield routing
-    finally:
-        for layer in layers:
-            layer.routing = None
+def routed(delta_model: MixingHost, names: Sequence[str]) -> contextlib.AbstractContextManager[routing.Call]:
+    """A call scope in which every layer routes its rows by ``names`` (see deltatune.routing)."""
+    return routing.scope(adapter=None, rows=RowAdapters(check(delta_model, names)))
 
 
-def _counts(delta_model: Any, rows: list[str], kinds: set[str]) -> list[int]:
-    configs = delta_model.peft_config
-    return [configs[n].num_virtual_tokens if n in configs and configs[n].peft_type in kinds else 0 for n in rows]
+def _counts(host: AdapterHost, rows: list[str], kind: Mixes) -> list[int]:
+    """Each row's number of virtual tokens (or prefix positions) of the given kind."""
+    configs = host.peft_config
+    return [configs[n].num_virtual_tokens if n in configs and mixes(configs[n]) == kind else 0 for n in rows]
 
 
 def _right_aligned(counts: list[int], device: torch.device) -> torch.Tensor:
@@ -137,10 +107,12 @@ def _right_aligned(counts: list[int], device: torch.device) -> torch.Tensor:
     return (torch.arange(longest, device=device) >= longest - torch.tensor(counts, device=device)[:, None]).long()
 
 
-def prepare_inputs(delta_model: Any, routing: RowAdapters, kwargs: dict[str, Any], generating: bool = False) -> dict:
+def prepare_inputs(
+    delta_model: AdapterHost, batch_rows: RowAdapters, kwargs: dict[str, Any], generating: bool = False
+) -> dict:
     """Each row's virtual tokens and prefix, padded to the batch's longest and masked; positions
     from the full mask. Batches without prompt-learning rows pass through unchanged."""
-    if not _changes_inputs(delta_model, routing.names):
+    if not _changes_inputs(delta_model, batch_rows.names):
         return kwargs
     kwargs.pop("position_ids", None)  # recomputed from the full mask below
     pl.drop(kwargs, "token_type_ids", "virtual tokens and prefixes have none", quietly=generating)
@@ -149,28 +121,28 @@ def prepare_inputs(delta_model: Any, routing: RowAdapters, kwargs: dict[str, Any
     device = (ids if ids is not None else embeds).device
     mask = kwargs.get("attention_mask")
     mask = torch.ones(batch, length, dtype=torch.long, device=device) if mask is None else mask.long()
-    if pl.is_empty(kwargs.get("past_key_values")):
-        rows = routing.for_batch(batch)
+    if pl.is_empty(get_cache(kwargs)):
+        rows = batch_rows.for_batch(batch)
         prefix_mask = _add_prefixes(delta_model, rows, kwargs, device)
         virtual_mask = _add_virtual_tokens(delta_model, rows, kwargs)
-        routing.extra_mask = torch.cat([prefix_mask, virtual_mask], dim=1)
-    elif routing.extra_mask is None:
+        batch_rows.extra_mask = torch.cat([prefix_mask, virtual_mask], dim=1)
+    elif batch_rows.extra_mask is None:
         raise ValueError("mixed batches with virtual tokens or prefixes must start from an empty KV cache")
-    full = torch.cat([routing.extra_mask.to(mask.device), mask], dim=1)
+    full = torch.cat([batch_rows.extra_mask.to(mask.device), mask], dim=1)
     query = (kwargs["inputs_embeds"] if kwargs.get("inputs_embeds") is not None else kwargs["input_ids"]).shape[1]
     kwargs["attention_mask"] = full
     kwargs["position_ids"] = (full.cumsum(-1) - 1).clamp(min=0)[:, -query:]
     return kwargs
 
 
-def _changes_inputs(delta_model: Any, names: list[str]) -> bool:
+def _changes_inputs(host: AdapterHost, names: list[str]) -> bool:
     """Whether any row brings virtual tokens or a prefix."""
-    configs = delta_model.peft_config
-    return any(configs[n].peft_type in VIRTUAL_TOKENS | PREFIX for n in names if n in configs)
+    configs = host.peft_config
+    return any(mixes(configs[n]) in INPUT_WISE for n in names if n in configs)
 
 
-def _add_virtual_tokens(delta_model: Any, rows: list[str], kwargs: dict[str, Any]) -> torch.Tensor:
-    counts = _counts(delta_model, rows, VIRTUAL_TOKENS)
+def _add_virtual_tokens(delta_model: AdapterHost, rows: list[str], kwargs: dict[str, Any]) -> torch.Tensor:
+    counts = _counts(delta_model, rows, "virtual_tokens")
     ids = kwargs.get("input_ids")
     device = (ids if ids is not None else kwargs["inputs_embeds"]).device
     if not any(counts):
@@ -189,12 +161,14 @@ def _add_virtual_tokens(delta_model: Any, rows: list[str], kwargs: dict[str, Any
     kwargs["inputs_embeds"] = torch.cat([torch.stack(virtual), embeds], dim=1)
     if kwargs.get("labels") is not None:
         labels = kwargs["labels"]
-        kwargs["labels"] = torch.cat([labels.new_full((len(rows), longest), pl.IGNORE_INDEX), labels], dim=1)
+        kwargs["labels"] = torch.cat([labels.new_full((len(rows), longest), IGNORE_INDEX), labels], dim=1)
     return _right_aligned(counts, device)
 
 
-def _add_prefixes(delta_model: Any, rows: list[str], kwargs: dict[str, Any], device: torch.device) -> torch.Tensor:
-    counts = _counts(delta_model, rows, PREFIX)
+def _add_prefixes(
+    delta_model: AdapterHost, rows: list[str], kwargs: dict[str, Any], device: torch.device
+) -> torch.Tensor:
+    counts = _counts(delta_model, rows, "prefix")
     if not any(counts):
         return torch.zeros(len(rows), 0, dtype=torch.long, device=device)
     model, longest = delta_model.base_model, max(counts)
@@ -208,17 +182,21 @@ def _add_prefixes(delta_model: Any, rows: list[str], kwargs: dict[str, Any], dev
         torch.cat([zeros[..., : longest - c, :], per_row[n]], dim=2) if c else zeros
         for n, c in zip(rows, counts, strict=True)
     ]
-    kwargs["past_key_values"] = prefix_tuning.fill_cache(model, torch.stack(kv), kwargs.get("past_key_values"))
+    set_cache(kwargs, model, prefix_tuning.fill_cache(model, torch.stack(kv), get_cache(kwargs)))
     return _right_aligned(counts, device)
 
 
-def forward(delta_model: Any, names: Sequence[str], kwargs: dict[str, Any]) -> Any:
-    with routed(delta_model, names) as routing:
-        return delta_model.base_model(**prepare_inputs(delta_model, routing, kwargs))
+def forward(delta_model: MixingHost, names: Sequence[str], kwargs: dict[str, Any]) -> Any:
+    with routed(delta_model, names) as call:
+        return delta_model.base_model(**prepare_inputs(delta_model, call.rows, kwargs))
 
 
-def generate(delta_model: Any, names: Sequence[str], *args: Any, **kwargs: Any) -> Any:
-    with routed(delta_model, names) as routing:
-        if not _changes_inputs(delta_model, routing.names):  # weights only: transformers' generate as it is
+def generate(delta_model: MixingHost, names: Sequence[str], *args: Any, **kwargs: Any) -> Any:
+    with routed(delta_model, names) as call:
+        if not _changes_inputs(delta_model, call.rows.names):  # weights only: transformers' generate as it is
             return delta_model.base_model.generate(*args, **kwargs)
-        return pl.generate_with(prepare_inputs)(delta_model, routing, *args, **kwargs)
+
+        def step(inputs: dict[str, Any]) -> dict[str, Any]:
+            return prepare_inputs(delta_model, call.rows, inputs, generating=True)
+
+        return pl.generate_stepping(delta_model, step, *args, **kwargs)

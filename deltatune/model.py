@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from deltatune import methods, mixed
+from deltatune import methods, mixed, routing
 from deltatune.checkpoint.adapter import (
     KEY_PREFIX,
     load_tensors,
@@ -28,10 +27,11 @@ from deltatune.checkpoint.adapter import (
     split_by_module,
 )
 from deltatune.config import ConfigError, DeltaConfig
+from deltatune.constants import BASE_ADAPTER, valid_name
 from deltatune.methods.base import DeltaLayer, ModulesToSave, wrap_modules
-from deltatune.targeting import find_targets, name_matches, replace_module
+from deltatune.targeting import find_targets, name_matches
+from deltatune.wrappers import ForwardsAttributes, replace_module
 
-BASE_ADAPTER = mixed.BASE_ADAPTER
 _TASK_TYPES = {
     "ForSequenceClassification": "SEQ_CLS",
     "ForCausalLM": "CAUSAL_LM",
@@ -52,8 +52,11 @@ def wrap(model: nn.Module, config: DeltaConfig, adapter_name: str = "default") -
     return DeltaModel(model, config, adapter_name)
 
 
-class DeltaModel(nn.Module):
-    """A transformers model with adapters. ``base_model`` is the (modified in place) model."""
+class DeltaModel(ForwardsAttributes, nn.Module):
+    """A transformers model with adapters. ``base_model`` is the (modified in place) model, whose
+    attributes (``config``, ``device``...) read through (ForwardsAttributes)."""
+
+    forwards_to = "base_model"
 
     def __init__(self, base_model: nn.Module, config: DeltaConfig, adapter_name: str = "default") -> None:
         super().__init__()
@@ -69,48 +72,84 @@ class DeltaModel(nn.Module):
         self.set_adapter(adapter_name)
 
     # --- forwarding -------------------------------------------------------------------------
-    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
-        """The base model's forward with the active adapter, or with ``adapter_names``: one
-        adapter per row (``"__base__"``: none), all rows in one pass (see deltatune.mixed)."""
-        if args and (adapter_names is not None or self._method_hook("prepare_inputs") is not None):
-            names = list(inspect.signature(self.base_model.forward).parameters)[: len(args)]
-            kwargs = {**dict(zip(names, args, strict=True)), **kwargs}  # input hooks must see input_ids
-            args = ()
+    def forward(
+        self, *args: Any, adapter_names: list[str] | None = None, adapter_name: str | None = None, **kwargs: Any
+    ) -> Any:
+        """The base model's forward with the active adapter; or with ``adapter_name`` for this call
+        only (``"__base__"``: none); or with ``adapter_names``: one adapter per row, all rows in one
+        pass (see deltatune.mixed). The per-call forms change nothing on the model, so threads may
+        use them at once (see deltatune.routing)."""
         if adapter_names is not None:
-            return mixed.forward(self, adapter_names, kwargs)
-        return self.base_model(*args, **self.prepare_inputs(kwargs))
+            _one_of(adapter_name, adapter_names)
+            return mixed.forward(self, adapter_names, self._keywords(args, kwargs))
+        with self._call(adapter_name):
+            if args and self._method_hook("prepare_inputs", self._running(adapter_name)) is not None:
+                args, kwargs = (), self._keywords(args, kwargs)  # input hooks must see input_ids
+            return self.base_model(*args, **self.prepare_inputs(kwargs, adapter_name))
 
-    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
-        """transformers' generate with the active adapter, or one adapter per row (``adapter_names``)."""
+    def generate(
+        self, *args: Any, adapter_names: list[str] | None = None, adapter_name: str | None = None, **kwargs: Any
+    ) -> Any:
+        """transformers' generate with the active adapter, ``adapter_name`` for this call, or one
+        adapter per row (``adapter_names``)."""
         if adapter_names is not None:
+            _one_of(adapter_name, adapter_names)
             return mixed.generate(self, adapter_names, *args, **kwargs)
-        hook = self._method_hook("generate")
-        if hook is None:
-            return self.base_model.generate(*args, **self.prepare_inputs(kwargs) if self.adapters_disabled else kwargs)
-        return hook(self, self.active_adapter, *args, **kwargs)
+        with self._call(adapter_name):
+            name = self._running(adapter_name)
+            hook = self._method_hook("generate", name)
+            if hook is None:
+                return self.base_model.generate(
+                    *args, **self.prepare_inputs(kwargs, adapter_name) if name is None else kwargs
+                )
+            return hook(self, name, *args, **kwargs)
 
-    def prepare_inputs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """The base model's forward arguments with the active method's changes (virtual tokens,
-        prefix caches, task ids...); most methods change weights and leave them as they are."""
-        if self.adapters_disabled:
-            own = {key for config in self.peft_config.values() for key in methods.hook(config, "INPUT_KEYS") or ()}
+    def prepare_inputs(self, kwargs: dict[str, Any], adapter_name: str | None = None) -> dict[str, Any]:
+        """The base model's forward arguments with the changes of the adapter the call runs (the
+        active one, or ``adapter_name``): virtual tokens, prefix caches, task ids...; most methods
+        change weights and leave them as they are."""
+        name = self._running(adapter_name)
+        if name is None:
+            own = {key for config in self.peft_config.values() for key in methods.method_for(config).input_keys}
             return {k: v for k, v in kwargs.items() if k not in own}
-        hook = self._method_hook("prepare_inputs")
-        return kwargs if hook is None else hook(self, self.active_adapter, dict(kwargs))
+        hook = self._method_hook("prepare_inputs", name)
+        return kwargs if hook is None else hook(self, name, dict(kwargs))
 
-    def _method_hook(self, name: str):
-        """A method module's optional ``prepare_inputs``/``generate`` for the active adapter."""
-        if self.adapters_disabled or self.active_adapter is None:
+    def _running(self, adapter_name: str | None = None) -> str | None:
+        """The adapter a call runs: ``adapter_name`` if given, else the active one (None: the base)."""
+        if adapter_name is None:
+            return None if self.adapters_disabled else self.active_adapter
+        return None if adapter_name == BASE_ADAPTER else adapter_name
+
+    def _call(self, adapter_name: str | None) -> contextlib.AbstractContextManager[Any]:
+        """The call scope for ``adapter_name``, checked first. For the active adapter none is needed,
+        but a call nested in another model's scope gets a clean one, so it does not inherit it."""
+        if adapter_name is None:
+            return contextlib.nullcontext() if routing.current() is None else routing.scope(**routing.EMPTY)
+        if adapter_name != BASE_ADAPTER:
+            self.check_adapter(adapter_name)
+        if self.adapters_disabled and adapter_name != BASE_ADAPTER:
+            raise ValueError("adapter_name inside disable_adapter(): name '__base__' for no adapter")
+        merged = self.merged_adapter
+        if merged is not None and adapter_name != merged:
+            raise ValueError(
+                f"adapter {merged!r} is merged into the base weights: call unmerge_adapter() before running "
+                f"adapter {adapter_name!r}"
+            )
+        return routing.scope(adapter=adapter_name, rows=None)
+
+    def _keywords(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Positional forward arguments by their names in the base model's forward."""
+        if not args:
+            return kwargs
+        names = list(inspect.signature(self.base_model.forward).parameters)[: len(args)]
+        return {**dict(zip(names, args, strict=True)), **kwargs}
+
+    def _method_hook(self, name: str, adapter_name: str | None) -> Any:
+        """The ``prepare_inputs``/``generate`` hook of ``adapter_name``'s method (None: none, or no adapter)."""
+        if adapter_name is None:
             return None
-        return methods.hook(self.peft_config[self.active_adapter], name)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_model":
-                raise
-            return getattr(self.base_model, name)
+        return getattr(methods.method_for(self.peft_config[adapter_name]), name)
 
     # --- adapters ---------------------------------------------------------------------------
     def delta_layers(self) -> Iterator[tuple[str, DeltaLayer]]:
@@ -120,7 +159,7 @@ class DeltaModel(nn.Module):
 
     def add_adapter(self, adapter_name: str, config: DeltaConfig) -> None:
         """Add a new adapter (not made active: call :meth:`set_adapter`)."""
-        if not isinstance(adapter_name, str) or not re.fullmatch(r"[A-Za-z0-9_\-]+", adapter_name):
+        if not valid_name(adapter_name):
             raise ValueError(f"adapter name {adapter_name!r} must be letters, digits, '_' or '-'")
         if adapter_name == BASE_ADAPTER:
             raise ValueError(f"{BASE_ADAPTER!r} is reserved for 'no adapter'")
@@ -159,7 +198,7 @@ class DeltaModel(nn.Module):
 
     def set_adapter(self, adapter_name: str) -> None:
         """Make ``adapter_name`` the one that runs and trains; all others are frozen."""
-        self._check_adapter(adapter_name)
+        self.check_adapter(adapter_name)
         self.active_adapter = adapter_name
         for _, layer in self.delta_layers():
             layer.active_adapter = adapter_name
@@ -168,7 +207,7 @@ class DeltaModel(nn.Module):
                     p.requires_grad_(name == adapter_name and not self.peft_config[name].inference_mode)
 
     def delete_adapter(self, adapter_name: str) -> None:
-        self._check_adapter(adapter_name)
+        self.check_adapter(adapter_name)
         for name, layer in list(self.delta_layers()):
             layer.delete_adapter(adapter_name)
             if not layer.adapter_names:
@@ -179,7 +218,8 @@ class DeltaModel(nn.Module):
             if self.active_adapter is not None:
                 self.set_adapter(self.active_adapter)
 
-    def _check_adapter(self, adapter_name: str) -> None:
+    def check_adapter(self, adapter_name: str) -> None:
+        """Raise KeyError, naming the adapters there are, unless ``adapter_name`` is one of them."""
         if adapter_name not in self.peft_config:
             raise KeyError(
                 f"no adapter named {adapter_name!r}; this model has: {', '.join(self.peft_config) or 'none'}"
@@ -221,13 +261,15 @@ class DeltaModel(nn.Module):
     def merge_adapter(self, adapter_name: str | None = None) -> None:
         """Fold the adapter into the base weights: same outputs, no added latency."""
         adapter_name = adapter_name or self.active_adapter
-        self._check_adapter(adapter_name)
+        self.check_adapter(adapter_name)
         layers = [layer for _, layer in self.delta_layers() if adapter_name in layer.adapter_names]
-        refusing = sorted({type(layer).__name__ for layer in layers if not layer.mergeable})
-        if refusing:  # refuse before anything is folded in
+        method = methods.method_for(self.peft_config[adapter_name])
+        if not method.merges:  # refuse before anything is folded in
+            kinds = ", ".join(sorted({type(layer).__name__ for layer in layers if type(layer) in method.layer_classes}))
+            merging = methods.describe([m for m in methods.registered() if m.merges])
             raise TypeError(
-                f"adapter {adapter_name!r} cannot be merged: {', '.join(refusing)} adds modules that do not fold "
-                "into the base weights (only weight-changing methods such as LoRA, BitFit, partial merge)"
+                f"adapter {adapter_name!r} cannot be merged: {method.name} ({kinds}) adds modules that do not fold "
+                f"into the base weights (methods that merge: {merging})"
             )
         for layer in layers:
             layer.merge(adapter_name)
@@ -243,6 +285,7 @@ class DeltaModel(nn.Module):
             replace_module(self.base_model, name, layer.unwrap())
         methods.finalize_merged(self.peft_config[self.active_adapter], self.base_model)
         self.peft_config.clear()
+        routing.remove_step_hook(self.base_model)
         return self.base_model
 
     def unload(self) -> nn.Module:
@@ -251,6 +294,7 @@ class DeltaModel(nn.Module):
         for name, layer in list(self.delta_layers()):
             replace_module(self.base_model, name, layer.base_layer)
         self.peft_config.clear()
+        routing.remove_step_hook(self.base_model)
         return self.base_model
 
     # --- checkpoints ------------------------------------------------------------------------
@@ -260,7 +304,7 @@ class DeltaModel(nn.Module):
         """The adapter's tensors under peft's checkpoint keys (``training_state``: the tensors only
         resuming training needs, see :meth:`DeltaLayer.training_state_dict`, under the same keys)."""
         adapter_name = adapter_name or self.active_adapter
-        self._check_adapter(adapter_name)
+        self.check_adapter(adapter_name)
         prefix = self._key_prefix(adapter_name)
         out = {}
         for name, layer in self.delta_layers():
@@ -277,13 +321,25 @@ class DeltaModel(nn.Module):
     def save_pretrained(self, save_directory: str | Path, selected_adapters: list[str] | None = None) -> None:
         """Write each adapter in peft's layout: ``default`` at the top, others in sub-directories."""
         for name in selected_adapters or list(self.peft_config):
-            self._check_adapter(name)
+            self.check_adapter(name)
             directory = Path(save_directory) if name == "default" else Path(save_directory) / name
             config = copy.copy(self.peft_config[name])
             config.inference_mode = True
+            if config.task_type == "SEQ_CLS" and not self._trains_head(name):
+                # peft's SEQ_CLS model always loads a saved head; its plain PeftModel keeps the base's.
+                config.task_type = None
             save_tensors(directory, self.adapter_state_dict(name), metadata={"format": "pt"})
             save_training_state(directory, self.adapter_state_dict(name, training_state=True))
             config.save(directory)
+
+    def _trains_head(self, adapter_name: str) -> bool:
+        """Whether the adapter holds its own copy of a classification head (modules_to_save)."""
+        return any(
+            isinstance(layer, ModulesToSave)
+            and adapter_name in layer.adapter_names
+            and name.rsplit(".", 1)[-1] in _CLASSIFIER_HEADS
+            for name, layer in self.delta_layers()
+        )
 
     @classmethod
     def from_pretrained(
@@ -316,7 +372,11 @@ class DeltaModel(nn.Module):
         problems = []
         for name, layer in layers.items():
             if name not in by_module:
-                problems.append(f"no tensors for adapted module {name}")
+                problems.append(
+                    f"no tensors for {name}, which adapter_config.json lists in modules_to_save (a trained copy)"
+                    if isinstance(layer, ModulesToSave)
+                    else f"no tensors for adapted module {name} ({type(layer).__name__})"
+                )
                 continue
             try:
                 leftover = layer.load_adapter_state_dict(adapter_name, by_module[name])
@@ -334,12 +394,24 @@ class DeltaModel(nn.Module):
         self.set_adapter(self.active_adapter)
 
 
+def _one_of(adapter_name: str | None, adapter_names: list[str]) -> None:
+    if adapter_name is not None:
+        raise TypeError("give adapter_name (one adapter for the call) or adapter_names (one per row), not both")
+
+
 def _saved_config(base_model: nn.Module, path: str | Path, is_trainable: bool) -> DeltaConfig:
     """A saved config, made to fit: peft lists head names for every architecture ("classifier",
-    "score"), so absent ones are dropped here; the strict tensor check still catches real misfits."""
+    "score"), so absent ones are dropped here; the strict tensor check still catches real misfits.
+
+    Without a task_type peft builds a plain PeftModel, which saves exactly the modules_to_save the
+    config lists (none: the base model's own head stays). Such a config keeps its list, even an
+    empty one, so that :meth:`DeltaModel.add_adapter` does not add a head the file has no tensors for.
+    """
     config = DeltaConfig.load(path)
     config.inference_mode = not is_trainable
     if config.modules_to_save:
         names = [n for n, _ in base_model.named_modules()]
         config.modules_to_save = [e for e in config.modules_to_save if any(name_matches(n, e) for n in names)] or None
+    if config.task_type is None and config.modules_to_save is None:
+        config.modules_to_save = []
     return config

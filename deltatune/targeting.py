@@ -14,6 +14,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from deltatune.config import ConfigError
+from deltatune.wrappers import base_of, is_wrapper
+from deltatune.wrappers import replace_module as replace_module  # its old home
 
 ALL_LINEAR = "all-linear"
 LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)
@@ -124,21 +126,12 @@ def find_targets(
 
 
 def _candidates(model: nn.Module, allowed_types: tuple[type[nn.Module], ...]) -> dict[str, nn.Module]:
-    from deltatune.methods.base import DeltaLayer
-
     found: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
-        if isinstance(module, DeltaLayer):
-            module = module.base_layer
+        if is_wrapper(module):  # a wrapper stands for the module it wraps
+            module = base_of(module)
         elif name.endswith(".base_layer") or ".modules_to_save." in name:
             continue  # a wrapped module (its wrapper stands for it) or a per-adapter trained copy
         if name and isinstance(module, allowed_types):
             found[name] = module
     return found
-
-
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Put ``new`` where ``name`` is in ``model``."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)

@@ -2,6 +2,7 @@
 
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -106,16 +107,30 @@ def test_unknown_method_in_config(tmp_path):
 
 
 def test_writes_are_atomic(tmp_path, monkeypatch):
+    """A writer that dies midway must leave the old file whole and no temporary file behind.
+
+    The fake writer really writes half a file to the path it is given before failing, so a
+    save that wrote to the final path directly would be caught here.
+    """
     model = trained("llama")
     model.save_pretrained(tmp_path)
     before = (tmp_path / "adapter_model.safetensors").read_bytes()
     randomize_adapters(model, seed=9)
 
-    def crash(*args, **kwargs):
+    def dies_midway(tensors, filename, metadata=None):
+        save_file(tensors, filename, metadata)
+        data = Path(filename).read_bytes()
+        Path(filename).write_bytes(data[: len(data) // 2])
         raise OSError("disk full")
 
-    monkeypatch.setattr("deltatune.checkpoint.adapter.save_file", crash)
+    monkeypatch.setattr("deltatune.checkpoint.adapter.save_file", dies_midway)
     with pytest.raises(OSError, match="disk full"):
         model.save_pretrained(tmp_path)
     assert (tmp_path / "adapter_model.safetensors").read_bytes() == before  # old file intact
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+    fresh = tmp_path / "fresh"
+    with pytest.raises(OSError, match="disk full"):
+        model.save_pretrained(fresh)
+    assert not (fresh / "adapter_model.safetensors").exists()  # no half-written file under the real name
+    assert list(fresh.iterdir()) == []  # and no temporary file left

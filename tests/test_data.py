@@ -14,7 +14,7 @@ import torch
 from conftest import SHARED_DATA
 
 from deltatune.config import ConfigError
-from deltatune.training.data import (
+from deltatune.data import (
     Batcher,
     Example,
     label_ids,

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from conftest import tiny_gpt2, tiny_llama
 
 import deltatune as dt
-from deltatune.training.loss import FusedLinearCrossEntropy, LossModule
+from deltatune.loss import FusedLinearCrossEntropy, LossModule
 
 
 def test_fused_linear_cross_entropy_matches_unfused():
@@ -51,3 +51,45 @@ def test_loss_module_equals_transformers_loss_and_gradients(factory, monkeypatch
     for name, p in ours.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p.grad, grads[name], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("factory", [tiny_llama, tiny_gpt2])
+def test_loss_module_on_a_peft_model_equals_its_own_loss(factory, monkeypatch):
+    """A peft PeftModel (LoRA layers injected into the transformers model) trains through the fused path."""
+    peft = pytest.importorskip("peft")
+    calls = []
+    fused_apply = FusedLinearCrossEntropy.apply
+    monkeypatch.setattr(FusedLinearCrossEntropy, "apply", lambda *a: calls.append(1) or fused_apply(*a))
+
+    def make():
+        model = peft.get_peft_model(factory(), peft.LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0))
+        torch.manual_seed(3)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.data.normal_()
+        return model
+
+    ids = torch.randint(3, 128, (3, 10))
+    labels = ids.clone()
+    labels[0, :4] = -100
+    ours, reference = make(), make()
+    loss_sum, count = LossModule(ours, "causal-lm")({"input_ids": ids, "labels": labels})
+    (loss_sum / count).backward()
+    expected = reference(input_ids=ids, labels=labels)
+    expected.loss.backward()
+    torch.testing.assert_close(loss_sum / count, expected.loss, atol=1e-5, rtol=0)
+    assert calls, "the fused head + loss was not used"
+    grads = {n: p.grad for n, p in reference.named_parameters() if p.requires_grad}
+    assert grads and all(p.grad is not None for p in ours.parameters() if p.requires_grad)
+    for name, p in ours.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[name], atol=1e-5, rtol=1e-4)
+
+
+def test_loss_module_refuses_peft_prompt_learning_clearly():
+    """peft's prompt tuning adds its virtual tokens in the wrapper's forward, which the loss cannot bypass."""
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_llama(), peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    ids = torch.randint(3, 128, (2, 6))
+    with pytest.raises(TypeError, match="prompt learning"):
+        LossModule(model, "causal-lm")({"input_ids": ids, "labels": ids})

@@ -7,8 +7,9 @@ import torch
 from conftest import VOCAB, tiny_gpt2, tiny_llama
 
 import deltatune as dt
+from deltatune import routing
+from deltatune.loss import IGNORE_INDEX
 from deltatune.model import BASE_ADAPTER
-from deltatune.training.loss import IGNORE_INDEX
 
 ATOL = 1e-5
 
@@ -142,7 +143,7 @@ def test_unknown_adapter_name_is_an_error_naming_the_adapters():
         model(input_ids=ids, adapter_names=["sql", "chat", "sql"])
     with pytest.raises(TypeError, match="one adapter name per row"):
         model(input_ids=ids, adapter_names="sql")
-    assert all(layer.routing is None for _, layer in model.delta_layers())  # nothing left behind
+    assert routing.current() is None  # no call scope left behind
 
 
 def test_mixing_refuses_merged_and_unmixable_adapters():

@@ -17,6 +17,9 @@ from transformers import AutoModelForCausalLM
 
 import deltatune as dt
 from deltatune.cli import main
+from deltatune.data import Batcher, Example, read_examples, split_train_eval, tokenize_examples
+from deltatune.evaluation import evaluate_model, generate
+from deltatune.training.checkpoints import verify_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--learning-rate", "1e-2", "--batch-size", "4", "--log-every", "1", "--max-new-tokens", "8", "--threads", "1"]
@@ -70,9 +73,15 @@ def test_train_writes_adapter_metrics_plot_and_summary(tiny_llama_dir, tmp_path,
     assert config["r"] == 4 and config["target_modules"] == ["q_proj", "v_proj"]
     printed = capsys.readouterr().out
     assert "before" in printed and "adapter saved to" in printed
-    # the saved adapter reproduces the trained model's evaluation loss
-    model = dt.DeltaModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), out / "adapter")
+    # the saved adapter reproduces the trained model's evaluation loss: same eval split, fresh base
+    base, tokenizer = dt.load_base(str(tiny_llama_dir))
+    model = dt.DeltaModel.from_pretrained(base, out / "adapter")
     assert model.trainable_parameters()[0] == 0
+    _, evaluation = split_train_eval(read_examples(data, "causal-lm"), eval_fraction=0.1, seed=0)
+    features = tokenize_examples(evaluation, tokenizer, "causal-lm", max_length=512)
+    batcher = Batcher(features, 4, pad_token_id=tokenizer.pad_token_id, seed=0, shuffle=False)
+    metrics, _ = evaluate_model(model, tokenizer, "causal-lm", evaluation, batcher, max_new_tokens=None)
+    assert metrics["loss"] == pytest.approx(summary["after"]["loss"], rel=1e-6, abs=0)
 
 
 def test_existing_run_needs_resume(tiny_llama_dir, tmp_path, capsys):
@@ -92,9 +101,64 @@ def test_existing_run_needs_resume(tiny_llama_dir, tmp_path, capsys):
         "--no-eval-generate",
         *FAST,
     ]
+    (tmp_path / "run" / "checkpoints" / ".tmp-killed-save").mkdir(parents=True)  # a save cut short by a kill
     assert run_cli(*args) == 0
+    assert not list((tmp_path / "run" / "checkpoints").glob(".tmp-*"))  # the next save removed it
     assert run_cli(*args) == 2
     assert "--resume" in capsys.readouterr().err
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-10])
+
+
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    "damage, resumes_from",
+    [
+        ({6: ("adapter_model.safetensors", _truncate)}, 4),
+        ({6: ("trainer_state.pt", _flip_a_byte), 4: ("manifest.json", Path.unlink)}, 2),
+        ({2: ("trainer_state.pt", _truncate), 4: ("trainer_state.pt", _truncate), 6: ("manifest.json", _truncate)}, 0),
+    ],
+    ids=["latest-truncated", "two-damaged", "all-damaged"],
+)
+def test_resume_skips_damaged_checkpoints(damage, resumes_from, tiny_llama_dir, tmp_path, capsys):
+    """A damaged checkpoint is skipped with a warning; the previous intact one (or step 0) gives the same adapter."""
+    data = alpaca_file(tmp_path / "train.jsonl")
+    out = tmp_path / "run"
+    args = ["train", "--base", tiny_llama_dir, "--data", data, "--max-steps", 6, "--save-every", 2]
+    args += ["--keep-checkpoints", 3, "--output-dir", out, "--lora-dropout", "0.1", "--no-eval-generate", *FAST]
+    assert run_cli(*args) == 0
+    expected = adapter_tensors(out / "adapter")
+    checkpoints = out / "checkpoints"
+    assert [verify_checkpoint(checkpoints / f"step-{s:08d}") for s in (2, 4, 6)] == [None] * 3
+    for step, (name, spoil) in damage.items():
+        spoil(checkpoints / f"step-{step:08d}" / name)
+    (checkpoints / ".tmp-killed-save").mkdir()
+    (checkpoints / ".tmp-killed-save" / "trainer_state.pt").write_bytes(b"half a file")
+    capsys.readouterr()
+    assert run_cli(*args, "--resume") == 0
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if "skipping damaged checkpoint" in line]
+    assert len(warnings) == len(damage)
+    for step, (name, _) in damage.items():
+        assert any(str(checkpoints / f"step-{step:08d}") in w and name in w for w in warnings), err
+    if resumes_from:
+        assert f"resuming from {checkpoints / f'step-{resumes_from:08d}'}" in err
+    else:
+        assert "no intact checkpoint" in err and "starting at step 0" in err
+    got = adapter_tensors(out / "adapter")
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+    assert not list(checkpoints.glob(".tmp-*"))
+    assert sorted(p.name for p in checkpoints.iterdir()) == [f"step-{s:08d}" for s in (2, 4, 6)]
+    assert all(verify_checkpoint(p) is None for p in checkpoints.iterdir())  # damaged ones were written anew
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 7))
 
 
 def _train_subprocess(tiny_llama_dir: Path, data: Path, out: Path, *extra: str) -> subprocess.Popen:
@@ -371,7 +435,11 @@ def test_generate_merge_and_inspect(tiny_llama_dir, tmp_path, capsys):
         )
         == 0
     )
-    assert capsys.readouterr().out.strip()
+    # exactly the library's greedy completion with the same adapter and prompt
+    base, tokenizer = dt.load_base(str(tiny_llama_dir))
+    adapted = dt.DeltaModel.from_pretrained(base, out / "adapter")
+    expected = generate(adapted, tokenizer, [Example(prompt="Repeat 3.", target=None)], max_new_tokens=5)[0]
+    assert expected and capsys.readouterr().out == expected + "\n"
     merged_dir = tmp_path / "merged"
     assert run_cli("merge", "--base", tiny_llama_dir, "--adapter", out / "adapter", "--output", merged_dir) == 0
     merged = AutoModelForCausalLM.from_pretrained(merged_dir)

@@ -11,12 +11,15 @@ to resume in a second file beside it, ``adapter_training_state.safetensors``, wh
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from deltatune.checkpoint.atomic import atomic_write
+from deltatune.atomic import atomic_write
+from deltatune.config import CONFIG_NAME, ConfigError, DeltaConfig
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 TRAINING_STATE_NAME = "adapter_training_state.safetensors"
@@ -43,16 +46,73 @@ def save_training_state(directory: str | Path, tensors: dict[str, torch.Tensor])
 
 def load_training_state(directory: str | Path) -> dict[str, torch.Tensor]:
     path = Path(directory) / TRAINING_STATE_NAME
-    return load_file(str(path)) if path.is_file() else {}
+    return _load_file(path) if path.is_file() else {}
 
 
 def load_tensors(directory: str | Path) -> dict[str, torch.Tensor]:
+    return _load_file(_weights_path(directory))
+
+
+def _weights_path(directory: str | Path) -> Path:
     path = Path(directory) / WEIGHTS_NAME
     if not path.is_file():
         pickled = [p.name for p in Path(directory).glob("adapter_model.bin")]
-        hint = " (found adapter_model.bin: deltatune never unpickles; re-save it as safetensors)" if pickled else ""
+        hint = (
+            " (found adapter_model.bin: deltatune never unpickles; re-save it as safetensors)"
+            if pickled
+            else ": point at the folder save_pretrained wrote, or save the adapter again"
+        )
         raise FileNotFoundError(f"No {WEIGHTS_NAME} in {directory}{hint}")
-    return load_file(str(path))
+    return path
+
+
+def _damaged(path: Path, err: Exception) -> ConfigError:
+    """safetensors' own message names neither the file nor a fix; this one names both."""
+    return ConfigError(
+        f"{path} is damaged or not a safetensors file ({err}); it was probably cut short while being copied or "
+        "saved: copy or save the adapter again"
+    )
+
+
+def _load_file(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except SafetensorError as err:
+        raise _damaged(path, err) from None
+
+
+def check_adapter_dir(directory: str | Path, flag: str = "--adapter") -> DeltaConfig:
+    """Check a saved adapter as far as it can be without a base model, and return its config.
+
+    The folder, a parseable ``adapter_config.json`` of a known method, and safetensors files whose
+    header and size agree (``safe_open`` reads only the header), so that a typo or a truncated copy
+    is reported in a second rather than after the base model's load.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ConfigError(
+            f"{flag} {directory}: no such directory; point it at a folder save_pretrained wrote (deltatune or peft)"
+        )
+    config_path = directory / CONFIG_NAME
+    try:
+        data = json.loads(config_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(
+            f"no {CONFIG_NAME} in {directory}: point {flag} at a folder written by save_pretrained (deltatune or peft)"
+        ) from None
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise ConfigError(f"{config_path} is not valid JSON ({err}); save the adapter again") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{config_path} must hold a JSON object of options; save the adapter again")
+    config = DeltaConfig.from_dict(data)
+    for path in (_weights_path(directory), directory / TRAINING_STATE_NAME):
+        if path.is_file():
+            try:
+                with safe_open(str(path), "pt") as f:
+                    f.keys()
+            except SafetensorError as err:
+                raise _damaged(path, err) from None
+    return config
 
 
 def split_by_module(

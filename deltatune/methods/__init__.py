@@ -1,77 +1,72 @@
-"""The methods, one small file each, registered by their peft type and their CLI name.
+"""The methods, one small file each. Each file ends with one ``register(Method(...))`` line: the
+method's record, which says what it is called, its config class, how it injects, its layer
+classes, whether it merges, how (or whether) it mixes in a batch, and its optional hooks. The
+record and the interfaces it names are in :mod:`deltatune.methods.contract`.
 
-A method is a module with a config class (a :class:`~deltatune.config.DeltaConfig`) and an
-``inject(model, adapter_name, config) -> list[str]`` function that adds the adapter to the
-modules it selects through :func:`deltatune.targeting.find_targets`. It may also define
-``finalize_merged(model)``, run on the plain model ``merge_and_unload`` returns, and
-``prepare_inputs(delta_model, adapter_name, kwargs) -> kwargs`` /
-``generate(delta_model, adapter_name, *args, **kwargs)`` for methods that change a forward's
-inputs rather than (or besides) weights: virtual tokens, prefix caches, task ids. Forward
-arguments only such a method understands are listed in ``INPUT_KEYS``, so that they are dropped
-rather than passed to the base model while adapters are disabled.
+Importing this package imports (and so registers) the built-in methods; the lookups below read
+the registry, and so do the error messages that list the methods.
 """
 
 from __future__ import annotations
 
-import sys
-from types import ModuleType
+from torch import nn
 
-from deltatune.config import ConfigError, DeltaConfig
-from deltatune.methods import (
-    adapter,
-    bitfit,
-    hyperformer,
-    llama_adapter,
-    lora,
-    p_tuning,
-    partial,
-    prefix_tuning,
-    prompt_tuning,
+from deltatune.config import DeltaConfig, config_class_for
+
+# isort: off
+# The built-in methods, each registered by its import, in the order the command line lists them.
+from deltatune.methods import lora  # noqa: F401
+from deltatune.methods import adapter  # noqa: F401
+from deltatune.methods import bitfit  # noqa: F401
+from deltatune.methods import partial  # noqa: F401
+from deltatune.methods import prompt_tuning  # noqa: F401
+from deltatune.methods import p_tuning  # noqa: F401
+from deltatune.methods import prefix_tuning  # noqa: F401
+from deltatune.methods import llama_adapter  # noqa: F401
+from deltatune.methods import hyperformer  # noqa: F401
+
+# isort: on
+from deltatune.methods.contract import (
+    AdapterHost,
+    Method,
+    MixesRows,
+    describe,
+    method_for,
+    method_named,
+    register,
+    registered,
 )
+from deltatune.methods.contract import ConfigClasses as _ConfigClasses
 
-# CLI name -> config class. The module that defines a config class is its method.
-CONFIGS: dict[str, type[DeltaConfig]] = {
-    "lora": lora.LoraConfig,
-    "adapter": adapter.AdapterConfig,
-    "bitfit": bitfit.BitFitConfig,
-    "partial": partial.PartialConfig,
-    "prompt_tuning": prompt_tuning.PromptTuningConfig,
-    "p_tuning": p_tuning.PTuningConfig,
-    "prefix_tuning": prefix_tuning.PrefixTuningConfig,
-    "llama_adapter": llama_adapter.LlamaAdapterConfig,
-    "hyperformer": hyperformer.HyperAdapterConfig,
-}
+__all__ = [
+    "CONFIGS",
+    "AdapterHost",
+    "Method",
+    "MixesRows",
+    "config_class_for",
+    "config_class_for_name",
+    "describe",
+    "finalize_merged",
+    "inject",
+    "method_for",
+    "method_named",
+    "register",
+    "registered",
+]
 
-
-def method_module(config: DeltaConfig) -> ModuleType:
-    return sys.modules[type(config).__module__]
-
-
-def config_class_for(peft_type: str | None) -> type[DeltaConfig]:
-    by_type = {cls.peft_type: cls for cls in CONFIGS.values()}
-    if peft_type not in by_type:
-        raise ConfigError(
-            f"adapter method {peft_type!r} is not supported by deltatune; supported: {', '.join(by_type)}"
-        )
-    return by_type[peft_type]
+# CLI name -> config class: a live view of the registry.
+CONFIGS = _ConfigClasses()
 
 
 def config_class_for_name(name: str) -> type[DeltaConfig]:
-    if name not in CONFIGS:
-        raise ConfigError(f"unknown method {name!r}; choose one of: {', '.join(CONFIGS)}")
-    return CONFIGS[name]
+    return method_named(name).config_class
 
 
-def inject(model, adapter_name: str, config: DeltaConfig) -> list[str]:
-    return method_module(config).inject(model, adapter_name, config)
+def inject(model: nn.Module, adapter_name: str, config: DeltaConfig) -> list[str]:
+    return method_for(config).inject(model, adapter_name, config)
 
 
-def hook(config: DeltaConfig, name: str):
-    """The method's optional function ``name`` (see the module docstring), or None."""
-    return getattr(method_module(config), name, None)
-
-
-def finalize_merged(config: DeltaConfig, model) -> None:
-    finalize = hook(config, "finalize_merged")
+def finalize_merged(config: DeltaConfig, model: nn.Module) -> None:
+    finalize = method_for(config).finalize_merged
     if finalize is not None:
         finalize(model)

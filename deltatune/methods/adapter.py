@@ -38,14 +38,18 @@ from torch import nn
 from transformers.activations import ACT2FN
 from transformers.pytorch_utils import Conv1D
 
+from deltatune import routing
 from deltatune.config import ConfigError, DeltaConfig, method_config
-from deltatune.methods.base import DeltaLayer, ModulesToSave, wrap_modules
+from deltatune.methods.base import DeltaLayer, ModulesToSave, SplitsRows, wrap_modules
+from deltatune.methods.contract import Method, register
 from deltatune.targeting import find_targets, layer_index
+from deltatune.wrappers import base_of
 
 # Regexes (matching the whole module name) of the two output projections, by model_type.
 # In BERT the suffix "output.dense" also matches attention.output.dense: anchor it on the layer.
 _LLAMA_LIKE = {"attention": r".*\.self_attn\.o_proj", "ffn": r".*\.mlp\.down_proj"}
 _BERT_LIKE = {"attention": r".*\.attention\.output\.dense", "ffn": r".*\.layer\.\d+\.output\.dense"}
+SITES = ("attention", "ffn")
 PLACEMENTS: dict[str, dict[str, str]] = {
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
@@ -67,15 +71,18 @@ class AdapterConfig(DeltaConfig):
 
     peft_type = "BOTTLENECK_ADAPTER"
     bottleneck_size: int = 64
+    """m, the adapter MLP's hidden width: 2md + m + d parameters per adapter; larger fits more, costs more"""
     non_linearity: str = "gelu"
+    """activation between the down and up projections: a transformers ACT2FN name (gelu, relu, silu...)"""
     placement: tuple[str, ...] | list[str] = ("attention", "ffn")
     leave_out: list[int] = field(default_factory=list)
     init_std: float = 1e-3
+    """std of the normal init of both projections' weights; small keeps the adapter near the identity at the start"""
     train_layer_norms: bool = True
+    """also train per-adapter copies of the adapted layers' layer norms (as Houlsby et al.); off: adapters alone"""
 
     def __post_init__(self) -> None:
-        self.placement = (self.placement,) if isinstance(self.placement, str) else tuple(self.placement)
-        self.leave_out = [self.leave_out] if isinstance(self.leave_out, int) else list(self.leave_out)
+        normalize_sites(self)
         super().__post_init__()
 
     def validate(self) -> None:
@@ -83,16 +90,25 @@ class AdapterConfig(DeltaConfig):
             raise ConfigError(f"bottleneck_size must be a positive integer, got {self.bottleneck_size!r}")
         if self.non_linearity not in ACT2FN:
             raise ConfigError(f"non_linearity {self.non_linearity!r} is unknown; choose one of: {', '.join(ACT2FN)}")
-        if not self.placement or not set(self.placement) <= {"attention", "ffn"}:
-            raise ConfigError(f"placement must name 'attention' and/or 'ffn', got {list(self.placement)}")
+        check_sites(self)
         if self.init_std < 0:
             raise ConfigError(f"init_std must be >= 0, got {self.init_std}")
 
 
-class BottleneckAdapter(DeltaLayer):
-    """A frozen output projection followed by a per-adapter bottleneck MLP with its own skip."""
+def normalize_sites(config: Any) -> None:
+    """``placement`` as a tuple and ``leave_out`` as a list, whichever form they were given in
+    (shared by every config that places adapters at the Houlsby sites: this one, HyperFormer's)."""
+    config.placement = (config.placement,) if isinstance(config.placement, str) else tuple(config.placement)
+    config.leave_out = [config.leave_out] if isinstance(config.leave_out, int) else list(config.leave_out)
 
-    mergeable = False
+
+def check_sites(config: Any) -> None:
+    if not config.placement or not set(config.placement) <= set(SITES):
+        raise ConfigError(f"placement must name 'attention' and/or 'ffn', got {list(config.placement)}")
+
+
+class BottleneckAdapter(SplitsRows, DeltaLayer):
+    """A frozen output projection followed by a per-adapter bottleneck MLP with its own skip."""
 
     adapter_attrs = ("adapter_down", "adapter_up", "adapter_act")
 
@@ -115,8 +131,9 @@ class BottleneckAdapter(DeltaLayer):
         self.to(self.base_layer.weight.device)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.routing is not None:
-            return self.forward_rows(x, *args, **kwargs)
+        rows = routing.rows()
+        if rows is not None:
+            return self.forward_mixed(rows, x, *args, **kwargs)
         h = self.base_layer(x, *args, **kwargs)
         name = self.adapter_active()
         if name is None:
@@ -160,8 +177,7 @@ def _layer_norms(model: nn.Module, layers: set[int | None], layers_pattern: Any)
     for name, module in model.named_modules():
         if ".base_layer" in name or ".modules_to_save." in name:
             continue  # the frozen original and the copies inside a ModulesToSave
-        base = module.base_layer if isinstance(module, DeltaLayer) else module
-        if _is_norm(base) and layer_index(name, layers_pattern) in layers - {None}:
+        if _is_norm(base_of(module)) and layer_index(name, layers_pattern) in layers - {None}:
             names.append(name)
     return names
 
@@ -178,3 +194,6 @@ def inject(model: nn.Module, adapter_name: str, config: AdapterConfig) -> list[s
     for name in norms:
         wrapped[name].add(adapter_name)
     return names + norms
+
+
+register(Method("adapter", AdapterConfig, inject, (BottleneckAdapter, ModulesToSave), mixes="rows"))

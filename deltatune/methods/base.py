@@ -4,6 +4,12 @@ A method keeps its per-adapter parameters in ``nn.ModuleDict``/``nn.ParameterDic
 keyed by adapter name and lists those attributes in ``adapter_attrs``. That one convention gives
 every method, for free: adapter switching, deletion, trainable flags, and the state-dict keys of
 Hugging Face peft's checkpoint layout (the adapter name is dropped from the key on save).
+
+Which adapter a forward runs comes from the call (deltatune.routing) when the call names one,
+else from the layer's ``active_adapter`` (``DeltaModel.set_adapter``); a mixed batch reaches a
+layer as ``routing.rows()``, which layers that can serve it hand to their ``forward_mixed``
+(:class:`SplitsRows` does it row group by row group). Whether a method merges or mixes is stated
+once, in its record (deltatune.methods.contract), and checked against its layers there.
 """
 
 from __future__ import annotations
@@ -13,13 +19,15 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from deltatune import routing
 from deltatune.config import ConfigError
-from deltatune.targeting import replace_module
+from deltatune.wrappers import ForwardsAttributes, replace_module
 
 
 class DeltaLayer(nn.Module):
+    """A frozen ``base_layer`` plus per-adapter tensors in the ``adapter_attrs`` stores."""
+
     adapter_attrs: ClassVar[tuple[str, ...]] = ()
-    mergeable: ClassVar[bool] = True  # False: the method adds modules that cannot fold into weights
     top_level_keys: ClassVar[bool] = False  # True: checkpoint keys are bare names, not module paths
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -28,7 +36,6 @@ class DeltaLayer(nn.Module):
         self.active_adapter: str | None = None
         self.disabled = False
         self.merged_adapter: str | None = None
-        self.routing: Any = None  # a mixed batch's RowAdapters (deltatune.mixed) while one runs
 
     @property
     def adapter_names(self) -> list[str]:
@@ -37,11 +44,16 @@ class DeltaLayer(nn.Module):
             names.update(dict.fromkeys(getattr(self, attr).keys()))
         return list(names)
 
+    def adapter_for_call(self) -> str | None:
+        """The adapter this call asks for: the call's own (see deltatune.routing), else the active one."""
+        call = routing.current()
+        return self.active_adapter if call is None or call.adapter is None else call.adapter
+
     def adapter_active(self) -> str | None:
         """The adapter whose delta this forward pass adds (None: plain base layer)."""
-        name = self.active_adapter
+        name = self.adapter_for_call()
         if (
-            self.routing is not None  # a mixed batch: a layer that cannot split rows runs as the base
+            routing.rows() is not None  # a mixed batch: a layer that cannot split rows runs as the base
             or self.disabled
             or name is None
             or name == self.merged_adapter
@@ -49,22 +61,6 @@ class DeltaLayer(nn.Module):
         ):
             return None
         return name
-
-    def forward_rows(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """A mixed batch through a row-wise layer: each adapter's rows through the one-adapter
-        forward. The rows partition the batch, so the base layer still sees every row once."""
-        routing, active = self.routing, self.active_adapter
-        self.routing = None
-        try:
-            out = None
-            for name, rows in routing.groups(x.shape[0], x.device).items():
-                self.active_adapter = name
-                y = self(x[rows], *args, **kwargs)
-                out = y.new_empty((x.shape[0], *y.shape[1:])) if out is None else out
-                out[rows] = y
-            return out
-        finally:
-            self.routing, self.active_adapter = routing, active
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         params = []
@@ -149,16 +145,20 @@ class DeltaLayer(nn.Module):
         return self.base_layer
 
 
-def wrap_modules(model: nn.Module, targets: dict[str, type[DeltaLayer]]) -> dict[str, DeltaLayer]:
+def wrap_modules(
+    model: nn.Module, targets: dict[str, type[DeltaLayer]], who: str | None = None
+) -> dict[str, DeltaLayer]:
     """Wrap each named module in its DeltaLayer type, reusing a wrapper of that type already there.
 
     The step every method shares. A module that carries another kind of wrapper is refused,
-    naming it, before anything changes.
+    naming it (and ``who`` would have wrapped it: "a HyperFormer adapter"), before anything changes.
     """
     for name, kind in targets.items():
         layer = model.get_submodule(name)
         if isinstance(layer, DeltaLayer) and not isinstance(layer, kind):
-            raise ConfigError(f"{name} already carries a {type(layer).__name__}; a {kind.__name__} cannot wrap it too")
+            raise ConfigError(
+                f"{name} already carries a {type(layer).__name__}; {who or 'a ' + kind.__name__} cannot wrap it too"
+            )
     wrapped = {}
     for name, kind in targets.items():
         layer = model.get_submodule(name)
@@ -169,7 +169,22 @@ def wrap_modules(model: nn.Module, targets: dict[str, type[DeltaLayer]]) -> dict
     return wrapped
 
 
-class ModulesToSave(DeltaLayer):
+class SplitsRows:
+    """``forward_mixed`` (see deltatune.methods.contract.MixesRows) for a layer that works row by
+    row: each adapter's rows go through the one-adapter forward, in a call scope of that adapter.
+    The rows partition the batch, so the base layer still sees every row once."""
+
+    def forward_mixed(self, rows: routing.RowAdapters, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out = None
+        for name, index in rows.groups(x.shape[0], x.device).items():
+            with routing.scope(adapter=name, rows=None):
+                y = self(x[index], *args, **kwargs)
+            out = y.new_empty((x.shape[0], *y.shape[1:])) if out is None else out
+            out[index] = y
+        return out
+
+
+class ModulesToSave(SplitsRows, ForwardsAttributes, DeltaLayer):
     """A fully trained copy of a module per adapter (e.g. a new classification head)."""
 
     adapter_attrs = ("modules_to_save",)
@@ -183,19 +198,13 @@ class ModulesToSave(DeltaLayer):
 
         self.modules_to_save[name] = copy.deepcopy(self.base_layer)
 
-    def __getattr__(self, name: str):
-        # Some transformers models read attributes of their blocks (e.g. ``attention_type``).
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name in ("base_layer", "modules_to_save"):
-                raise
-            return getattr(self.base_layer, name)
+    # Some transformers models read attributes of their blocks (e.g. ``attention_type``): ForwardsAttributes.
 
     def forward(self, *args, **kwargs):
-        if self.routing is not None:
-            return self.forward_rows(*args, **kwargs)
-        name = self.active_adapter
+        rows = routing.rows()
+        if rows is not None:
+            return self.forward_mixed(rows, *args, **kwargs)
+        name = self.adapter_for_call()
         if self.disabled or name is None or name not in self.modules_to_save:
             return self.base_layer(*args, **kwargs)
         return self.modules_to_save[name](*args, **kwargs)

@@ -26,9 +26,12 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from deltatune import routing
 from deltatune.config import ConfigError, DeltaConfig, method_config
-from deltatune.methods.base import DeltaLayer, wrap_modules
+from deltatune.methods.base import DeltaLayer, SplitsRows, wrap_modules
+from deltatune.methods.contract import Method, register
 from deltatune.targeting import find_targets, layer_index, name_matches, output_head_names
+from deltatune.wrappers import base_of
 
 BIAS_CHOICES = ("all", "attention", "mlp")
 BIAS_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D, nn.LayerNorm)
@@ -47,6 +50,7 @@ class BitFitConfig(DeltaConfig):
     cli_hidden: ClassVar[frozenset[str]] = DeltaConfig.cli_hidden | {"target_modules"}
     bias: str = "all"
     add_missing: bool = False
+    """give selected layers without a bias (e.g. Llama's) a new zero-initialised bias; off: they are skipped"""
 
     def validate(self) -> None:
         if self.bias not in BIAS_CHOICES:
@@ -58,7 +62,7 @@ class BitFitConfig(DeltaConfig):
             )
 
 
-class BitFitLayer(DeltaLayer):
+class BitFitLayer(SplitsRows, DeltaLayer):
     """A frozen layer whose output gets a per-adapter bias delta."""
 
     adapter_attrs = ("bias_delta",)
@@ -82,8 +86,9 @@ class BitFitLayer(DeltaLayer):
         self.bias_delta[name] = nn.Parameter(torch.zeros(self.bias_shape(), device=device))
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.routing is not None:
-            return self.forward_rows(x, *args, **kwargs)
+        rows = routing.rows()
+        if rows is not None:
+            return self.forward_mixed(rows, x, *args, **kwargs)
         out = self.base_layer(x, *args, **kwargs)
         name = self.adapter_active()
         if name is None:
@@ -142,7 +147,7 @@ def select(model: nn.Module, config: BitFitConfig) -> list[str]:
     in_scope = {
         n
         for n, m in model.named_modules()
-        if ".base_layer" not in n and isinstance(_base(m), BIAS_TYPES) and _in_scope(n, _base(m), config, heads)
+        if ".base_layer" not in n and isinstance(base_of(m), BIAS_TYPES) and _in_scope(n, base_of(m), config, heads)
     }
     if not in_scope:
         raise ConfigError(f"BitFit bias={config.bias!r} selects no layer of {type(model).__name__}")
@@ -157,7 +162,7 @@ def select(model: nn.Module, config: BitFitConfig) -> list[str]:
     )
     if config.add_missing:
         return names
-    with_bias = [n for n in names if _base(model.get_submodule(n)).bias is not None]
+    with_bias = [n for n in names if base_of(model.get_submodule(n)).bias is not None]
     if not with_bias:
         raise ConfigError(
             f"BitFit trains bias terms, but the {len(names)} layers bias={config.bias!r} selects in "
@@ -165,10 +170,6 @@ def select(model: nn.Module, config: BitFitConfig) -> list[str]:
             "(--add-missing) to train new zero-initialised biases there."
         )
     return with_bias
-
-
-def _base(module: nn.Module) -> nn.Module:
-    return module.base_layer if isinstance(module, DeltaLayer) else module
 
 
 def finalize_merged(model: nn.Module) -> list[str]:
@@ -192,3 +193,8 @@ def inject(model: nn.Module, adapter_name: str, config: BitFitConfig) -> list[st
     for layer in wrap_modules(model, dict.fromkeys(names, BitFitLayer)).values():
         layer.add(adapter_name)
     return names
+
+
+register(
+    Method("bitfit", BitFitConfig, inject, (BitFitLayer,), merges=True, mixes="rows", finalize_merged=finalize_merged)
+)

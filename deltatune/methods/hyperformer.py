@@ -51,7 +51,6 @@ site (its checkpoint keys are ``<first site>.hypernet.*``); the other sites hold
 
 from __future__ import annotations
 
-import re
 from dataclasses import field
 from typing import Any, NamedTuple
 
@@ -62,11 +61,11 @@ from transformers.activations import ACT2FN
 from transformers.pytorch_utils import Conv1D
 
 from deltatune.config import ConfigError, DeltaConfig, method_config
-from deltatune.methods.adapter import adapter_targets
-from deltatune.methods.base import DeltaLayer
-from deltatune.targeting import replace_module
+from deltatune.constants import valid_name
+from deltatune.methods.adapter import adapter_targets, check_sites, normalize_sites
+from deltatune.methods.base import DeltaLayer, wrap_modules
+from deltatune.methods.contract import AdapterHost, Method, register
 
-_TASK_NAME = re.compile(r"[A-Za-z0-9_\-]+")
 _LN_EPS = 1e-5
 
 
@@ -82,10 +81,15 @@ class HyperAdapterConfig(DeltaConfig):
     peft_type = "HYPERFORMER"
     tasks: list[str] = field(default_factory=list)
     task_embedding_dim: int = 64
+    """t, the size of each task's learned embedding: what adding a task costs"""
     layer_embedding_dim: int = 64
+    """e, the size of each adapter site's learned embedding, which tells the generator the layer and position"""
     bottleneck_size: int = 32
+    """m, the hidden width of each generated adapter; the generator's heads grow with m × the model width"""
     hypernet_hidden: int = 128
+    """H, the hypernetwork projector's hidden width; every head reads it, so parameters grow with H"""
     non_linearity: str = "gelu"
+    """activation inside the generated adapters: a transformers ACT2FN name (gelu, relu, silu...)"""
     placement: tuple[str, ...] | list[str] = ("attention", "ffn")
     leave_out: list[int] = field(default_factory=list)
     default_task: str | None = None
@@ -94,8 +98,7 @@ class HyperAdapterConfig(DeltaConfig):
     def __post_init__(self) -> None:
         self.tasks = [self.tasks] if isinstance(self.tasks, str) else list(self.tasks)
         self.new_tasks = [self.new_tasks] if isinstance(self.new_tasks, str) else list(self.new_tasks)
-        self.placement = (self.placement,) if isinstance(self.placement, str) else tuple(self.placement)
-        self.leave_out = [self.leave_out] if isinstance(self.leave_out, int) else list(self.leave_out)
+        normalize_sites(self)
         super().__post_init__()
 
     def validate(self) -> None:
@@ -111,8 +114,7 @@ class HyperAdapterConfig(DeltaConfig):
                 raise ConfigError(f"{option} must be a positive integer, got {value!r}")
         if self.non_linearity not in ACT2FN:
             raise ConfigError(f"non_linearity {self.non_linearity!r} is unknown; choose one of: {', '.join(ACT2FN)}")
-        if not self.placement or not set(self.placement) <= {"attention", "ffn"}:
-            raise ConfigError(f"placement must name 'attention' and/or 'ffn', got {list(self.placement)}")
+        check_sites(self)
         if self.default_task is not None and self.default_task not in self.tasks:
             raise ConfigError(f"default_task {self.default_task!r} is not one of tasks {self.tasks}")
         if set(self.new_tasks) - set(self.tasks):
@@ -120,7 +122,7 @@ class HyperAdapterConfig(DeltaConfig):
 
 
 def _check_task_name(task: Any, existing: list[str]) -> None:
-    if not isinstance(task, str) or not _TASK_NAME.fullmatch(task):
+    if not valid_name(task):
         raise ConfigError(f"task name {task!r} must be letters, digits, '_' or '-'")
     if task in existing:
         raise ConfigError(f"task {task!r} already exists; tasks: {', '.join(existing)}")
@@ -264,7 +266,6 @@ class HyperNetwork(nn.Module):
 class HyperAdapterLayer(DeltaLayer):
     """A frozen output projection followed by the adapter the hypernetwork generates for it."""
 
-    mergeable = False
     # layer_embedding first: every site has one (adapter_active() and adapter_names look there).
     adapter_attrs = ("layer_embedding", "hypernet")
 
@@ -320,17 +321,7 @@ def _bottleneck(h: torch.Tensor, w: Generated, rows: torch.Tensor | None, act: n
 def inject(model: nn.Module, adapter_name: str, config: HyperAdapterConfig) -> list[str]:
     """Wrap the Houlsby adapter sites and give them one shared hypernetwork; return their names."""
     names = adapter_targets(model, config)
-    for name in names:  # refuse before changing anything
-        layer = model.get_submodule(name)
-        if isinstance(layer, DeltaLayer) and not isinstance(layer, HyperAdapterLayer):
-            raise ConfigError(f"{name} already carries a {type(layer).__name__}; a HyperFormer adapter cannot wrap it")
-    layers = []
-    for name in names:
-        layer = model.get_submodule(name)
-        if not isinstance(layer, HyperAdapterLayer):
-            layer = HyperAdapterLayer(layer)
-            replace_module(model, name, layer)
-        layers.append(layer)
+    layers = list(wrap_modules(model, dict.fromkeys(names, HyperAdapterLayer), who="a HyperFormer adapter").values())
     widths = {layer.features for layer in layers}
     if len(widths) > 1:
         raise ConfigError(f"one hypernetwork needs sites of one width; the targeted modules output {sorted(widths)}")
@@ -348,8 +339,8 @@ def _freeze(layers: list[DeltaLayer], adapter_name: str) -> None:
             p.requires_grad_(False)
 
 
-def _hypernet(delta_model: nn.Module, adapter_name: str) -> HyperNetwork:
-    for _, layer in delta_model.delta_layers():
+def _hypernet(host: AdapterHost, adapter_name: str) -> HyperNetwork:
+    for _, layer in host.delta_layers():
         if isinstance(layer, HyperAdapterLayer) and adapter_name in layer.hypernet:
             return layer.hypernet[adapter_name]
     raise KeyError(f"adapter {adapter_name!r} is not a HyperFormer adapter")
@@ -359,24 +350,26 @@ def _hypernet(delta_model: nn.Module, adapter_name: str) -> HyperNetwork:
 INPUT_KEYS = ("task_ids",)
 
 
-def prepare_inputs(delta_model: nn.Module, adapter_name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+def prepare_inputs(
+    host: AdapterHost, adapter_name: str, kwargs: dict[str, Any], generating: bool = False
+) -> dict[str, Any]:
     """Take ``task_ids`` out of the forward's arguments and tell the adapter's layers."""
-    _hypernet(delta_model, adapter_name).select(kwargs.pop("task_ids", None))
+    _hypernet(host, adapter_name).select(kwargs.pop("task_ids", None))
     return kwargs
 
 
-def generate(delta_model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> Any:
+def generate(host: AdapterHost, adapter_name: str, *args: Any, **kwargs: Any) -> Any:
     """The base model's generate with ``task_ids`` per row; each site's weights are made once."""
-    net = _hypernet(delta_model, adapter_name)
+    net = _hypernet(host, adapter_name)
     net.select(kwargs.pop("task_ids", None))
     net.cache = {}
     try:
-        return delta_model.base_model.generate(*args, **kwargs)
+        return host.base_model.generate(*args, **kwargs)
     finally:
         net.cache = None
 
 
-def add_task(delta_model: nn.Module, task: str, adapter_name: str | None = None, init: str = "mean") -> int:
+def add_task(delta_model: AdapterHost, task: str, adapter_name: str | None = None, init: str = "mean") -> int:
     """Append task ``task`` to a trained HyperFormer adapter and return its id.
 
     Its embedding starts at the mean of the existing ones (``init="random"``: normal noise), and
@@ -386,7 +379,7 @@ def add_task(delta_model: nn.Module, task: str, adapter_name: str | None = None,
     way. (A later ``set_adapter`` makes ``modules_to_save`` copies trainable again.)
     """
     adapter_name = adapter_name or delta_model.active_adapter
-    delta_model._check_adapter(adapter_name)
+    delta_model.check_adapter(adapter_name)
     config = delta_model.peft_config[adapter_name]
     if not isinstance(config, HyperAdapterConfig):
         raise TypeError(f"adapter {adapter_name!r} is a {type(config).__name__}, not a HyperFormer adapter")
@@ -401,3 +394,16 @@ def add_task(delta_model: nn.Module, task: str, adapter_name: str | None = None,
     trains = adapter_name == delta_model.active_adapter and not config.inference_mode
     net.task_embeddings[index].requires_grad_(trains)
     return index
+
+
+register(
+    Method(
+        "hyperformer",
+        HyperAdapterConfig,
+        inject,
+        (HyperAdapterLayer,),
+        prepare_inputs=prepare_inputs,
+        generate=generate,
+        input_keys=INPUT_KEYS,
+    )
+)

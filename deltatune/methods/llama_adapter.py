@@ -35,8 +35,10 @@ from torch import nn
 from transformers.models.llama.modeling_llama import rotate_half
 
 from deltatune.config import ConfigError, DeltaConfig, method_config
-from deltatune.methods.base import DeltaLayer
-from deltatune.targeting import find_targets, replace_module
+from deltatune.methods.base import DeltaLayer, wrap_modules
+from deltatune.methods.contract import Method, register
+from deltatune.targeting import find_targets
+from deltatune.wrappers import ForwardsAttributes, base_of
 
 # Model types whose attention is Llama's: q/k/v/o projections, RoPE from position_embeddings.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
@@ -91,10 +93,10 @@ class LlamaAdapterConfig(DeltaConfig):
         return data
 
 
-class LlamaAdapterAttention(DeltaLayer):
-    """A frozen Llama attention plus, per adapter, a gated attention over learned prompt tokens."""
+class LlamaAdapterAttention(ForwardsAttributes, DeltaLayer):
+    """A frozen Llama attention plus, per adapter, a gated attention over learned prompt tokens.
+    transformers may read attributes of the attention module (layer_idx, config...) through it."""
 
-    mergeable = False
     adapter_attrs = ("adaption_prompt", "adaption_gate")  # peft's parameter names -> its keys
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -102,18 +104,9 @@ class LlamaAdapterAttention(DeltaLayer):
         self.adaption_prompt = nn.ParameterDict()
         self.adaption_gate = nn.ParameterDict()
 
-    def __getattr__(self, name: str) -> Any:
-        # transformers may read attributes of the attention module (layer_idx, config, ...).
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name in ("base_layer", *self.adapter_attrs):
-                raise
-            return getattr(self.base_layer, name)
-
     def add(self, name: str, adapter_len: int) -> None:
         """Standard-normal prompts (as the paper's nn.Embedding, and peft) and a zero gate."""
-        weight = _base(self.base_layer.q_proj).weight
+        weight = base_of(self.base_layer.q_proj).weight
         dtype = weight.dtype if weight.is_floating_point() else torch.float32  # quantized bases
         hidden = self.base_layer.config.hidden_size
         self.adaption_prompt[name] = nn.Parameter(
@@ -171,12 +164,8 @@ class LlamaAdapterAttention(DeltaLayer):
         # A zero gate must give a zero branch; peft adds o_proj's bias here a second time.
         o_proj = self.base_layer.o_proj
         out = o_proj(x)
-        bias = _base(o_proj).bias
+        bias = base_of(o_proj).bias
         return out if bias is None else out - bias
-
-
-def _base(module: nn.Module) -> nn.Module:
-    return module.base_layer if isinstance(module, DeltaLayer) else module
 
 
 def _check_architecture(model: nn.Module) -> None:
@@ -201,13 +190,11 @@ def select(model: nn.Module, config: LlamaAdapterConfig) -> list[str]:
         )
     names = names[-layers:]
     for name in names:
-        module = model.get_submodule(name)
-        if isinstance(module, DeltaLayer) and not isinstance(module, LlamaAdapterAttention):
-            raise ConfigError(f"{name} already carries a {type(module).__name__}; LLaMA-Adapter cannot wrap it")
-        missing = [p for p in _PROJECTIONS if not hasattr(_base(module), p)]
+        module = base_of(model.get_submodule(name))
+        missing = [p for p in _PROJECTIONS if not hasattr(module, p)]
         if missing:
             raise ConfigError(
-                f"{name} ({type(_base(module)).__name__}) is not a Llama-style attention: it lacks {', '.join(missing)}"
+                f"{name} ({type(module).__name__}) is not a Llama-style attention: it lacks {', '.join(missing)}"
             )
     return names
 
@@ -223,10 +210,10 @@ def inject(model: nn.Module, adapter_name: str, config: LlamaAdapterConfig) -> l
             "differs from the base model's at init); deltatune does not, so logits differ from peft's here",
             stacklevel=2,
         )
-    for name in names:
-        layer = model.get_submodule(name)
-        if not isinstance(layer, LlamaAdapterAttention):
-            layer = LlamaAdapterAttention(layer)
-            replace_module(model, name, layer)
+    for layer in wrap_modules(model, dict.fromkeys(names, LlamaAdapterAttention), who="LLaMA-Adapter").values():
         layer.add(adapter_name, config.adapter_len)
     return names
+
+
+# Its prompt attention sees the whole batch: rows cannot mix; a second attention branch cannot merge.
+register(Method("llama_adapter", LlamaAdapterConfig, inject, (LlamaAdapterAttention,)))

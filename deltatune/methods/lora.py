@@ -29,8 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from deltatune import routing
 from deltatune.config import ConfigError, DeltaConfig, method_config
 from deltatune.methods.base import DeltaLayer, wrap_modules
+from deltatune.methods.contract import Method, register
 from deltatune.targeting import find_targets
 
 
@@ -40,14 +42,23 @@ class LoraConfig(DeltaConfig):
 
     peft_type = "LORA"
     r: int = 8
+    """rank of the update B·A: parameters grow with r; raise it for harder tasks (rank_pattern overrides per module)"""
     lora_alpha: float = 8
+    """the update is scaled by lora_alpha/r (lora_alpha/√r with use_rslora): raise it for larger updates"""
     lora_dropout: float = 0.0
+    """dropout on the LoRA branch's input during training, in [0, 1); 0 disables it"""
     use_rslora: bool = False
+    """rank-stabilised LoRA: scale by lora_alpha/√r instead of lora_alpha/r, so large ranks still learn"""
     fan_in_fan_out: bool = False
+    """peft's flag for weights stored in×out (GPT-2 Conv1D); set automatically when such a layer is adapted"""
     bias: str = "none"
+    """peft's LoRA bias training; only 'none' is supported (train biases with the bitfit method)"""
     init_lora_weights: bool | str = True
+    """True: Kaiming A, zero B (starts as the base model); 'gaussian': normal A, std 1/r; False: skip (debugging)"""
     rank_pattern: dict[str, int] = field(default_factory=dict)
+    """per-module ranks overriding r: {name or regex: rank}, a key matching the module name or a dotted suffix of it"""
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    """per-module lora_alpha overrides: {name or regex: alpha}, matched as rank_pattern"""
 
     def validate(self) -> None:
         ranks = [self.r, *self.rank_pattern.values()]
@@ -132,24 +143,26 @@ class LoraLinear(DeltaLayer):
         p = [self.lora_dropout[n].p if n in self.lora_dropout else 0.0 for n in names]
         return a_t[slots], b_t[slots], torch.tensor([0.0, *p], device=slots.device)[slots]
 
-    def mixed_delta(self, x: torch.Tensor) -> torch.Tensor | None:
+    def forward_mixed(self, rows: routing.RowAdapters, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Every row's own adapter in one pass: rows gather their A and B, then two batched
         matmuls (the gather-BMM that Punica/S-LoRA write as kernels); no loop over adapters."""
-        factors = self.routing.per_row(self, self.lora_A, x.shape[0], x.device, self.row_factors)
+        out = self.base_layer(x, *args, **kwargs)
+        factors = rows.per_row(self, self.lora_A, x.shape[0], x.device, self.row_factors)
         if factors is None:
-            return None
+            return out
         a_rows, b_rows, dropout = factors
-        rows = x.reshape(x.shape[0], -1, x.shape[-1]).to(a_rows.dtype)
+        h = x.reshape(x.shape[0], -1, x.shape[-1]).to(a_rows.dtype)
         if self.training and bool(dropout.any()):
             keep = (1 - dropout).view(-1, 1, 1)
-            rows = rows * torch.bernoulli(keep.expand_as(rows)) / keep
-        return torch.bmm(torch.bmm(rows, a_rows), b_rows).view(*x.shape[:-1], -1)
+            h = h * torch.bernoulli(keep.expand_as(h)) / keep
+        delta = torch.bmm(torch.bmm(h, a_rows), b_rows).view(*x.shape[:-1], -1)
+        return out + delta.to(out.dtype)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        mixed = routing.rows()
+        if mixed is not None:
+            return self.forward_mixed(mixed, x, *args, **kwargs)
         out = self.base_layer(x, *args, **kwargs)
-        if self.routing is not None:
-            delta = self.mixed_delta(x)
-            return out if delta is None else out + delta.to(out.dtype)
         name = self.adapter_active()
         if name is None:
             return out
@@ -207,15 +220,21 @@ class LoraEmbedding(DeltaLayer):
         )
         return a_t, b_t[slots], slots
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward_mixed(self, rows: routing.RowAdapters, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Each row looks its ids up in its own adapter's A."""
         out = self.base_layer(x, *args, **kwargs)
-        if self.routing is not None:  # a mixed batch: each row looks its ids up in its own adapter's A
-            factors = self.routing.per_row(self, self.lora_embedding_A, x.shape[0], x.device, self.row_factors)
-            if factors is None:
-                return out
-            a_t, b_rows, slots = factors
-            rows = a_t[slots.view(-1, *[1] * (x.dim() - 1)), x].reshape(x.shape[0], -1, a_t.shape[-1])
-            return out + torch.bmm(rows, b_rows).view_as(out).to(out.dtype)
+        factors = rows.per_row(self, self.lora_embedding_A, x.shape[0], x.device, self.row_factors)
+        if factors is None:
+            return out
+        a_t, b_rows, slots = factors
+        looked_up = a_t[slots.view(-1, *[1] * (x.dim() - 1)), x].reshape(x.shape[0], -1, a_t.shape[-1])
+        return out + torch.bmm(looked_up, b_rows).view_as(out).to(out.dtype)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        mixed = routing.rows()
+        if mixed is not None:
+            return self.forward_mixed(mixed, x, *args, **kwargs)
+        out = self.base_layer(x, *args, **kwargs)
         name = self.adapter_active()
         if name is None:
             return out
@@ -272,3 +291,6 @@ def inject(model: nn.Module, adapter_name: str, config: LoraConfig) -> list[str]
         r, alpha = config.rank_and_alpha(name)
         layer.add(adapter_name, r, alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights)
     return names
+
+
+register(Method("lora", LoraConfig, inject, (LoraLinear, LoraEmbedding), merges=True, mixes="weights"))

@@ -20,7 +20,8 @@ from torch import nn
 
 from deltatune.config import ConfigError, method_config
 from deltatune.methods import prompt_learning as pl
-from deltatune.methods.prompt_learning import PromptEncoder, PromptLearningConfig
+from deltatune.methods.contract import Method, register
+from deltatune.methods.prompt_learning import PromptEncoder, PromptLearningConfig, PromptLearningLayer
 
 ENCODERS = {"mlp": "MLP", "lstm": "LSTM"}  # ours -> peft's
 
@@ -38,6 +39,7 @@ class PTuningConfig(PromptLearningConfig):
     encoder_hidden_size: int | None = None
     encoder_num_layers: int = 2
     encoder_dropout: float = 0.0
+    """dropout between LSTM layers (encoder='lstm', encoder_num_layers > 1), in [0, 1); the MLP has none"""
     encoder_reparameterization_type: str | None = None
 
     def validate(self) -> None:
@@ -95,3 +97,14 @@ def inject(model: nn.Module, adapter_name: str, config: PTuningConfig) -> list[s
 
 prepare_inputs = pl.prepend_virtual_tokens
 generate = pl.generate_virtual_tokens
+register(
+    Method(
+        "p_tuning",
+        PTuningConfig,
+        inject,
+        (PromptLearningLayer,),
+        mixes="virtual_tokens",
+        prepare_inputs=prepare_inputs,
+        generate=generate,
+    )
+)

@@ -21,7 +21,9 @@ from torch import nn
 
 from deltatune.config import ConfigError, DeltaConfig, method_config
 from deltatune.methods.base import DeltaLayer, ModulesToSave, wrap_modules
+from deltatune.methods.contract import Method, register
 from deltatune.targeting import DEFAULT_LAYER_CONTAINERS, layer_index
+from deltatune.wrappers import base_of
 
 
 @method_config
@@ -102,15 +104,11 @@ def select(model: nn.Module, config: PartialConfig) -> list[str]:
         )
     names = [blocks[i] for i in config.selected(indices)]
     for name in names:
-        block = _base(model.get_submodule(name))
+        block = base_of(model.get_submodule(name))
         inner = next((n for n, m in block.named_modules() if isinstance(m, DeltaLayer)), None)
         if inner is not None:
             raise ConfigError(f"{name}.{inner} already carries an adapter; partial fine-tuning cannot copy it")
     return names
-
-
-def _base(module: nn.Module) -> nn.Module:
-    return module.base_layer if isinstance(module, ModulesToSave) else module
 
 
 def inject(model: nn.Module, adapter_name: str, config: PartialConfig) -> list[str]:
@@ -119,3 +117,7 @@ def inject(model: nn.Module, adapter_name: str, config: PartialConfig) -> list[s
     for layer in wrap_modules(model, dict.fromkeys(names, ModulesToSave)).values():
         layer.add(adapter_name)
     return names
+
+
+# A block sees the whole batch's KV cache: its rows cannot run apart, so partial adapters do not mix.
+register(Method("partial", PartialConfig, inject, (ModulesToSave,), merges=True))

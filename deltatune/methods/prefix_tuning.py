@@ -25,9 +25,11 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache
 
+from deltatune.compat import get_cache, set_cache
 from deltatune.config import ConfigError, method_config
 from deltatune.methods import prompt_learning as pl
-from deltatune.methods.prompt_learning import PromptEncoder, PromptLearningConfig
+from deltatune.methods.contract import AdapterHost, Method, register
+from deltatune.methods.prompt_learning import PromptEncoder, PromptLearningConfig, PromptLearningLayer
 
 
 @method_config
@@ -116,17 +118,17 @@ def fill_cache(model: nn.Module, kv: torch.Tensor, cache: Any) -> Cache:
 
 
 def prepare_inputs(
-    delta_model: Any, adapter_name: str, kwargs: dict[str, Any], generating: bool = False
+    host: AdapterHost, adapter_name: str, kwargs: dict[str, Any], generating: bool = False
 ) -> dict[str, Any]:
     """The prefix becomes the KV cache (unless a later decoding step already has it there); the
     attention mask covers it and explicit positions move past it."""
-    config = delta_model.peft_config[adapter_name]
+    config = host.peft_config[adapter_name]
     n = config.num_virtual_tokens
     if kwargs.get("position_ids") is not None:
         kwargs["position_ids"] = kwargs["position_ids"] + n
     pl.drop(kwargs, "token_type_ids", "the prefix has none", quietly=generating)
-    if pl.is_empty(kwargs.get("past_key_values")):
-        model = delta_model.base_model
+    if pl.is_empty(get_cache(kwargs)):
+        model = host.base_model
         if model.training and torch.is_grad_enabled() and getattr(model, "is_activation_checkpointing", False):
             raise ConfigError(
                 "prefix tuning feeds its prefix through the KV cache, which activation (gradient) checkpointing "
@@ -134,10 +136,21 @@ def prepare_inputs(
             )
         inputs = kwargs.get("input_ids")
         batch = (inputs if inputs is not None else kwargs["inputs_embeds"]).shape[0]
-        kv = key_values(model, config, pl.prompt_layer(delta_model).prompt(adapter_name))
-        kwargs["past_key_values"] = fill_cache(model, kv.expand(batch, -1, -1, -1, -1), kwargs.get("past_key_values"))
+        kv = key_values(model, config, pl.prompt_layer(host).prompt(adapter_name))
+        set_cache(kwargs, model, fill_cache(model, kv.expand(batch, -1, -1, -1, -1), get_cache(kwargs)))
     pl.extend_attention_mask(kwargs, n)
     return kwargs
 
 
 generate = pl.generate_with(prepare_inputs)
+register(
+    Method(
+        "prefix_tuning",
+        PrefixTuningConfig,
+        inject,
+        (PromptLearningLayer,),
+        mixes="prefix",
+        prepare_inputs=prepare_inputs,
+        generate=generate,
+    )
+)

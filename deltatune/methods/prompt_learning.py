@@ -27,7 +27,6 @@ position, so a left-padded row sees its text shifted by its padding, exactly as 
 
 from __future__ import annotations
 
-import functools
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -37,10 +36,14 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache
 
+from deltatune import routing
+from deltatune.compat import get_cache, pop_cache
 from deltatune.config import ConfigError, DeltaConfig, method_config
+from deltatune.constants import IGNORE_INDEX
 from deltatune.methods.base import DeltaLayer, wrap_modules
+from deltatune.methods.contract import AdapterHost
+from deltatune.wrappers import ForwardsAttributes, base_of
 
-IGNORE_INDEX = -100
 ENCODER_KEY = "prompt_encoder."  # training-state keys: the encoder's own weights
 _TARGETING = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern")
 
@@ -61,6 +64,7 @@ class PromptLearningConfig(DeltaConfig):
         "num_layers",
     }
     num_virtual_tokens: int = 20
+    """n, the virtual tokens added (prefix tuning: keys/values per layer); more capacity, longer sequences"""
     token_dim: int | None = None
     num_transformer_submodules: int | None = None
     num_attention_heads: int | None = None
@@ -128,25 +132,16 @@ class PromptEncoder(nn.Module):
         return self.embedding.weight
 
 
-class PromptLearningLayer(DeltaLayer):
-    """The model's input embeddings (unchanged) plus each adapter's prompt encoder."""
+class PromptLearningLayer(ForwardsAttributes, DeltaLayer):
+    """The model's input embeddings (unchanged) plus each adapter's prompt encoder. transformers
+    reads the embedding's attributes (weight, padding_idx...) through it (ForwardsAttributes)."""
 
     adapter_attrs = ("prompt_encoder",)
-    mergeable = False
     top_level_keys = True  # peft's bare ``prompt_embeddings`` key
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.prompt_encoder = nn.ModuleDict()
-
-    def __getattr__(self, name: str) -> Any:
-        # transformers reads the embedding's attributes (weight, padding_idx...) through us.
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name in ("base_layer", "prompt_encoder"):
-                raise
-            return getattr(self.base_layer, name)
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self.base_layer(*args, **kwargs)
@@ -248,18 +243,19 @@ def input_embeddings(model: nn.Module) -> tuple[str, nn.Module]:
     """The input embedding module's name and the raw embedding inside any wrapper of ours."""
     module = model.get_input_embeddings()
     name = next(n for n, m in model.named_modules() if m is module)
-    return name, module.base_layer if isinstance(module, PromptLearningLayer) else module
+    return name, base_of(module)
 
 
 def attach(model: nn.Module, adapter_name: str, encoder: PromptEncoder) -> list[str]:
     name, _ = input_embeddings(model)
     layer = wrap_modules(model, {name: PromptLearningLayer})[name]
     layer.add(adapter_name, encoder)
+    routing.install_step_hook(model)  # once per model: generate's steps read their inputs from the call
     return [name]
 
 
-def prompt_layer(delta_model: Any) -> PromptLearningLayer:
-    layer = delta_model.base_model.get_input_embeddings()
+def prompt_layer(host: AdapterHost) -> PromptLearningLayer:
+    layer = host.base_model.get_input_embeddings()
     if not isinstance(layer, PromptLearningLayer):
         raise RuntimeError("the model's input embeddings no longer carry the prompt-learning layer")
     return layer
@@ -296,16 +292,16 @@ def drop(kwargs: dict[str, Any], name: str, why: str, quietly: bool) -> None:
 
 
 def prepend_virtual_tokens(
-    delta_model: Any, adapter_name: str, kwargs: dict[str, Any], generating: bool = False
+    host: AdapterHost, adapter_name: str, kwargs: dict[str, Any], generating: bool = False
 ) -> dict[str, Any]:
     """Prompt and P-tuning's ``prepare_inputs``: the adapter's n virtual tokens go before the input."""
-    config = delta_model.peft_config[adapter_name]
+    config = host.peft_config[adapter_name]
     n = config.num_virtual_tokens
     drop(kwargs, "position_ids", "the virtual tokens take positions 0..n-1", quietly=generating)
-    if not is_empty(kwargs.get("past_key_values")):  # a later decoding step: they are in the cache
+    if not is_empty(get_cache(kwargs)):  # a later decoding step: they are in the cache
         extend_attention_mask(kwargs, n)
         return kwargs
-    layer = prompt_layer(delta_model)
+    layer = prompt_layer(host)
     input_ids, embeds = kwargs.pop("input_ids", None), kwargs.get("inputs_embeds")
     if embeds is None:
         if input_ids is None:
@@ -330,30 +326,31 @@ def prepend_virtual_tokens(
 Prepare = Callable[..., dict[str, Any]]
 
 
+def generate_stepping(host: AdapterHost, step: routing.Step, *args: Any, **kwargs: Any) -> Any:
+    """transformers' generate on ``host.base_model``, with ``step`` applied to the inputs of every
+    decoding step (the prefill brings the virtual tokens; later steps find them cached). The step
+    travels in this call's scope and a forward pre-hook, registered once, applies it (see
+    deltatune.routing): the model itself is not patched, so concurrent and nested calls are safe."""
+    base = host.base_model
+
+    def prepare_step(inputs: dict[str, Any]) -> dict[str, Any]:
+        if inputs.get("use_cache") is False:  # each step reads the whole text: drop the cache a prefix
+            pop_cache(inputs)  # was handed in (the model returns it even so)
+        return step(inputs)
+
+    with routing.scope(step=prepare_step, model=base):
+        return base.generate(*args, **kwargs)
+
+
 def generate_with(prepare: Prepare) -> Callable[..., Any]:
-    """A method's ``generate`` hook: transformers' generate, with ``prepare`` applied to the model
-    inputs of every step (the prefill brings the virtual tokens; later steps find them cached)."""
+    """A method's ``generate`` hook: transformers' generate with ``prepare(host, adapter_name,
+    inputs, generating=True)`` applied to the model inputs of every step."""
 
-    def generate(delta_model: Any, adapter_name: str, *args: Any, **kwargs: Any) -> Any:
-        base = delta_model.base_model
-        patched_before = "prepare_inputs_for_generation" in vars(base)
-        original = base.prepare_inputs_for_generation
+    def generate(host: AdapterHost, adapter_name: str, *args: Any, **kwargs: Any) -> Any:
+        def step(inputs: dict[str, Any]) -> dict[str, Any]:
+            return prepare(host, adapter_name, inputs, generating=True)
 
-        @functools.wraps(original)  # generate validates its kwargs against this signature
-        def prepare_step(*step_args: Any, **step_kwargs: Any) -> dict[str, Any]:
-            inputs = original(*step_args, **step_kwargs)
-            if inputs.get("use_cache") is False:  # each step reads the whole text: drop the cache a prefix
-                inputs.pop("past_key_values", None)  # was handed in (the model returns it even so)
-            return prepare(delta_model, adapter_name, inputs, generating=True)
-
-        base.prepare_inputs_for_generation = prepare_step
-        try:
-            return base.generate(*args, **kwargs)
-        finally:
-            if patched_before:
-                base.prepare_inputs_for_generation = original
-            else:
-                del base.prepare_inputs_for_generation
+        return generate_stepping(host, step, *args, **kwargs)
 
     return generate
 

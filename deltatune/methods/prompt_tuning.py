@@ -23,7 +23,8 @@ from torch import nn
 
 from deltatune.config import ConfigError, method_config
 from deltatune.methods import prompt_learning as pl
-from deltatune.methods.prompt_learning import PromptEncoder, PromptLearningConfig
+from deltatune.methods.contract import Method, register
+from deltatune.methods.prompt_learning import PromptEncoder, PromptLearningConfig, PromptLearningLayer
 
 INITS = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}  # ours -> peft's
 
@@ -40,7 +41,9 @@ class PromptTuningConfig(PromptLearningConfig):
     init: str | None = None
     init_text: str | None = None
     tokenizer_name_or_path: str | None = None
+    """tokenizer (directory or hub name) for init_text with init='text'; default: the base model's directory"""
     tokenizer_kwargs: dict[str, Any] | None = None
+    """extra keyword arguments for loading that tokenizer (e.g. {"gguf_file": ...}); only with init='text'"""
     prompt_tuning_init: str | None = None
     prompt_tuning_init_text: str | None = None
 
@@ -95,3 +98,14 @@ def inject(model: nn.Module, adapter_name: str, config: PromptTuningConfig) -> l
 
 prepare_inputs = pl.prepend_virtual_tokens
 generate = pl.generate_virtual_tokens
+register(
+    Method(
+        "prompt_tuning",
+        PromptTuningConfig,
+        inject,
+        (PromptLearningLayer,),
+        mixes="virtual_tokens",
+        prepare_inputs=prepare_inputs,
+        generate=generate,
+    )
+)

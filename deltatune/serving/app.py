@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import secrets
 import time
 import uuid
@@ -23,11 +22,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from deltatune.mixed import BASE_ADAPTER
+from deltatune.constants import ADAPTER_NAME, BASE_ADAPTER
 from deltatune.serving.batcher import Engine, QueueFull, asyncio_sink
 from deltatune.serving.batcher import Request as Job
-
-ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
 
 
 class ApiError(Exception):

@@ -28,7 +28,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from deltatune.config import DeltaConfig
-from deltatune.mixed import BASE_ADAPTER, MIXABLE
+from deltatune.mixed import BASE_ADAPTER, mixable
 from deltatune.model import DeltaModel
 
 log = logging.getLogger("deltatune.serve")
@@ -100,9 +100,9 @@ class Engine:
 
     def load_adapter(self, name: str, path: Path) -> None:
         kind = DeltaConfig.load(path).peft_type
-        if kind not in MIXABLE:
+        if kind not in mixable():
             raise ValueError(
-                f"a {kind} adapter cannot share batches with others; the server takes {', '.join(MIXABLE)}"
+                f"a {kind} adapter cannot share batches with others; the server takes {', '.join(sorted(mixable()))}"
             )
         with self.lock:
             if self.model is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,45 +17,93 @@ from deltatune.config import ConfigError, _check_known
 
 @dataclass
 class TrainConfig:
-    """Every option of ``deltatune train``; the defaults run the built-in JSON-extraction demo."""
+    """Every option of ``deltatune train``; the defaults run the built-in JSON-extraction demo.
+
+    Each field's help text (``deltatune train --help``) is the string right after it (an attribute
+    docstring); :data:`FLAG_GROUPS` sorts the flags into the groups ``--help`` shows.
+    """
 
     base: str = "smollm2-135m"
-    task: str | None = None  # causal-lm | classification; the base model's natural task by default
+    """base model: a built-in name (smollm2-135m, ...) or a local transformers model directory"""
+    task: str | None = None
+    """causal-lm or classification; by default the base model's natural task (a *ForSequenceClassification
+    model classifies)"""
     method: str = "lora"
+    """the PEFT method (see the method list below)"""
     method_options: dict[str, Any] = field(default_factory=dict)
-    data: str | None = None  # None: the built-in demo task
-    eval_data: str | None = None
+    """the method's options as one mapping (config files); each is also a flag of its own"""
+    data: str | list[str] | dict[str, str] | None = None
+    """training data file (.jsonl/.json/.csv/.tsv/.txt); several tasks as NAME=PATH entries (sst2=train.tsv
+    rte=rte.tsv): HyperFormer learns them together with a task id per row, other methods train one adapter on
+    the union. None: the built-in demo task"""
+    eval_data: str | list[str] | dict[str, str] | None = None
+    """evaluation data file (NAME=PATH entries for several tasks; a task without one is split from its training
+    data); by default --eval-fraction of the training data"""
     eval_fraction: float = 0.1
+    """share of the training data held out for evaluation when there is no --eval-data"""
     max_eval_examples: int = 200
+    """most evaluation examples (per task in multi-task training)"""
+    task_column: str | None = None
+    """multi-task data in one file: the column (field) naming each row's task"""
     text_column: str | None = None
+    """column of the text (classification) or of plain language-modelling text; detected by default"""
     text_pair_column: str | None = None
+    """classification: column of the second text of a pair (e.g. sentence2); detected by default"""
     label_column: str | None = None
+    """classification: column of the label; detected by default (label, labels, Quality)"""
     prompt_column: str | None = None
+    """causal-lm: column of the prompt (with --target-column); detected by default"""
     target_column: str | None = None
+    """causal-lm: column of the response the loss is computed on (with --prompt-column)"""
     num_labels: int | None = None
+    """classification: number of classes; by default the largest label + 1"""
     epochs: float = 1.0
+    """passes over the training data (fractions allowed); --max-steps wins"""
     max_steps: int | None = None
+    """optimizer steps to train, overriding --epochs"""
     learning_rate: float = 2e-4
+    """peak learning rate of AdamW"""
     lr_scheduler: str = "cosine"
+    """learning-rate schedule after warm-up, a transformers scheduler name: linear, cosine, constant,
+    constant_with_warmup, polynomial, ..."""
     warmup_steps: int = 0
+    """steps of linear warm-up (wins over --warmup-ratio)"""
     warmup_ratio: float = 0.0
+    """share of the steps spent warming up"""
     weight_decay: float = 0.0
+    """AdamW weight decay"""
     max_grad_norm: float | None = 1.0
+    """clip the gradient norm to this (0 or none: no clipping)"""
     batch_size: int = 8
+    """examples per micro-batch (per process under torchrun)"""
     grad_accum: int = 1
+    """micro-batches per optimizer step (gradient accumulation)"""
     max_length: int = 512
+    """most tokens per example (longer responses are cut; plain text is split into windows)"""
     packing: bool = False
+    """causal-lm: pack several examples into each row of --max-length tokens instead of padding"""
     group_by_length: bool = True
+    """batch examples of similar length together (less padding)"""
     gradient_checkpointing: bool = False
+    """recompute activations in the backward pass: less memory, more time"""
     seed: int = 0
+    """random seed of the data order, the eval split and the adapter's initialisation"""
     output_dir: str = "runs/default"
+    """directory for the adapter, checkpoints, metrics.jsonl, summary.json and loss.png"""
     log_every: int = 5
+    """write a metrics.jsonl line every this many steps"""
     save_every: int = 50
+    """save a checkpoint every this many steps"""
     keep_checkpoints: int = 2
+    """how many of the newest checkpoints to keep"""
     resume: bool = False
+    """continue the run in --output-dir from its newest intact checkpoint"""
     eval_generate: bool = True
+    """causal-lm: evaluate greedy generations (BLEU, ROUGE-L) besides loss and perplexity"""
     max_new_tokens: int = 48
+    """most tokens generated per evaluation example"""
     threads: int | None = None
+    """CPU threads for torch (default: torch's choice)"""
 
     def __post_init__(self) -> None:
         positive = {
@@ -79,12 +128,125 @@ class TrainConfig:
         if self.task not in (None, "causal-lm", "classification"):
             raise ConfigError(f"task must be 'causal-lm' or 'classification', got {self.task!r}")
         for name in ("data", "eval_data"):
-            path = getattr(self, name)
-            if path is not None and not Path(path).is_file():
-                raise ConfigError(f"--{name.replace('_', '-')} {path}: no such file")
+            setattr(self, name, _data_files(getattr(self, name), name))
+        if isinstance(self.eval_data, dict):
+            if not isinstance(self.data, dict):
+                raise ConfigError("--eval-data NAME=PATH entries need --data NAME=PATH entries with the same names")
+            unknown = set(self.eval_data) - set(self.data)
+            if unknown:
+                raise ConfigError(f"--eval-data names tasks {sorted(unknown)} that --data lacks: {list(self.data)}")
+        elif self.eval_data is not None and isinstance(self.data, dict):
+            raise ConfigError("with several --data tasks, give --eval-data as NAME=PATH entries too")
+        if self.task_column is not None and isinstance(self.data, dict):
+            raise ConfigError("use --task-column with one --data file, or NAME=PATH data files, not both")
+
+    def data_files(self) -> dict[str | None, str]:
+        """Training data files by task name; one file without a name is ``{None: path}``, no data ``{}``."""
+        if self.data is None:
+            return {}
+        return dict(self.data) if isinstance(self.data, dict) else {None: self.data}
+
+    @property
+    def multi_task(self) -> bool:
+        """Whether examples carry task names (several data files, or a task column)."""
+        return isinstance(self.data, dict) or self.task_column is not None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+_TASK_NAME = re.compile(r"[A-Za-z0-9_\-]+")
+
+
+def _data_files(value: Any, name: str) -> str | dict[str, str] | None:
+    """``--data``'s value: one path, or task name -> path from NAME=PATH entries (or a mapping in a config file).
+    Every file must exist."""
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, (list, tuple)):
+        if len(value) == 1 and not _named_entry(value[0]):
+            value = value[0]
+        else:
+            entries = {}
+            for entry in value:
+                if not _named_entry(entry):
+                    raise ConfigError(
+                        f"{flag} {entry!r}: several data files need a task name each, as NAME=PATH "
+                        "(e.g. sst2=train.tsv rte=rte.tsv)"
+                    )
+                task, path = entry.split("=", 1)
+                if task in entries:
+                    raise ConfigError(f"{flag}: task {task!r} is given twice")
+                entries[task] = path
+            value = entries
+    elif isinstance(value, str) and _named_entry(value):
+        value = dict([value.split("=", 1)])
+    if isinstance(value, dict):
+        for task, path in value.items():
+            if not isinstance(task, str) or not _TASK_NAME.fullmatch(task):
+                raise ConfigError(f"{flag}: task name {task!r} must be letters, digits, '_' or '-'")
+            if not Path(str(path)).is_file():
+                raise ConfigError(f"{flag} {task}={path}: no such file")
+        return {task: str(path) for task, path in value.items()}
+    if value is not None and not Path(value).is_file():
+        raise ConfigError(f"{flag} {value}: no such file")
+    return value
+
+
+def _named_entry(entry: Any) -> bool:
+    """Whether ``entry`` reads as NAME=PATH (and is not itself an existing file whose name holds '=')."""
+    if not isinstance(entry, str) or "=" not in entry or Path(entry).is_file():
+        return False
+    return bool(_TASK_NAME.fullmatch(entry.split("=", 1)[0]))
+
+
+# How ``deltatune train --help`` groups TrainConfig's flags; the method's own options get a group of their own.
+FLAG_GROUPS: dict[str, tuple[str, ...]] = {
+    "data": (
+        "data",
+        "eval_data",
+        "task_column",
+        "eval_fraction",
+        "max_eval_examples",
+        "task",
+        "text_column",
+        "text_pair_column",
+        "label_column",
+        "prompt_column",
+        "target_column",
+        "num_labels",
+        "max_length",
+        "packing",
+        "group_by_length",
+    ),
+    "training": (
+        "base",
+        "method",
+        "epochs",
+        "max_steps",
+        "learning_rate",
+        "lr_scheduler",
+        "warmup_steps",
+        "warmup_ratio",
+        "weight_decay",
+        "max_grad_norm",
+        "batch_size",
+        "grad_accum",
+        "gradient_checkpointing",
+        "seed",
+        "threads",
+    ),
+    "output/run": (
+        "output_dir",
+        "log_every",
+        "save_every",
+        "keep_checkpoints",
+        "resume",
+        "eval_generate",
+        "max_new_tokens",
+    ),
+}
+# Flags with a fixed set of values (argparse checks them); --method's come from deltatune.methods.CONFIGS.
+FLAG_CHOICES: dict[str, tuple[str, ...]] = {"task": ("causal-lm", "classification")}
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import random
 
-from deltatune.training.data import Example
+from deltatune.data import Example
 
 INSTRUCTION = 'Extract the person as JSON with keys "name", "age", "job", "city".'
 FIRST = [

@@ -17,7 +17,7 @@ def plot_loss(metrics_path: Path, image_path: Path) -> None:
     import matplotlib.pyplot as plt
 
     lines = metrics_path.read_text().splitlines() if metrics_path.is_file() else []
-    records = [json.loads(line) for line in lines if line]
+    records = [r for r in map(json.loads, filter(None, lines)) if "eval" not in r]  # training lines, not eval ones
     if not records:
         return
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -57,6 +57,8 @@ def print_summary(summary: dict[str, Any]) -> None:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, width, strict=True)))
         if i == 0:
             print("  ".join("-" * w for w in width))
+    if summary.get("tasks"):
+        print_task_table(summary["tasks"])
     trainable, total = summary["trainable_params"], summary["total_params"]
     print(f"\ntrainable parameters  {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
     print(f"adapter file          {_size(summary['adapter_bytes'])} (base model {_size(summary['base_bytes'])})")
@@ -65,3 +67,15 @@ def print_summary(summary: dict[str, Any]) -> None:
         f"{summary['train_seconds']:.0f} s"
     )
     print(f"adapter saved to      {summary['adapter_dir']}")
+
+
+def print_task_table(tasks: dict[str, dict[str, dict[str, float]]]) -> None:
+    """Per-task metrics of multi-task training: one line per task and metric, before -> after."""
+    print("\nper task:")
+    for name, both in tasks.items():
+        before, after = both.get("before", {}), both["after"]
+        cells = [
+            f"{key} {before[key]:.4g} -> {value:.4g}" if key in before else f"{key} {value:.4g}"
+            for key, value in after.items()
+        ]
+        print(f"  {name:<12} " + ", ".join(cells))

@@ -12,9 +12,10 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,23 +25,34 @@ from torch import nn
 
 from deltatune import methods
 from deltatune.config import ConfigError
-from deltatune.loading.base_models import BUILTIN_MODELS, load_base, resolve_model_dir
-from deltatune.model import DeltaModel, wrap
-from deltatune.training import demo
-from deltatune.training.checkpoints import Position, latest_checkpoint, load_checkpoint, save_checkpoint
-from deltatune.training.config import TrainConfig
-from deltatune.training.data import (
+from deltatune.data import (
     IGNORE_INDEX,
     Batcher,
     Example,
     pack,
     read_examples,
     split_train_eval,
-    tokenize_examples,
+    tokenize_tasks,
 )
-from deltatune.training.evaluate import evaluate_model
-from deltatune.training.loss import LossModule
+from deltatune.evaluation import evaluate_loss, evaluate_model
+from deltatune.loading.base_models import load_base
+from deltatune.loading.tasks import load_tokenizer, task_of
+from deltatune.loss import LossModule
+from deltatune.methods.prompt_learning import PromptLearningConfig
+from deltatune.model import DeltaModel, wrap
+from deltatune.training import demo
+from deltatune.training.checkpoints import (
+    Position,
+    latest_checkpoint,
+    latest_intact_checkpoint,
+    load_checkpoint,
+    remove_leftovers,
+    save_checkpoint,
+)
+from deltatune.training.config import TrainConfig
 from deltatune.training.report import plot_loss, print_summary
+
+__all__ = ["TrainConfig", "load_tokenizer", "prepare", "task_of", "train"]
 
 DEMO_TRAIN, DEMO_EVAL = 400, 48
 # Options that must match for --resume to continue a run rather than mix two.
@@ -56,6 +68,10 @@ class Prepared:
     eval: Batcher
     eval_examples: list[Example]
     num_labels: int | None
+    # Multi-task training: each task's eval examples and batcher (in task order), and the task ids the model
+    # takes per row (None: the method takes none, so the tasks train one adapter on their union).
+    eval_tasks: dict[str, tuple[list[Example], Batcher]] = field(default_factory=dict)
+    task_ids: dict[str, int] | None = None
 
 
 # --- set-up -----------------------------------------------------------------------------------
@@ -74,68 +90,186 @@ def training_device() -> torch.device:
     return torch.device("cpu")
 
 
-def task_of(base: str) -> str:
-    if base in BUILTIN_MODELS:
-        return BUILTIN_MODELS[base].default_task
-    config = json.loads((resolve_model_dir(base)[0] / "config.json").read_text())
-    heads = config.get("architectures") or []
-    return "classification" if any(a.endswith("ForSequenceClassification") for a in heads) else "causal-lm"
-
-
 def read_data(cfg: TrainConfig, task: str) -> tuple[list[Example], list[Example]]:
-    """Train and eval examples, read and checked before the (slow) model load."""
+    """Train and eval examples, read and checked before the (slow) model load.
+
+    Multi-task data (``--data NAME=PATH ...`` or ``--task-column``) gives examples with their ``task``; a task
+    without an eval file is split per task, so that each task is evaluated, and eval examples come in task order.
+    """
     if cfg.data is None:
         if task != "causal-lm":
             raise ConfigError("the built-in demo is a causal-lm task: give --data for classification")
         return demo.make_examples(DEMO_TRAIN, cfg.seed), demo.make_examples(DEMO_EVAL, cfg.seed + 10_000)
     columns = {
         k: getattr(cfg, k)
-        for k in ("text_column", "text_pair_column", "label_column", "prompt_column", "target_column", "num_labels")
+        for k in (
+            "text_column",
+            "text_pair_column",
+            "label_column",
+            "prompt_column",
+            "target_column",
+            "num_labels",
+            "task_column",
+        )
     }
-    train = read_examples(cfg.data, task, **columns)
-    if cfg.eval_data:
+    train = [e for name, path in cfg.data_files().items() for e in read_examples(path, task, **columns, task_name=name)]
+    if not cfg.multi_task:
+        if cfg.eval_data:
+            evaluation = read_examples(cfg.eval_data, task, **columns)
+        else:
+            train, evaluation = split_train_eval(train, cfg.eval_fraction, cfg.seed)
+        return train, evaluation[: cfg.max_eval_examples]
+    names = task_names(train)
+    eval_files = cfg.eval_data if isinstance(cfg.eval_data, dict) else {}
+    evaluation = []
+    if isinstance(cfg.eval_data, str):  # one file with a task column
         evaluation = read_examples(cfg.eval_data, task, **columns)
-    else:
-        train, evaluation = split_train_eval(train, cfg.eval_fraction, cfg.seed)
-    return train, evaluation[: cfg.max_eval_examples]
+        unknown = sorted(set(task_names(evaluation)) - set(names))
+        if unknown:
+            raise ConfigError(f"--eval-data {cfg.eval_data} has tasks {unknown} that the training data lacks: {names}")
+    kept_train = []
+    for name in names:
+        part = [e for e in train if e.task == name]
+        if name in eval_files:
+            evaluation += read_examples(eval_files[name], task, **columns, task_name=name)
+        elif not isinstance(cfg.eval_data, str):  # no eval file for this task: hold out part of its data
+            part, held = split_train_eval(part, cfg.eval_fraction, cfg.seed)
+            evaluation += held
+        kept_train += part
+    train = kept_train
+    by_task = [[e for e in evaluation if e.task == name][: cfg.max_eval_examples] for name in names]
+    return train, [e for part in by_task for e in part]
+
+
+def task_names(examples: list[Example]) -> list[str]:
+    """The examples' task names in order of first appearance."""
+    return list(dict.fromkeys(e.task for e in examples if e.task is not None))
+
+
+def takes_task_ids(config_cls: type) -> bool:
+    """Whether a method's forward takes a task id per row (HyperFormer: a config with ``tasks``)."""
+    import dataclasses
+
+    return "tasks" in {f.name for f in dataclasses.fields(config_cls)}
+
+
+def method_options_for_tasks(cfg: TrainConfig, tasks: list[str]) -> tuple[dict[str, Any], dict[str, int] | None]:
+    """The method's options and the task id of each task name: a method that takes task ids (HyperFormer) gets
+    the data's tasks as its ``tasks`` unless they are given (then the data's must be among them)."""
+    options = dict(cfg.method_options)
+    if not tasks or not takes_task_ids(methods.config_class_for_name(cfg.method)):
+        return options, None
+    if not options.get("tasks"):
+        options["tasks"] = list(tasks)
+    declared = [options["tasks"]] if isinstance(options["tasks"], str) else list(options["tasks"])
+    missing = [t for t in tasks if t not in declared]
+    if missing:
+        raise ConfigError(
+            f"the data has tasks {missing} that --tasks {' '.join(declared)} does not list; add them to --tasks "
+            "(or leave --tasks out to use the data's task names)"
+        )
+    return options, {t: declared.index(t) for t in tasks}
+
+
+def check_packing(cfg: TrainConfig, task: str) -> None:
+    """Packed examples are kept apart by restarting position ids with no attention mask; virtual-token methods
+    drop or shift those positions and bring a mask or KV cache, so packed examples would attend to each other."""
+    virtual_tokens = issubclass(methods.config_class_for_name(cfg.method), PromptLearningConfig)
+    if cfg.packing and task == "causal-lm" and virtual_tokens:
+        raise ConfigError(
+            f"--packing cannot be used with {cfg.method}: its virtual tokens take the positions that keep packed "
+            "examples apart, so they would attend to each other. Use --no-packing, or a method such as lora."
+        )
 
 
 def prepare(cfg: TrainConfig) -> Prepared:
     task = cfg.task or task_of(cfg.base)
+    check_packing(cfg, task)
     train_examples, eval_examples = read_data(cfg, task)
+    tasks = task_names(train_examples) if cfg.multi_task else []
+    options, task_ids = method_options_for_tasks(cfg, tasks)
+    if task_ids is not None and cfg.packing and task == "causal-lm":
+        raise ConfigError(
+            f"--packing puts examples of several tasks in one row, but {cfg.method} takes one task per row; "
+            "use --no-packing for multi-task training"
+        )
     num_labels = None
     if task == "classification":
         num_labels = cfg.num_labels or max(e.label for e in train_examples + eval_examples) + 1
-    model, tokenizer = load_base(cfg.base, task=task, num_labels=num_labels or 2)
-    train_features = tokenize_examples(train_examples, tokenizer, task, cfg.max_length)
-    eval_features = tokenize_examples(eval_examples, tokenizer, task, cfg.max_length)
+    method_config = methods.config_class_for_name(cfg.method)(**options)  # validates the options
+    # Everything that needs only the tokenizer (a prompt longer than max_length) fails before the weights load.
+    tokenizer = load_tokenizer(cfg.base)
+    train_features = tokenize_tasks(train_examples, tokenizer, task, cfg.max_length, task_ids)
+    eval_features = tokenize_tasks(eval_examples, tokenizer, task, cfg.max_length, task_ids)
     if cfg.packing and task == "causal-lm":
         train_features = pack(train_features, cfg.max_length)
+    model, _ = load_base(cfg.base, task=task, num_labels=num_labels or 2)
     _, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     pad = tokenizer.pad_token_id
     train = Batcher(
         train_features, cfg.batch_size * world, pad_token_id=pad, seed=cfg.seed, group_by_length=cfg.group_by_length
     )
     evaluation = Batcher(eval_features, cfg.batch_size, pad_token_id=pad, seed=cfg.seed, shuffle=False)
-    delta = wrap(model.to(training_device()), methods.config_class_for_name(cfg.method)(**cfg.method_options))
-    return Prepared(delta, tokenizer, task, train, evaluation, eval_examples, num_labels)
+    eval_tasks = {}
+    for name in tasks:
+        part = [e for e in eval_examples if e.task == name]
+        if not part:  # a task the eval file lacks
+            continue
+        ids = None if task_ids is None else {name: task_ids[name]}
+        features = tokenize_tasks(part, tokenizer, task, cfg.max_length, ids)
+        eval_tasks[name] = (part, Batcher(features, cfg.batch_size, pad_token_id=pad, seed=cfg.seed, shuffle=False))
+    delta = wrap(model.to(training_device()), method_config)
+    return Prepared(delta, tokenizer, task, train, evaluation, eval_examples, num_labels, eval_tasks, task_ids)
 
 
 # --- evaluation -------------------------------------------------------------------------------
-def evaluate_all(prepared: Prepared, cfg: TrainConfig) -> tuple[dict[str, float], str]:
-    """Metrics on the eval split, and the model's answer to the first eval example (or "")."""
-    metrics, predictions = evaluate_model(
-        prepared.model,
-        prepared.tokenizer,
-        prepared.task,
-        prepared.eval_examples,
-        prepared.eval,
-        num_labels=prepared.num_labels,
-        max_new_tokens=cfg.max_new_tokens if cfg.eval_generate else None,
-        exact_match=demo.exact_match if cfg.data is None else None,
-    )
+def evaluate_all(prepared: Prepared, cfg: TrainConfig) -> tuple[dict[str, float], str, dict[str, dict[str, float]]]:
+    """Metrics on the eval split, the model's answer to the first eval example (or ""), and each task's metrics
+    in multi-task training. There the overall loss (and perplexity) is over every eval example, the other
+    metrics are the mean of the tasks' (as GLUE's average score)."""
+    generate_tokens = cfg.max_new_tokens if cfg.eval_generate else None
+    if not prepared.eval_tasks:
+        metrics, predictions = evaluate_model(
+            prepared.model,
+            prepared.tokenizer,
+            prepared.task,
+            prepared.eval_examples,
+            prepared.eval,
+            num_labels=prepared.num_labels,
+            max_new_tokens=generate_tokens,
+            exact_match=demo.exact_match if cfg.data is None else None,
+        )
+        prepared.model.train()
+        return metrics, predictions[0] if predictions else "", {}
+    per_task, sample = {}, ""
+    for name, (examples, batcher) in prepared.eval_tasks.items():
+        ids = None if prepared.task_ids is None else [prepared.task_ids[name]] * len(examples)
+        per_task[name], predictions = evaluate_model(
+            prepared.model,
+            prepared.tokenizer,
+            prepared.task,
+            examples,
+            batcher,
+            num_labels=prepared.num_labels,
+            max_new_tokens=generate_tokens,
+            task_ids=ids,
+        )
+        if name == next(iter(prepared.eval_tasks)) and predictions:
+            sample = predictions[0]  # the eval examples come in task order: this is the first one's answer
+    metrics = evaluate_loss(prepared.model, prepared.task, prepared.eval)
+    shared = set.intersection(*(set(m) for m in per_task.values())) - set(metrics)
+    for key in sorted(shared):
+        metrics[key] = sum(m[key] for m in per_task.values()) / len(per_task)
     prepared.model.train()
-    return metrics, predictions[0] if predictions else ""
+    return metrics, sample, per_task
+
+
+def log_task_metrics(path: Path, step: int, per_task: dict[str, dict[str, float]], when: str) -> None:
+    """One metrics.jsonl line per task: ``{"step", "task", "eval": "before"|"after", metrics...}``."""
+    if per_task:
+        with open(path, "a") as f:
+            for name, metrics in per_task.items():
+                f.write(json.dumps({"step": step, "task": name, "eval": when, **metrics}) + "\n")
 
 
 # --- the loop ---------------------------------------------------------------------------------
@@ -185,6 +319,21 @@ def total_steps(cfg: TrainConfig, batcher: Batcher) -> int:
     return cfg.max_steps or max(1, math.ceil(cfg.epochs * len(batcher) / cfg.grad_accum))
 
 
+def find_resume_point(out: Path, main: bool) -> Path | None:
+    """The newest intact checkpoint to resume from, checked before the model loads.
+
+    A damaged checkpoint is skipped with a warning naming it (an earlier one still gives the same
+    adapter, just later), and leftovers of a save cut short by a kill are removed.
+    """
+    if not main:
+        return latest_intact_checkpoint(out, warn=None)
+    remove_leftovers(out)
+    found = latest_intact_checkpoint(out)
+    where = f"resuming from {found}" if found else f"no intact checkpoint in {out / 'checkpoints'}; starting at step 0"
+    print(f"deltatune: --resume: {where}", file=sys.stderr)
+    return found
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run a whole training job; returns the summary also written to ``summary.json``."""
     from tqdm.auto import tqdm
@@ -199,6 +348,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         raise ConfigError(
             f"{out} holds checkpoints of an earlier run: pass --resume to continue it, or choose another --output-dir"
         )
+    resume_from = find_resume_point(out, main) if cfg.resume else None
     torch.manual_seed(cfg.seed)
     prepared = prepare(cfg)
     model = prepared.model
@@ -211,7 +361,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     warmup = cfg.warmup_steps or int(cfg.warmup_ratio * steps)
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
     position = Position()
-    resume_from = latest_checkpoint(out) if cfg.resume else None
     if resume_from is not None:
         position, saved = load_checkpoint(resume_from, model, optimizer, scheduler)
         changed = [k for k in RESUME_KEYS if saved.get(k) != cfg.to_dict().get(k)]
@@ -224,9 +373,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 f"No --data given: training {cfg.method} on the built-in task ({len(prepared.train.features)} "
                 "sentences -> JSON records). Measuring the base model first..."
             )
-        position.before, position.before_sample = evaluate_all(prepared, cfg)
+        position.before, position.before_sample, position.before_tasks = evaluate_all(prepared, cfg)
     if main:
         _trim_metrics(out / "metrics.jsonl", position.step)
+        if position.step == 0:
+            log_task_metrics(out / "metrics.jsonl", 0, position.before_tasks, "before")
         (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     module = LossModule(model, prepared.task)
     device_ids = [training_device()] if torch.cuda.is_available() else None
@@ -300,7 +451,7 @@ def _optimizer_step(
     optimizer.zero_grad(set_to_none=True)
     epoch, index, _ = micro[-1]
     position.epoch, position.micro = epoch, index + 1
-    tokens = int(all_reduce(torch.tensor(sum(int(b["attention_mask"].sum()) for b in batches))))
+    tokens = int(all_reduce(torch.tensor(sum(int(prepared.train.lengths[rows].sum()) for _, _, rows in micro))))
     return float(all_reduce(total) / count), tokens
 
 
@@ -326,7 +477,8 @@ def _finish(prepared: Prepared, cfg: TrainConfig, out: Path, position: Position,
         dist.barrier()
         return {}
     model = prepared.model
-    after, after_sample = evaluate_all(prepared, cfg)
+    after, after_sample, after_tasks = evaluate_all(prepared, cfg)
+    log_task_metrics(out / "metrics.jsonl", position.step, after_tasks, "after")
     adapter_dir = out / "adapter"
     model.save_pretrained(adapter_dir)
     trainable, total = model.trainable_parameters()
@@ -349,6 +501,10 @@ def _finish(prepared: Prepared, cfg: TrainConfig, out: Path, position: Position,
         "adapter_dir": str(adapter_dir),
         "sample": _sample(prepared.eval_examples[0], position.before_sample, after_sample),
     }
+    if after_tasks:
+        before_tasks = position.before_tasks
+        summary["tasks"] = {name: {"before": before_tasks.get(name, {}), "after": m} for name, m in after_tasks.items()}
+        summary["task_ids"] = prepared.task_ids
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot_loss(out / "metrics.jsonl", out / "loss.png")
     print_summary(summary)

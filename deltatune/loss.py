@@ -12,11 +12,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltatune.training.data import IGNORE_INDEX
+from deltatune.compat import get_cache
+from deltatune.config import ConfigError
+from deltatune.data import IGNORE_INDEX
 
 
 def _backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
-    """The transformer body and output head of a *ForCausalLM model, when they can be run apart."""
+    """The transformer body and output head of a *ForCausalLM model, when they can be run apart.
+
+    A Hugging Face peft ``PeftModel`` is unwrapped first: its tuner layers (LoRA...) live inside
+    the transformers model, so that model's body and head compute what the wrapper does.
+    """
+    if callable(getattr(model, "get_base_model", None)) and hasattr(model, "active_peft_config"):
+        if getattr(model.active_peft_config, "is_prompt_learning", False):
+            raise TypeError(
+                "a peft prompt learning model adds its virtual tokens or prefix in its own forward, which this "
+                "loss does not run: train with deltatune's method (dt.wrap) or use the model's own loss"
+            )
+        model = model.get_base_model()
     config = getattr(model, "config", None)
     if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
         return None  # heads that post-process logits: let the model do it
@@ -105,5 +118,18 @@ class LossModule(nn.Module):
         if not isinstance(self.model, DeltaModel):
             return self.loss_sum(self.model, to_model_device(batch, self.model))
         # The method's input changes (virtual tokens extend inputs and labels alike) come first.
+        packed = "position_ids" in batch and "attention_mask" not in batch
         batch = self.model.prepare_inputs(to_model_device(batch, self.model))
+        if packed:
+            _check_still_packed(batch)
         return self.loss_sum(self.model.base_model, batch)
+
+
+def _check_still_packed(inputs: dict) -> None:
+    """Packed rows stay apart only through their position ids without a mask or KV cache (see ``Batcher.collate``);
+    a method that drops the positions or adds a mask or cache would let the examples attend to each other."""
+    if get_cache(inputs) is not None or "position_ids" not in inputs or "attention_mask" in inputs:
+        raise ConfigError(
+            "this adapter's method (virtual tokens or a prefix) cannot keep packed examples apart; train it without "
+            "--packing (or use a method such as lora)."
+        )

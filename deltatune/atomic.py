@@ -34,3 +34,25 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary directory beside ``path``; on success it is renamed to ``path``, which must not exist or
+    be an empty directory. On failure nothing is left behind, so ``path`` is never half-written."""
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                with open(file, "rb") as f:
+                    os.fsync(f.fileno())
+        if path.exists():
+            path.rmdir()  # only an empty directory; anything else is an error, not overwritten
+        tmp.rename(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,239 @@
+"""Print the README's benchmark tables (markdown) from the raw results in ``bench/results/*.jsonl``.
+
+Tables are generated from the committed raw lines, never typed: ``python bench/report.py glue`` (or
+``train_throughput``, ``methods``, ``lora_train_step``, ``lora_inference``, or no argument for all). Each table says
+which file, campaign and lines it shows. ``--campaign`` picks a campaign; the default is the file's latest one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(os.environ.get("DELTATUNE_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
+GLUE_NAMES = {
+    "full": "full fine-tuning",
+    "lora": "LoRA q,v r=8",
+    "adapter": "Houlsby adapters m=64",
+    "bitfit": "BitFit",
+    "partial_top2": "partial, top 2 layers",
+    "prompt_tuning": "prompt tuning, 16 tokens",
+    "hyperformer": "HyperFormer, 3 tasks in one",
+}
+
+
+def load(bench: str) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, record) of every line of ``bench/results/<bench>.jsonl``."""
+    path = RESULTS / f"{bench}.jsonl"
+    if not path.is_file():
+        return []
+    return [(n, json.loads(line)) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+
+
+def pick(lines: list[tuple[int, dict]], campaign: str | None) -> tuple[str | None, list[tuple[int, dict]]]:
+    campaigns = [r.get("campaign") for _, r in lines if r.get("campaign")]
+    chosen = campaign or (campaigns[-1] if campaigns else None)
+    return chosen, [(n, r) for n, r in lines if r.get("campaign") == chosen]
+
+
+def span(numbers: list[int]) -> str:
+    """Line numbers as compact ranges: 1-3, 7, 9-10."""
+    parts: list[list[int]] = []
+    for n in sorted(numbers):
+        if parts and n == parts[-1][1] + 1:
+            parts[-1][1] = n
+        else:
+            parts.append([n, n])
+    return ", ".join(f"{a}–{b}" if b > a else str(a) for a, b in parts)
+
+
+def mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.fmean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def contention_note(records: list[dict]) -> str:
+    busy = [r["run"]["other_procs_cores"] for r in records if r.get("run")]
+    return f"other processes used {min(busy):.2f}–{max(busy):.2f} cores (of {records[0]['machine']['os_cpu_count']})"
+
+
+def glue(campaign: str | None) -> str:
+    chosen, lines = pick(load("glue"), campaign)
+    if not lines:
+        return "glue: no results\n"
+    runs = [(n, r) for n, r in lines if r.get("split") == "report"]
+    select = [(n, r) for n, r in lines if r.get("split") == "select"]
+    summary = next((r for _, r in lines if r.get("kind") == "summary"), None)
+    settings = (runs or select)[0][1]["settings"]
+    tasks = list((runs or select)[0][1]["tasks"]) if runs else []
+    methods = list(dict.fromkeys(r["method"] for _, r in runs))
+    header = [
+        "method (lr chosen on select split)",
+        *[{"sst2": "SST-2", "rte": "RTE", "mrpc": "MRPC acc / F1"}[t] for t in tasks],
+    ]
+    header += ["avg", "seeds", "trainable", "train CPU s (median)", "peak RSS (median)"]
+    out = [f"| {' | '.join(header)} |", "|" + "---|" * len(header)]
+    for method in methods:
+        mine = [r for _, r in runs if r["method"] == method]
+        figs = [r["figures"] for r in mine]
+        cells = [f"{GLUE_NAMES.get(method, method)} ({mine[0]['lr']:g})"]
+        for task in tasks:
+            acc = mean_std([f["tasks"][task]["accuracy"] for f in figs])
+            if task == "mrpc":
+                acc += f" / {mean_std([f['tasks'][task]['f1'] for f in figs])}"
+            cells.append(acc)
+        cells.append(mean_std([statistics.fmean(f["tasks"][t]["accuracy"] for t in tasks) for f in figs]))
+        cells.append(str(len(figs)))
+        cells.append(f"{figs[0]['trainable_pct']:g}%")
+        cells.append(f"{statistics.median(f['train_cpu_s'] for f in figs):.0f}")
+        cells.append(f"{statistics.median(f['peak_rss_mb'] for f in figs):.0f} MB")
+        out.append(f"| {' | '.join(cells)} |")
+    if runs:
+        first = runs[0][1]["figures"]["tasks"]
+        base = ["majority class (report split)"] + [
+            f"{first[t]['majority']:.1f}"
+            + (" / " + f"{200 * first[t]['majority'] / (100 + first[t]['majority']):.1f}" if t == "mrpc" else "")
+            for t in tasks
+        ]
+        out.append(f"| {' | '.join(base)} |" + " |" * (len(header) - len(base)))
+    sel = {}
+    for _, r in select:
+        sel.setdefault(r["method"], []).append(
+            f"{r['lr']:g}: {statistics.fmean(v['accuracy'] for v in r['figures']['tasks'].values()):.1f}"
+        )
+    n_report = {t: runs[0][1]["figures"]["tasks"][t]["n"] for t in tasks} if runs else {}
+    notes = [
+        f"Source: `bench/results/glue.jsonl`, campaign `{chosen}`: lr selection lines "
+        f"{span([n for n, _ in select]) if select else '-'}, reported runs lines "
+        f"{span([n for n, _ in runs]) if runs else '-'}"
+        + (", summary line present" if summary else ", **campaign incomplete (no summary line yet)**")
+        + ".",
+        f"Settings: {settings['examples_per_task']} training examples per task x {settings['epochs']} epochs, batch "
+        f"{settings['batch']}, max length {settings['max_length']}, {settings['threads']} thread; reported split sizes "
+        f"{n_report}; select split {settings['select_examples']} per task "
+        f"({'+'.join(select[0][1]['tasks']) if select else '-'}).",
+        "Select-split mean accuracy per lr: " + "; ".join(f"{m} {', '.join(v)}" for m, v in sel.items()) + ".",
+        "Contention: " + contention_note([r for _, r in lines if r.get("run")]) + ".",
+    ]
+    return "\n".join(out) + "\n\n" + "\n".join(notes) + "\n"
+
+
+def fmt_spread(s: dict[str, Any], digits: int = 0) -> str:
+    return f"{s['median']:.{digits}f} ({s['min']:.{digits}f}–{s['max']:.{digits}f})"
+
+
+def train_throughput(campaign: str | None) -> str:
+    chosen, lines = pick(load("train_throughput"), campaign)
+    summary = [(n, r) for n, r in lines if r.get("kind") == "summary"]
+    workers = [(n, r) for n, r in lines if r.get("kind") == "worker"]
+    if not summary:
+        return f"train_throughput: campaign {chosen} has no summary line yet ({len(workers)} worker lines)\n"
+    n_sum, rec = summary[-1]
+    f, st = rec["figures"], rec["settings"]
+    names = {"deltatune": "deltatune train", "peft_trainer": "Trainer + peft (group_by_length)"}
+    header = (
+        "| | tokens/s, median (min–max) | train loop s | peak RSS MB | padding | dev loss | BLEU (round 1) "
+        "| other procs' cores |"
+    )
+    out = [header, "|---|---|---|---|---|---|---|---|"]
+    for side, s in f["sides"].items():
+        bleu = f"{s['bleu'][0]:.1f}" if s["bleu"] else "–"
+        busy = ", ".join(f"{c:.2f}" for c in s["other_procs_cores_during_training"])
+        out.append(
+            f"| {names[side]} | {fmt_spread(s['tokens_per_s'], 1)} | {s['train_seconds']['median']:.0f} | "
+            f"{s['peak_rss_mb']['median']:.0f} | {100 * s['pad_fraction']['median']:.1f}% | "
+            f"{s['dev_loss']['median']:.3f} | {bleu} | {busy} |"
+        )
+    lo, hi = f["tokens_per_s_ratio_range"]
+    out.append(
+        f"| ratio of medians (goal ≥ {f['goal']['tokens_per_s_ratio>=']}) | "
+        f"**{f['tokens_per_s_ratio_of_medians']:.2f}** "
+        f"({lo:.2f}–{hi:.2f} at the extremes) | | {f['peak_rss_ratio_of_medians']:.2f} | | | | |"
+    )
+    met = "met" if f["goal_met"] else "**not met**"
+    notes = [
+        f"Source: `bench/results/train_throughput.jsonl`, campaign `{chosen}`: worker lines "
+        f"{span([n for n, _ in workers])}, summary line {n_sum}. Goal {met}. "
+        f"Same tokens on both sides: {f['same_tokens']}.",
+        f"Settings: {st['train_examples']} E2E examples, {st['steps']} steps x {st['batch_size']}, {st['threads']} "
+        f"thread(s), {st['runs']} alternating rounds, fresh process each; BLEU on {st['bleu_examples']} devset MRs. "
+        f"Command: `python bench/{' '.join(rec['argv'])}`.",
+    ]
+    return "\n".join(out) + "\n\n" + "\n".join(notes) + "\n"
+
+
+def methods(campaign: str | None) -> str:
+    chosen, lines = pick(load("methods"), campaign)
+    summary = [(n, r) for n, r in lines if r.get("kind") == "summary"]
+    if not summary:
+        return f"methods: campaign {chosen} has no summary line yet ({len(lines)} lines)\n"
+    n_sum, rec = summary[-1]
+    f = rec["figures"]
+    out = [
+        "| method | trainable | step s, median (min–max) | peak RSS MB | peft step s | peft RSS MB | time ratio "
+        "| RSS ratio |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for method, row in f["training"].items():
+        ours, theirs = row["deltatune"], row.get("peft")
+        if "error" in ours:
+            out.append(f"| {method} | {ours['error']} | | | | | | |")
+            continue
+        peft_cells = (
+            [fmt_spread(theirs["step_time_median_s"], 2), f"{theirs['peak_rss_mb']['median']:.0f}"]
+            if theirs and "error" not in theirs
+            else ["–", "–"]
+        )
+        ratios = (
+            [f"{row['step_time_ratio']:.2f}", f"{row['peak_rss_ratio']:.2f}"] if "step_time_ratio" in row else ["", ""]
+        )
+        out.append(
+            f"| {method} | {ours['trainable_params']:,} ({ours['trainable_pct']:g}%) | "
+            f"{fmt_spread(ours['step_time_median_s'], 2)} | {ours['peak_rss_mb']['median']:.0f} | "
+            + " | ".join(peft_cells + ratios)
+            + " |"
+        )
+    workers = [n for n, r in lines if r.get("kind") == "train"]
+    notes = [
+        f"Source: `bench/results/methods.jsonl`, campaign `{chosen}`: run lines {span(workers)}, summary line {n_sum}. "
+        f"Rounds: {rec['settings']['rounds']}. Command: `python bench/{' '.join(rec['argv'])}`.",
+        "Contention: " + contention_note([r for _, r in lines if r.get("kind") == "train"]) + ".",
+    ]
+    if f.get("latency_batch1"):
+        notes.append(
+            "Batch-1 latency, ms/token: "
+            + ", ".join(f"{k} {v.get('ms_per_token', '–')}" for k, v in f["latency_batch1"].items())
+        )
+    return "\n".join(out) + "\n\n" + "\n".join(notes) + "\n"
+
+
+def simple(bench: str, campaign: str | None) -> str:
+    """Benches that append one summary line per invocation: the median over the latest invocations."""
+    lines = [(n, r) for n, r in load(bench) if r.get("kind") == "summary"]
+    if not lines:
+        return f"{bench}: no results\n"
+    return "\n".join(f"line {n} ({r['date']}): {json.dumps(r['figures'])[:400]}" for n, r in lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument(
+        "bench", nargs="*", default=["glue", "train_throughput", "methods", "lora_train_step", "lora_inference"]
+    )
+    parser.add_argument("--campaign")
+    args = parser.parse_args()
+    for bench in args.bench:
+        print(f"### {bench}\n")
+        if bench in ("glue", "train_throughput", "methods"):
+            print(globals()[bench](args.campaign))
+        else:
+            print(simple(bench, args.campaign))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""What a method is, written down: one :class:`Method` record per method, registered by the
+method's own file with one ``register(Method(...))`` line, and the interfaces the record names.
+
+    Method(name, config_class, inject, layer_classes, merges, mixes,
+           prepare_inputs, generate, finalize_merged, input_keys)
+
+* ``inject(model, adapter_name, config) -> list[str]`` adds the adapter to the modules it selects
+  (through deltatune.targeting and :func:`~deltatune.methods.base.wrap_modules`) and returns their names.
+* ``layer_classes``: the :class:`~deltatune.methods.base.DeltaLayer` types it puts in the model.
+* ``merges``: whether the adapter folds into the base weights (``merge_adapter``, ``merge_and_unload``);
+  each layer class must then say how (``delta_weight`` or its own ``merge``).
+* ``mixes``: how rows with different adapters share one batch (``adapter_names``), or None:
+  ``"weights"`` each row gathers its own weights, ``"rows"`` each adapter's rows run through the
+  layer apart (both: every layer class must be :class:`MixesRows`, checked here at registration);
+  ``"virtual_tokens"``/``"prefix"`` the adapter changes the inputs, and deltatune.mixed pads each
+  row's virtual tokens or prefix to the longest.
+* ``prepare_inputs(host, adapter_name, kwargs, generating=False) -> kwargs`` and
+  ``generate(host, adapter_name, *args, **kwargs)``: for methods that change a forward's inputs
+  (virtual tokens, prefix caches, task ids); ``input_keys``: forward arguments only this method
+  understands, dropped while adapters are disabled. ``finalize_merged(model)`` runs on the plain
+  model that ``merge_and_unload`` returns.
+
+Hooks see the model through :class:`AdapterHost`, the few things of a DeltaModel they may use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Literal, Protocol, get_args, runtime_checkable
+
+import torch
+from torch import nn
+
+from deltatune.config import ConfigError, DeltaConfig, register_config
+from deltatune.constants import valid_name
+from deltatune.methods.base import DeltaLayer
+from deltatune.routing import RowAdapters
+
+Mixes = Literal["weights", "rows", "virtual_tokens", "prefix"]
+ROW_WISE: tuple[Mixes, ...] = ("weights", "rows")  # mixed by the layers themselves
+INPUT_WISE: tuple[Mixes, ...] = ("virtual_tokens", "prefix")  # mixed by padding the inputs
+
+
+class AdapterHost(Protocol):
+    """What a method's hooks may use of the model that holds the adapters (a DeltaModel)."""
+
+    base_model: nn.Module
+    peft_config: dict[str, DeltaConfig]
+    active_adapter: str | None
+
+    def delta_layers(self) -> Iterator[tuple[str, DeltaLayer]]: ...
+
+    def check_adapter(self, adapter_name: str) -> None: ...
+
+
+@runtime_checkable
+class MixesRows(Protocol):
+    """A layer that serves a mixed batch in one forward: each row with the adapter ``rows`` names.
+    Its ``forward`` hands over to ``forward_mixed`` while ``deltatune.routing.rows()`` is set."""
+
+    def forward_mixed(self, rows: RowAdapters, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor: ...
+
+
+class Inject(Protocol):
+    def __call__(self, model: nn.Module, adapter_name: str, config: Any, /) -> list[str]: ...
+
+
+class PrepareInputs(Protocol):
+    def __call__(
+        self, host: AdapterHost, adapter_name: str, kwargs: dict[str, Any], /, generating: bool = False
+    ) -> dict[str, Any]: ...
+
+
+class Generate(Protocol):
+    def __call__(self, host: AdapterHost, adapter_name: str, /, *args: Any, **kwargs: Any) -> Any: ...
+
+
+FinalizeMerged = Callable[[nn.Module], object]
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One method: its name on the command line, its config, what it injects and what it can do."""
+
+    name: str
+    config_class: type[DeltaConfig]
+    inject: Inject
+    layer_classes: tuple[type[DeltaLayer], ...]
+    merges: bool = False
+    mixes: Mixes | None = None
+    prepare_inputs: PrepareInputs | None = None
+    generate: Generate | None = None
+    finalize_merged: FinalizeMerged | None = None
+    input_keys: tuple[str, ...] = ()
+
+    @property
+    def peft_type(self) -> str:
+        return self.config_class.peft_type
+
+    def __post_init__(self) -> None:
+        what = f"method {self.name!r}"
+        if not valid_name(self.name):
+            raise ConfigError(f"{what}: a method name is letters, digits, '_' or '-'")
+        if not (isinstance(self.config_class, type) and issubclass(self.config_class, DeltaConfig)):
+            raise TypeError(f"{what}: config_class must be a DeltaConfig subclass, got {self.config_class!r}")
+        if not self.layer_classes or not all(
+            isinstance(c, type) and issubclass(c, DeltaLayer) for c in self.layer_classes
+        ):
+            raise TypeError(f"{what}: layer_classes must name the DeltaLayer types it injects")
+        if self.mixes is not None and self.mixes not in get_args(Mixes):
+            raise ConfigError(f"{what}: mixes must be one of {', '.join(get_args(Mixes))} or None, got {self.mixes!r}")
+        if self.mixes in ROW_WISE:
+            missing = [c.__name__ for c in self.layer_classes if not issubclass(c, MixesRows)]
+            if missing:
+                raise TypeError(
+                    f"{what} says it mixes rows ({self.mixes!r}) but {', '.join(missing)} has no "
+                    "forward_mixed(rows, x, ...): its rows would silently run as the base model"
+                )
+        if self.mixes in INPUT_WISE and self.prepare_inputs is None:
+            raise TypeError(f"{what} mixes by its inputs ({self.mixes!r}) but has no prepare_inputs hook")
+        if self.merges:
+            unmergeable = [c.__name__ for c in self.layer_classes if not _can_merge(c)]
+            if unmergeable:
+                raise TypeError(f"{what} says it merges but {', '.join(unmergeable)} defines no delta_weight or merge")
+
+
+def _can_merge(layer_class: type[DeltaLayer]) -> bool:
+    return layer_class.delta_weight is not DeltaLayer.delta_weight or layer_class.merge is not DeltaLayer.merge
+
+
+# --- the registry -------------------------------------------------------------------------------
+_METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Add ``method`` (its name and peft_type must be new); ``DeltaConfig.from_dict`` learns its config."""
+    taken = _METHODS.get(method.name)
+    if taken is not None and taken != method:
+        raise ConfigError(f"a method named {method.name!r} is already registered ({taken.config_class.__name__})")
+    clash = next((m for m in _METHODS.values() if m.peft_type == method.peft_type and m.name != method.name), None)
+    if clash is not None:
+        raise ConfigError(f"peft_type {method.peft_type!r} is already the method {clash.name!r}'s")
+    register_config(method.config_class)
+    _METHODS[method.name] = method
+    return method
+
+
+def registered() -> tuple[Method, ...]:
+    """Every registered method, in registration order."""
+    return tuple(_METHODS.values())
+
+
+def method_named(name: str) -> Method:
+    """The method called ``name`` on the command line; the error lists the registered ones."""
+    if name not in _METHODS:
+        raise ConfigError(f"unknown method {name!r}; choose one of: {', '.join(_METHODS)}")
+    return _METHODS[name]
+
+
+def method_for(config: DeltaConfig) -> Method:
+    """The method whose config ``config`` is."""
+    for method in _METHODS.values():
+        if type(config) is method.config_class:
+            return method
+    for method in _METHODS.values():  # a subclass of a method's config
+        if isinstance(config, method.config_class) and config.peft_type == method.peft_type:
+            return method
+    raise ConfigError(
+        f"{type(config).__name__} is no registered method's config; registered: "
+        f"{', '.join(f'{m.name} ({m.config_class.__name__})' for m in _METHODS.values())}"
+    )
+
+
+def describe(methods: tuple[Method, ...] | list[Method]) -> str:
+    """``lora (LORA), bitfit (BITFIT)``: registered methods for an error message."""
+    return ", ".join(f"{m.name} ({m.peft_type})" for m in methods)
+
+
+class ConfigClasses(Mapping[str, type[DeltaConfig]]):
+    """A live view: method name -> config class, over the registry."""
+
+    def __getitem__(self, name: str) -> type[DeltaConfig]:
+        if name not in _METHODS:
+            raise KeyError(name)
+        return _METHODS[name].config_class
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(_METHODS))
+
+    def __len__(self) -> int:
+        return len(_METHODS)
+
+    def __repr__(self) -> str:
+        return f"CONFIGS({dict(self)!r})"
