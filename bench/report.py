@@ -212,6 +212,65 @@ def methods(campaign: str | None) -> str:
     return "\n".join(out) + "\n\n" + "\n".join(notes) + "\n"
 
 
+def lora_train_step(campaign: str | None) -> str:
+    chosen, lines = pick(load("lora_train_step"), campaign)
+    summary = [(n, r) for n, r in lines if r.get("kind") == "summary"]
+    if not summary:
+        return f"lora_train_step: campaign {chosen} has no summary line yet ({len(lines)} lines)\n"
+    n_sum, rec = summary[-1]
+    f = rec["figures"]
+    names = {
+        "deltatune": "deltatune (its trainer's step)",
+        "peft": "peft (`model(..., labels=...)`)",
+        "full": "full FT",
+    }
+    out = ["| | step s, median (min–max) | CPU s per step (median) | peak RSS MB (median) |", "|---|---|---|---|"]
+    for worker, w in f["workers"].items():
+        out.append(
+            f"| {names.get(worker, worker)} | {fmt_spread(w['step_time_median_s'], 2)} | "
+            f"{w['step_cpu_time_s']['median']:.2f} | {w['peak_rss_mb']['median']:.0f} |"
+        )
+    goal, met = f["goal"], f["goal_met"]
+    out.append(
+        f"| ratio of medians (goal ≤ {goal['step_time_ratio<=']} / ≤ {goal['peak_rss_ratio<=']}) | "
+        f"**{f['step_time_ratio_of_medians']:.2f}** ({'met' if met['step_time'] else 'not met'}) | "
+        f"{f['step_cpu_time_ratio_of_medians']:.2f} | **{f['peak_rss_ratio_of_medians']:.2f}** "
+        f"({'met' if met['peak_rss'] else 'not met'}) |"
+    )
+    workers = [n for n, r in lines if r.get("kind") == "worker"]
+    notes = [
+        f"Source: `bench/results/lora_train_step.jsonl`, campaign `{chosen}`: run lines {span(workers)}, summary line "
+        f"{n_sum}. Command: `python bench/{' '.join(rec['argv'])}`. Max loss difference between the libraries: "
+        f"{f['max_loss_diff']:.1e}.",
+        "Contention: " + contention_note([r for _, r in lines if r.get("kind") == "worker"]) + ".",
+    ]
+    return "\n".join(out) + "\n\n" + "\n".join(notes) + "\n"
+
+
+def lora_inference(campaign: str | None, last: int = 3) -> str:
+    """The median over the latest ``last`` invocations (one raw line each) of every configuration's ms/token."""
+    lines = [(n, r) for n, r in load("lora_inference") if r.get("kind") == "summary"][-last:]
+    if not lines:
+        return "lora_inference: no results\n"
+    figs = [r["figures"] for _, r in lines]
+    out = ["| configuration | ms/token, median (min–max) |", "|---|---|"]
+    for config in figs[0]["ms_per_token"]:
+        values = [f["ms_per_token"][config] for f in figs]
+        out.append(f"| {config} | {statistics.median(values):.1f} ({min(values):.1f}–{max(values):.1f}) |")
+    ratio = [f["merged_over_base"] for f in figs]
+    versus = [f["unmerged_over_peft_unmerged"] for f in figs]
+    checks = all(f["merged_tokens_equal_unmerged"] and f["peft_tokens_equal_deltatune"] for f in figs)
+    notes = [
+        f"Source: `bench/results/lora_inference.jsonl`, lines {span([n for n, _ in lines])} ({len(lines)} "
+        f"invocations). Command: `python bench/{' '.join(lines[-1][1]['argv'])}`.",
+        f"Merged / base, per invocation: {', '.join(f'{v:.2f}' for v in ratio)}; deltatune unmerged / peft unmerged: "
+        f"{', '.join(f'{v:.2f}' for v in versus)}; merged tokens = unmerged and peft tokens = deltatune's in every "
+        f"invocation: {checks}.",
+        "Contention: " + contention_note([r for _, r in lines]) + ".",
+    ]
+    return "\n".join(out) + "\n\n" + "\n".join(notes) + "\n"
+
+
 def simple(bench: str, campaign: str | None) -> str:
     """Benches that append one summary line per invocation: the median over the latest invocations."""
     lines = [(n, r) for n, r in load(bench) if r.get("kind") == "summary"]
@@ -229,7 +288,7 @@ def main() -> None:
     args = parser.parse_args()
     for bench in args.bench:
         print(f"### {bench}\n")
-        if bench in ("glue", "train_throughput", "methods"):
+        if bench in ("glue", "train_throughput", "methods", "lora_train_step", "lora_inference"):
             print(globals()[bench](args.campaign))
         else:
             print(simple(bench, args.campaign))
