@@ -199,21 +199,26 @@ def _named_entry(entry: Any) -> bool:
     return bool(_TASK_NAME.fullmatch(entry.split("=", 1)[0]))
 
 
+# The options that say how to read a data file (columns, labels, tasks): passed on to ``read_examples``.
+READ_OPTIONS = (
+    "text_column",
+    "text_pair_column",
+    "label_column",
+    "prompt_column",
+    "target_column",
+    "num_labels",
+    "task_column",
+)
+
 # How ``deltatune train --help`` groups TrainConfig's flags; the method's own options get a group of their own.
 FLAG_GROUPS: dict[str, tuple[str, ...]] = {
     "data": (
         "data",
         "eval_data",
-        "task_column",
         "eval_fraction",
         "max_eval_examples",
         "task",
-        "text_column",
-        "text_pair_column",
-        "label_column",
-        "prompt_column",
-        "target_column",
-        "num_labels",
+        *READ_OPTIONS,
         "max_length",
         "packing",
         "group_by_length",

@@ -49,7 +49,7 @@ from deltatune.training.checkpoints import (
     remove_leftovers,
     save_checkpoint,
 )
-from deltatune.training.config import TrainConfig
+from deltatune.training.config import READ_OPTIONS, TrainConfig
 from deltatune.training.report import plot_loss, print_summary
 
 __all__ = ["TrainConfig", "load_tokenizer", "prepare", "task_of", "train"]
@@ -100,18 +100,7 @@ def read_data(cfg: TrainConfig, task: str) -> tuple[list[Example], list[Example]
         if task != "causal-lm":
             raise ConfigError("the built-in demo is a causal-lm task: give --data for classification")
         return demo.make_examples(DEMO_TRAIN, cfg.seed), demo.make_examples(DEMO_EVAL, cfg.seed + 10_000)
-    columns = {
-        k: getattr(cfg, k)
-        for k in (
-            "text_column",
-            "text_pair_column",
-            "label_column",
-            "prompt_column",
-            "target_column",
-            "num_labels",
-            "task_column",
-        )
-    }
+    columns = {k: getattr(cfg, k) for k in READ_OPTIONS}
     train = [e for name, path in cfg.data_files().items() for e in read_examples(path, task, **columns, task_name=name)]
     if not cfg.multi_task:
         if cfg.eval_data:
