@@ -9,7 +9,9 @@ For SST-2, RTE and MRPC (train splits in ../shared/data), three disjoint parts a
 
 Every method trains on the same budget (``--examples`` per task x ``--epochs``, batch 16, ``--max-length``, length-
 grouped batches, 1 thread). HyperFormer trains one model on all the tasks at once (mixed batches, a task id per
-example) with the same total budget.
+example) with the same total budget, through the command line users run: ``deltatune train --method hyperformer
+--data sst2=... rte=... mrpc=... --eval-data sst2=...`` (same optimizer, schedule and clipping as the loop here),
+scored from the per-task metrics it reports.
 
 Each method runs in its own fresh process (methods one after another), which does:
 
@@ -58,7 +60,7 @@ CONFIGS: dict[str, Any] = {
     "prompt_tuning": lambda dt: dt.PromptTuningConfig(num_virtual_tokens=16),
     # The generator's heads are shared by every site and fan in from H hidden units, so one Adam step moves each
     # generated weight ~H times the learning rate: it needs a small rate. H=16 keeps it under 2% of the parameters.
-    "hyperformer": lambda dt, tasks: dt.HyperAdapterConfig(tasks=tasks, hypernet_hidden=16),
+    "hyperformer": "deltatune train --method hyperformer --hypernet-hidden 16 (see cli_multitask)",
 }
 # Learning-rate grid per method (2 values each, to fit the budget): around the rates the papers use, small for
 # full/partial fine-tuning, larger for PEFT.
@@ -103,28 +105,22 @@ def build_model(method: str, tasks: list[str]):
     base, tokenizer = dt.load_base("minilm-l6", num_labels=2)
     if method == "full":
         return base, tokenizer
-    config = CONFIGS[method](dt, tasks) if method == "hyperformer" else CONFIGS[method](dt)
-    return dt.wrap(base, config), tokenizer
+    return dt.wrap(base, CONFIGS[method](dt)), tokenizer
 
 
-def batches_for(
-    task_data: dict[str, list], tokenizer, args: argparse.Namespace, seed: int, multitask: bool
-) -> list[dict]:
-    """Batches over ``--epochs`` passes: one task at a time, or shuffled mixed batches with a task id per row (the
-    library's multi-task path, as ``deltatune train --data sst2=... rte=...``: features tagged with their task)."""
-    from deltatune.data import Batcher, tag_tasks, tokenize_examples
+def batches_for(task_data: dict[str, list], tokenizer, args: argparse.Namespace, seed: int) -> list[dict]:
+    """Length-grouped, shuffled batches over ``--epochs`` passes."""
+    from deltatune.data import Batcher, tokenize_examples
 
     features = []
-    for task_index, examples in enumerate(task_data.values()):
-        part = tokenize_examples(examples, tokenizer, "classification", args.max_length)
-        features += tag_tasks(part, task_index) if multitask else part
+    for examples in task_data.values():
+        features += tokenize_examples(examples, tokenizer, "classification", args.max_length)
     batcher = Batcher(features, BATCH, pad_token_id=tokenizer.pad_token_id, seed=seed, group_by_length=True)
-    # collate gives "task_ids" (one per row) for tagged features
     return [batcher.collate(indices) for epoch in range(args.epochs) for indices in batcher.epoch_batches(epoch)]
 
 
 @torch.no_grad()
-def accuracy_f1(model, tokenizer, examples, task_id: int | None, max_length: int) -> dict[str, float]:
+def accuracy_f1(model, tokenizer, examples, max_length: int) -> dict[str, float]:
     from deltatune.data import Batcher, tokenize_examples
     from deltatune.evaluation import binary_f1
 
@@ -135,8 +131,6 @@ def accuracy_f1(model, tokenizer, examples, task_id: int | None, max_length: int
     for indices in batcher.epoch_batches(0):
         batch = batcher.collate(indices)
         labels += batch.pop("labels").tolist()
-        if task_id is not None:
-            batch["task_ids"] = torch.full((len(indices),), task_id)
         predictions += model(**batch).logits.argmax(-1).tolist()
     accuracy = sum(p == g for p, g in zip(predictions, labels, strict=True)) / len(labels)
     return {
@@ -170,15 +164,68 @@ def train(model, batches: list[dict], lr: float) -> tuple[float, float]:
     return time.perf_counter() - start, time.process_time() - cpu_start
 
 
+def write_jsonl(path: Path, examples: list) -> str:
+    with open(path, "w") as f:
+        for e in examples:
+            pair = {} if e.text_pair is None else {"text_pair": e.text_pair}
+            f.write(json.dumps({"text": e.text, **pair, "label": e.label}) + "\n")
+    return str(path)
+
+
+def cli_multitask(lr: float, seed: int, tasks: list[str], split: str, data: dict, args) -> dict[str, Any]:
+    """HyperFormer on every task at once through ``deltatune train`` (the command line's multi-task path)."""
+    import tempfile
+
+    from deltatune.cli import main as deltatune
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        train_files = [f"{t}={write_jsonl(root / f'{t}.jsonl', train_subsample(data[t]['pool'], args.examples, seed))}"
+                       for t in tasks]  # fmt: skip
+        eval_files = [f"{t}={write_jsonl(root / f'{t}-{split}.jsonl', data[t][split])}" for t in tasks]
+        cpu_start = time.process_time()
+        code = deltatune([
+            "train", "--method", "hyperformer", "--base", "minilm-l6", "--task", "classification",
+            "--data", *train_files, "--eval-data", *eval_files, "--max-eval-examples", str(args.eval_examples),
+            "--num-labels", "2", "--hypernet-hidden", "16", "--learning-rate", str(lr), "--lr-scheduler", "linear",
+            "--warmup-ratio", "0.06", "--weight-decay", "0.01", "--max-grad-norm", "1.0", "--batch-size", str(BATCH),
+            "--epochs", str(args.epochs), "--max-length", str(args.max_length), "--seed", str(seed),
+            "--threads", str(args.threads), "--output-dir", str(root / "run"), "--save-every", "1000000",
+        ])  # fmt: skip
+        if code != 0:
+            raise RuntimeError(f"deltatune train exited {code}")
+        summary = json.loads((root / "run" / "summary.json").read_text())
+    results: dict[str, Any] = {"tasks": {}, "path": "cli"}
+    for task in tasks:
+        after, labels = summary["tasks"][task]["after"], [e.label for e in data[task][split]]
+        results["tasks"][task] = {
+            "accuracy": round(100 * after["accuracy"], 2),
+            "f1": round(100 * after["f1"], 2),
+            "n": len(labels),
+            "majority": round(100 * max(sum(labels), len(labels) - sum(labels)) / len(labels), 2),
+        }
+    results.update(
+        train_s=round(summary["train_seconds"], 1),
+        train_cpu_s=round(time.process_time() - cpu_start, 1),  # includes the command's own evaluations
+        steps=summary["steps"],
+        trainable_params=summary["trainable_params"],
+        trainable_pct=round(100 * summary["trainable_params"] / summary["total_params"], 3),
+        peak_rss_mb=peak_rss_mb(),
+    )
+    log(f"[hyperformer lr={lr:g} seed={seed} {split}] {tasks} (deltatune train): {results['tasks']}")
+    return results
+
+
 def run_one(method: str, lr: float, seed: int, tasks: list[str], split: str, data: dict, args) -> dict[str, Any]:
     """Train ``method`` at ``lr`` and ``seed`` (on each task in turn, or on all at once) and score it on ``split``."""
+    if method == "hyperformer":
+        return cli_multitask(lr, seed, tasks, split, data, args)
     results: dict[str, Any] = {"tasks": {}, "train_s": 0.0, "train_cpu_s": 0.0, "steps": 0}
-    groups = [tasks] if method == "hyperformer" else [[t] for t in tasks]
-    for group in groups:
+    for group in [[t] for t in tasks]:
         torch.manual_seed(seed)
         model, tokenizer = build_model(method, group)
         train_data = {t: train_subsample(data[t]["pool"], args.examples, seed) for t in group}
-        batches = batches_for(train_data, tokenizer, args, seed, method == "hyperformer")
+        batches = batches_for(train_data, tokenizer, args, seed)
         wall, cpu = train(model, batches, lr)
         results["train_s"] += wall
         results["train_cpu_s"] += cpu
@@ -188,8 +235,7 @@ def run_one(method: str, lr: float, seed: int, tasks: list[str], split: str, dat
         results["trainable_params"] = trainable
         results["trainable_pct"] = round(100 * trainable / total, 3)
         for task in group:
-            task_id = group.index(task) if method == "hyperformer" else None
-            results["tasks"][task] = accuracy_f1(model, tokenizer, data[task][split], task_id, args.max_length)
+            results["tasks"][task] = accuracy_f1(model, tokenizer, data[task][split], args.max_length)
         log(f"[{method} lr={lr:g} seed={seed} {split}] {group}: {results['tasks']}")
     results["train_s"] = round(results["train_s"], 1)
     results["train_cpu_s"] = round(results["train_cpu_s"], 1)

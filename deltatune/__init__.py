@@ -1,5 +1,6 @@
 """deltatune: parameter-efficient fine-tuning of Hugging Face transformers, natively in PyTorch."""
 
+from deltatune.attention import set_attention
 from deltatune.config import ConfigError, DeltaConfig
 from deltatune.loading import load_base
 from deltatune.methods.adapter import AdapterConfig
@@ -12,6 +13,7 @@ from deltatune.methods.partial import PartialConfig
 from deltatune.methods.prefix_tuning import PrefixTuningConfig
 from deltatune.methods.prompt_tuning import PromptTuningConfig
 from deltatune.model import BASE_ADAPTER, DeltaModel, wrap
+from deltatune.quantization import quantize_base
 
 __version__ = "0.1.0"
 __all__ = [
@@ -29,5 +31,7 @@ __all__ = [
     "PrefixTuningConfig",
     "PromptTuningConfig",
     "load_base",
+    "quantize_base",
+    "set_attention",
     "wrap",
 ]

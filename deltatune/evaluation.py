@@ -138,12 +138,18 @@ def evaluate_file(
     max_examples: int = 200,
     max_new_tokens: int | None = 48,
     task_name: str | None = None,
+    quantize: str | None = None,
+    attention: str = "sdpa",
+    attention_options: dict | None = None,
 ) -> dict[str, float]:
     """``deltatune eval``: metrics of ``base`` (+ ``adapter``) on the first ``max_examples`` of ``data``.
 
     Data errors (a prompt over ``max_length``, a bad ``task_name``) come before the model weights load.
-    ``task_name`` picks the task of a multi-task adapter (HyperFormer's ``tasks``) for every example.
+    ``task_name`` picks the task of a multi-task adapter (HyperFormer's ``tasks``) for every example;
+    ``quantize`` (int8/nf4) evaluates on a quantized base; ``attention`` runs it with an attention pattern
+    (deltatune.attention; before the adapter loads, so a pattern's saved modules find their place).
     """
+    from deltatune.attention import set_attention
     from deltatune.data import read_examples, tag_tasks, tokenize_examples
     from deltatune.loading import load_base
     from deltatune.loading.tasks import load_tokenizer, task_of
@@ -157,7 +163,8 @@ def evaluate_file(
     features = tokenize_examples(examples, tokenizer, task, max_length)
     if task_id is not None:
         features = tag_tasks(features, task_id)
-    model, _ = load_base(base, task=task, num_labels=num_labels)
+    model, _ = load_base(base, task=task, num_labels=num_labels, quantize=quantize)
+    set_attention(model, attention, **(attention_options or {}))
     if adapter:
         model = DeltaModel.from_pretrained(model, adapter)
     model.eval()
@@ -195,15 +202,24 @@ def adapter_task_id(adapter: str | None, task_name: str | None) -> int | None:
 
 
 def generate_text(
-    base: str, adapter: str | None, prompt: str, max_new_tokens: int = 64, task_name: str | None = None
+    base: str,
+    adapter: str | None,
+    prompt: str,
+    max_new_tokens: int = 64,
+    task_name: str | None = None,
+    quantize: str | None = None,
+    attention: str = "sdpa",
+    attention_options: dict | None = None,
 ) -> str:
     """``deltatune generate``: the greedy completion of ``prompt`` by ``base`` (+ ``adapter``; ``task_name``
     picks a multi-task adapter's task)."""
+    from deltatune.attention import set_attention
     from deltatune.loading import load_base
     from deltatune.model import DeltaModel
 
     task_id = adapter_task_id(adapter, task_name)
-    model, tokenizer = load_base(base, task="causal-lm")
+    model, tokenizer = load_base(base, task="causal-lm", quantize=quantize)
+    set_attention(model, attention, **(attention_options or {}))
     if adapter:
         model = DeltaModel.from_pretrained(model, adapter)
     ids = None if task_id is None else [task_id]

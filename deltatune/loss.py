@@ -119,10 +119,11 @@ class LossModule(nn.Module):
             return self.loss_sum(self.model, to_model_device(batch, self.model))
         # The method's input changes (virtual tokens extend inputs and labels alike) come first.
         packed = "position_ids" in batch and "attention_mask" not in batch
-        batch = self.model.prepare_inputs(to_model_device(batch, self.model))
-        if packed:
-            _check_still_packed(batch)
-        return self.loss_sum(self.model.base_model, batch)
+        with self.model.call_scope():  # what prepare_inputs derives for the layers lives for this call
+            batch = self.model.prepare_inputs(to_model_device(batch, self.model))
+            if packed:
+                _check_still_packed(batch)
+            return self.loss_sum(self.model.base_model, batch)
 
 
 def _check_still_packed(inputs: dict) -> None:

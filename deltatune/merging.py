@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
+
+import torch
+import torch.nn.functional as F
 
 from deltatune.atomic import atomic_directory
 from deltatune.checkpoint.adapter import check_adapter_dir, load_tensors
@@ -32,3 +36,60 @@ def merge_adapter(base: str, adapter: str | Path, output: str | Path, task: str 
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return output
+
+
+PROBE_TEXTS = (
+    "The quick brown fox jumps over the lazy dog.",
+    "name[The Eagle], eatType[coffee shop], food[French], priceRange[moderate], area[riverside]",
+    "def add(a, b):\n    return a + b",
+    "Translate to French: the weather is nice today.",
+)
+
+
+def probe_batch(tokenizer) -> dict:
+    """A small fixed batch of varied text, to measure what a merge changes in the model's outputs."""
+    return dict(tokenizer(list(PROBE_TEXTS), return_tensors="pt", padding=True))
+
+
+def output_error(reference: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """max |Δlogits| and mean KL(reference ‖ other) per token, over the real (unpadded) positions."""
+    keep = mask.bool()
+    ref, other = reference[keep].float(), logits[keep].float()
+    kl = F.kl_div(other.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="batchmean")
+    return {"max_abs_logits": (ref - other).abs().max().item(), "kl": kl.item()}
+
+
+def merge_quantized(
+    base: str, adapter: str | Path, output: str | Path, quantize: str, task: str | None = None
+) -> tuple[Path, dict[str, dict[str, float]]]:
+    """Merge an adapter trained on a ``quantize``d base and say what merging costs, on a probe batch,
+    against that base + the unmerged adapter (what was trained):
+
+    - ``requantized``: ΔW added to the dequantized weights, then quantized again (what
+      ``merge_adapter()`` does in memory on a quantized base): the rounding of W0 + ΔW.
+    - ``float``: dequantized base + ΔW in float32, the model written to ``output``.
+    """
+    from deltatune.loading import load_base
+    from deltatune.model import DeltaModel
+    from deltatune.quantization import dequantize_base
+
+    output = Path(output)
+    if output.exists() and any(output.iterdir()):
+        raise ConfigError(f"--output {output} exists and is not empty; choose a new directory")
+    config = check_adapter_dir(adapter)
+    task = task or ("classification" if config.task_type == "SEQ_CLS" else None)
+    model, tokenizer = load_base(base, task=task, num_labels=head_size(adapter), quantize=quantize)
+    delta = DeltaModel.from_pretrained(model, adapter).eval()
+    probe = probe_batch(tokenizer)
+    with torch.no_grad():
+        reference = delta(**probe).logits
+        requantized = copy.deepcopy(delta)
+        requantized.merge_adapter()
+        errors = {"requantized": output_error(reference, requantized(**probe).logits, probe["attention_mask"])}
+        del requantized
+        merged = dequantize_base(delta).merge_and_unload()
+        errors["float"] = output_error(reference, merged(**probe).logits, probe["attention_mask"])
+    with atomic_directory(output) as tmp:
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return output, errors

@@ -29,6 +29,7 @@ from deltatune.checkpoint.adapter import (
 from deltatune.config import ConfigError, DeltaConfig
 from deltatune.constants import BASE_ADAPTER, valid_name
 from deltatune.methods.base import DeltaLayer, ModulesToSave, wrap_modules
+from deltatune.quantization import QuantizedLinear, base_storage, is_quantized
 from deltatune.targeting import find_targets, name_matches
 from deltatune.wrappers import ForwardsAttributes, replace_module
 
@@ -82,7 +83,7 @@ class DeltaModel(ForwardsAttributes, nn.Module):
         if adapter_names is not None:
             _one_of(adapter_name, adapter_names)
             return mixed.forward(self, adapter_names, self._keywords(args, kwargs))
-        with self._call(adapter_name):
+        with self.call_scope(adapter_name):
             if args and self._method_hook("prepare_inputs", self._running(adapter_name)) is not None:
                 args, kwargs = (), self._keywords(args, kwargs)  # input hooks must see input_ids
             return self.base_model(*args, **self.prepare_inputs(kwargs, adapter_name))
@@ -95,7 +96,7 @@ class DeltaModel(ForwardsAttributes, nn.Module):
         if adapter_names is not None:
             _one_of(adapter_name, adapter_names)
             return mixed.generate(self, adapter_names, *args, **kwargs)
-        with self._call(adapter_name):
+        with self.call_scope(adapter_name):
             name = self._running(adapter_name)
             hook = self._method_hook("generate", name)
             if hook is None:
@@ -121,11 +122,13 @@ class DeltaModel(ForwardsAttributes, nn.Module):
             return None if self.adapters_disabled else self.active_adapter
         return None if adapter_name == BASE_ADAPTER else adapter_name
 
-    def _call(self, adapter_name: str | None) -> contextlib.AbstractContextManager[Any]:
-        """The call scope for ``adapter_name``, checked first. For the active adapter none is needed,
-        but a call nested in another model's scope gets a clean one, so it does not inherit it."""
+    def call_scope(self, adapter_name: str | None = None) -> contextlib.AbstractContextManager[Any]:
+        """The scope of one call (see deltatune.routing): ``adapter_name`` (checked first) or the active
+        adapter, with state of its own that nothing outside the call sees. ``forward``/``generate`` open
+        one; open it yourself around ``prepare_inputs`` plus the base model's forward (as the trainer's
+        loss does). A call nested in another model's scope gets a clean one, so it inherits nothing."""
         if adapter_name is None:
-            return contextlib.nullcontext() if routing.current() is None else routing.scope(**routing.EMPTY)
+            return routing.scope(**{**routing.EMPTY, "state": {}})
         if adapter_name != BASE_ADAPTER:
             self.check_adapter(adapter_name)
         if self.adapters_disabled and adapter_name != BASE_ADAPTER:
@@ -136,7 +139,7 @@ class DeltaModel(ForwardsAttributes, nn.Module):
                 f"adapter {merged!r} is merged into the base weights: call unmerge_adapter() before running "
                 f"adapter {adapter_name!r}"
             )
-        return routing.scope(adapter=adapter_name, rows=None)
+        return routing.scope(**{**routing.EMPTY, "adapter": adapter_name, "state": {}})
 
     def _keywords(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Positional forward arguments by their names in the base model's forward."""
@@ -245,13 +248,20 @@ class DeltaModel(ForwardsAttributes, nn.Module):
 
     # --- parameters -------------------------------------------------------------------------
     def trainable_parameters(self) -> tuple[int, int]:
-        """(trainable, total) parameter counts; total includes the frozen base."""
+        """(trainable, total) parameter counts; total includes the frozen base (a quantized weight
+        counts its in×out weights, not its packed codes)."""
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        return trainable, sum(p.numel() for p in self.parameters())
+        codes = {id(t) for m in self.modules() if isinstance(m, QuantizedLinear) for t in m.quantized_tensors()}
+        weights = sum(m.in_features * m.out_features for m in self.modules() if isinstance(m, QuantizedLinear))
+        return trainable, weights + sum(p.numel() for p in self.parameters() if id(p) not in codes)
 
     def print_trainable_parameters(self) -> None:
+        """peft's line, then the frozen base's size and bytes per weight (int8: ~1, nf4: ~0.5, float32: 4)."""
         trainable, total = self.trainable_parameters()
         print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
+        size, weights = base_storage(self.base_model)
+        kind = is_quantized(self.base_model) or "not quantized"
+        print(f"base: {size / 2**20:,.1f} MiB, {size / max(weights, 1):.2f} bytes per weight ({kind})")
 
     # --- merging ----------------------------------------------------------------------------
     @property

@@ -27,7 +27,17 @@ from torch import nn
 
 from deltatune.constants import BASE_ADAPTER
 
-__all__ = ["BASE_ADAPTER", "Call", "RowAdapters", "current", "install_step_hook", "remove_step_hook", "rows", "scope"]
+__all__ = [
+    "BASE_ADAPTER",
+    "Call",
+    "RowAdapters",
+    "current",
+    "install_step_hook",
+    "remove_step_hook",
+    "rows",
+    "scope",
+    "state",
+]
 
 
 class RowAdapters:
@@ -83,12 +93,15 @@ class Call:
     ``adapter``: the call's one adapter (``BASE_ADAPTER``: none; None: each layer's active adapter).
     ``rows``: a mixed batch, one adapter per row (layers that cannot split rows run as the base).
     ``step``/``model``: during generate, the change every forward of ``model`` gets to its inputs.
+    ``state``: what methods derive from this call's inputs for its layers (HyperFormer: each row's
+    task and the weights generated for them), private to the call; scopes nested in it share it.
     """
 
     adapter: str | None = None
     rows: RowAdapters | None = None
     step: Step | None = None
     model: nn.Module | None = None
+    state: dict[Any, Any] | None = None
 
 
 _CALL: ContextVar[Call | None] = ContextVar("deltatune_call", default=None)
@@ -98,6 +111,12 @@ EMPTY: dict[str, Any] = {f.name: None for f in dataclasses.fields(Call)}  # scop
 def current() -> Call | None:
     """The innermost call scope of this thread (None outside any)."""
     return _CALL.get()
+
+
+def state() -> dict[Any, Any] | None:
+    """The current call's private state (None outside a call scope that has one)."""
+    call = _CALL.get()
+    return None if call is None else call.state
 
 
 def rows() -> RowAdapters | None:

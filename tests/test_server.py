@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import json
+import shutil
 import socket
 import threading
 import time
@@ -44,23 +47,34 @@ def adapters_dir(tmp_path_factory, smol_tokenizer):
     return directory
 
 
-@pytest.fixture(scope="module")
-def server(adapters_dir, smol_tokenizer):
-    engine = Engine(
-        tiny_model(len(smol_tokenizer)), smol_tokenizer, "tiny", adapters_dir, max_queue=4, arrival_gap_s=0.2
-    )
+@contextlib.contextmanager
+def running(engine: Engine, **app_options):
+    """``engine`` behind a uvicorn server on a free port, in this process; yields the base URL."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    config = uvicorn.Config(create_app(engine, api_key=KEY, max_tokens_limit=64), "127.0.0.1", port, log_level="error")
+    app_options = {"api_key": KEY, "max_tokens_limit": 64} | app_options
+    config = uvicorn.Config(create_app(engine, **app_options), "127.0.0.1", port, log_level="error")
     web = uvicorn.Server(config)
     thread = threading.Thread(target=web.run, daemon=True)
     thread.start()
     while not web.started:
         time.sleep(0.05)
-    yield engine, f"http://127.0.0.1:{port}/v1"
-    web.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        web.should_exit = True
+        thread.join(timeout=10)
+        engine.close()
+
+
+@pytest.fixture(scope="module")
+def server(adapters_dir, smol_tokenizer):
+    engine = Engine(
+        tiny_model(len(smol_tokenizer)), smol_tokenizer, "tiny", adapters_dir, max_queue=4, arrival_gap_s=0.2
+    )
+    with running(engine) as url:
+        yield engine, url
 
 
 @pytest.fixture
@@ -124,20 +138,32 @@ def test_chat_and_streaming_agree(client, server):
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
     assert streamed == whole.choices[0].message.content
     assert chunks[-1].choices[0].finish_reason == "length"
-    pieces = list(client.completions.create(model="coder", prompt="Once", max_tokens=5, temperature=0, stream=True))
-    assert "".join(p.choices[0].text for p in pieces) == reference(engine, "coder", prompt_ids(engine, "Once"), 5)
+    pieces = list(
+        client.completions.create(
+            model="coder",
+            prompt="Once",
+            max_tokens=5,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert "".join(p.choices[0].text for p in pieces if p.choices) == reference(
+        engine, "coder", prompt_ids(engine, "Once"), 5
+    )
+    assert pieces[-1].usage.completion_tokens == 5 and not pieces[-1].choices
 
 
 def test_two_adapters_in_flight_share_a_batch_and_match_alone(client, server):
     engine, _ = server
     jobs = [("poet", "A quiet morning", 7), ("coder", "def main():", 4), ("tiny", "Numbers:", 5)]
-    before = len(engine.batches)
+    engine.steps.clear()
     with ThreadPoolExecutor(len(jobs)) as pool:
         answers = list(
             pool.map(lambda j: client.completions.create(model=j[0], prompt=j[1], max_tokens=j[2], temperature=0), jobs)
         )
-    new_batches = engine.batches[before:]
-    assert any({"poet", "coder"} <= set(batch) for batch in new_batches), new_batches
+    steps = list(engine.steps)
+    assert any({"poet", "coder"} <= set(step) for step in steps), steps
     for (model, prompt, tokens), answer in zip(jobs, answers, strict=True):
         adapter = BASE_ADAPTER if model == "tiny" else model
         assert answer.choices[0].text == reference(engine, adapter, prompt_ids(engine, prompt), tokens)
@@ -207,7 +233,8 @@ def test_api_key_is_required(server):
 
 
 def post_raw(url: str, path: str, data: bytes) -> tuple[int, dict]:
-    request = urllib.request.Request(f"{url}{path}", data=data, headers={"Authorization": f"Bearer {KEY}"})
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    request = urllib.request.Request(f"{url}{path}", data=data, headers=headers)
     try:
         with urllib.request.urlopen(request) as answer:
             return answer.status, json.load(answer)
@@ -241,7 +268,7 @@ def test_a_failing_generation_answers_500_and_the_server_goes_on(client, server,
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(engine.model, "generate", broken)
+    monkeypatch.setattr(engine.base_model, "forward", broken)
     with pytest.raises(openai.InternalServerError, match="boom"):
         client.completions.create(model="poet", prompt="x", max_tokens=2)
     monkeypatch.undo()
@@ -253,12 +280,348 @@ def test_full_queue_answers_429(client, server):
     with ThreadPoolExecutor(8) as pool:
         with engine.lock:  # the worker takes one batch and waits for the lock; the queue fills behind it
             first = pool.submit(client.completions.create, model="tiny", prompt="a", max_tokens=1)
-            while engine.waiting.qsize() or not engine.worker.is_alive():
-                time.sleep(0.01)
-            time.sleep(0.3)  # the batch window has closed: the worker holds the first request
-            held = [pool.submit(client.completions.create, model="tiny", prompt="b", max_tokens=1) for _ in range(4)]
-            while engine.waiting.qsize() < 4:
+            held = [pool.submit(client.completions.create, model="tiny", prompt="b", max_tokens=1) for _ in range(3)]
+            while engine.queued < 4:
                 time.sleep(0.01)
             with pytest.raises(openai.RateLimitError, match="retry later"):
                 client.completions.create(model="tiny", prompt="c", max_tokens=1)
         assert all(f.result().choices for f in [first, *held])
+
+
+# --- defects found by probing a running server ------------------------------------------------------
+def call_raw(url: str, path: str, data: bytes | None = None, method: str = "POST", **headers: str) -> tuple[int, dict]:
+    """One HTTP request; the status and the JSON body (every answer of this server is JSON)."""
+    sent = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"} | headers
+    request = urllib.request.Request(f"{url}{path}", data=data, headers=sent, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            return answer.status, json.load(answer)
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def openai_error(status: int, body: dict, expected: int, param: str | None = None) -> dict:
+    """Assert an OpenAI-style error body with the expected status; return the error."""
+    assert status == expected, (status, body)
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["type"] == ("invalid_request_error" if expected < 500 else "server_error")
+    if param is not None:
+        assert error["param"] == param, error
+    return error
+
+
+def completion(model: str, prompt: str, tokens: int, **extra) -> bytes:
+    return json.dumps({"model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0} | extra).encode()
+
+
+def test_tiny_temperature_and_huge_seed_do_not_poison_a_batch(client, server):
+    engine, url = server
+    jobs = [
+        ("poet", "The weather today is", {}),
+        ("tiny", "Numbers:", {}),
+        ("coder", "def main():", {"temperature": 1e-45}),  # as good as greedy: no inf/nan
+        ("poet", "Hello", {"temperature": 1.0, "seed": 1e23}),  # a float, and past 64 bits: refused
+    ]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        answers = list(pool.map(lambda j: call_raw(url, "/completions", completion(j[0], j[1], 6, **j[2])), jobs))
+    for (model, prompt, extra), (status, body) in zip(jobs[:3], answers[:3], strict=True):
+        assert status == 200, body
+        adapter = BASE_ADAPTER if model == "tiny" else model
+        assert body["choices"][0]["text"] == reference(engine, adapter, prompt_ids(engine, prompt), 6), extra
+    openai_error(*answers[3], 400, "seed")
+    status, body = call_raw(url, "/completions", completion("poet", "Hello", 6, temperature=1.0, seed=2**63))
+    openai_error(status, body, 400, "seed")
+
+
+def test_a_row_that_fails_fails_alone(client, server, monkeypatch):
+    """A forward that raises whenever a poisoned prompt is in it: the batch is retried row by row,
+    the poisoned row gets 500 and every other row its exact answer; a step that raises once for
+    the whole batch is retried row by row and every row still gets its exact answer."""
+    engine, url = server
+    poison = prompt_ids(engine, "zebra quagga")
+    forward = engine.base_model.forward
+    failures = {"steps": 0}
+
+    def flaky(*args, **kwargs):
+        ids = kwargs["input_ids"]
+        if any(row[-len(poison) :].tolist() == poison for row in ids):
+            raise RuntimeError("poisoned row")
+        if ids.shape[0] > 1 and ids.shape[1] == 1 and failures["steps"] < 2:  # a decoding step of several rows
+            failures["steps"] += 1
+            raise RuntimeError("transient failure")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(engine.base_model, "forward", flaky)
+    jobs = [("poet", "A quiet morning", 8), ("coder", "zebra quagga", 8), ("tiny", "Numbers:", 7), ("coder", "Once", 5)]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        with engine.lock:  # all four join the batch at the same step
+            futures = [pool.submit(call_raw, url, "/completions", completion(*job)) for job in jobs]
+            while engine.queued < len(jobs):
+                time.sleep(0.01)
+        answers = [f.result() for f in futures]
+    monkeypatch.undo()
+    assert failures["steps"] == 2
+    error = openai_error(*answers[1], 500)
+    assert "poisoned row" in error["message"]
+    for (model, prompt, tokens), (status, body) in zip(jobs, answers, strict=True):
+        if prompt != "zebra quagga":
+            adapter = BASE_ADAPTER if model == "tiny" else model
+            assert status == 200 and body["choices"][0]["text"] == reference(
+                engine, adapter, prompt_ids(engine, prompt), tokens
+            )
+
+
+def test_a_failing_sampler_fails_only_its_row(client, server, monkeypatch):
+    engine, url = server
+    from deltatune.serving import engine as engine_module
+
+    real = engine_module.pick
+
+    def broken(request, logits):
+        if request.seed == 13:
+            raise ValueError("sampler exploded")
+        return real(request, logits)
+
+    monkeypatch.setattr(engine_module, "pick", broken)
+    jobs = [completion("poet", "Hi", 5, temperature=0.7, seed=13), completion("poet", "Hi", 5)]
+    with ThreadPoolExecutor(2) as pool:
+        with engine.lock:
+            futures = [pool.submit(call_raw, url, "/completions", job) for job in jobs]
+            while engine.queued < 2:
+                time.sleep(0.01)
+        bad, good = [f.result() for f in futures]
+    assert "sampler exploded" in openai_error(*bad, 500)["message"]
+    assert good[1]["choices"][0]["text"] == reference(engine, "poet", prompt_ids(engine, "Hi"), 5)
+
+
+def test_a_closed_stream_frees_its_row(client, server, monkeypatch):
+    engine, _ = server
+    forward = engine.base_model.forward
+
+    def slow(*args, **kwargs):  # 20 ms a step: the stream cannot finish before it is closed
+        time.sleep(0.02)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(engine.base_model, "forward", slow)
+    stream = client.completions.create(model="poet", prompt="Once upon", max_tokens=60, temperature=0, stream=True)
+    chunks = iter(stream)
+    next(chunks), next(chunks)
+    row = engine.batch.rows[0]
+    stream.close()
+    deadline = time.monotonic() + 5
+    while engine.batch.rows and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not engine.batch.rows and row.cancelled and row.tokens < 40, row.tokens
+    monkeypatch.undo()
+    started = time.monotonic()
+    client.completions.create(model="poet", prompt="x", max_tokens=1)
+    assert time.monotonic() - started < 2
+
+
+def test_request_bodies_that_break_parsers_get_openai_errors(server):
+    _, url = server
+    deep = b"[" * 200_000 + b"]" * 200_000
+    openai_error(*call_raw(url, "/completions", deep), 400)
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)  # a 2 MiB body announced, none sent
+    connection.putrequest("POST", "/v1/completions")
+    for name, value in {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}.items():
+        connection.putheader(name, value)
+    connection.putheader("Content-Length", str(2 << 20))
+    connection.endheaders()
+    answer = connection.getresponse()
+    openai_error(answer.status, json.loads(answer.read()), 413)
+    connection.close()
+    openai_error(*call_raw(url, "/completions", completion("tiny", "x", 2), **{"Content-Type": "text/plain"}), 415)
+    openai_error(*call_raw(url, "/completions", b"[1, 2]"), 400)
+
+
+def test_unknown_routes_and_methods_get_openai_errors(server):
+    _, url = server
+    openai_error(*call_raw(url, "/nowhere", None, method="GET"), 404)
+    openai_error(*call_raw(url, "/completions", None, method="GET"), 405)
+    openai_error(*call_raw(url, "/models", b"{}", method="POST"), 405)
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"max_tokens": "5"}, "max_tokens"),
+        ({"max_tokens": True}, "max_tokens"),
+        ({"max_tokens": 5.0}, "max_tokens"),
+        ({"stream": "yes"}, "stream"),
+        ({"temperature": "0.5"}, "temperature"),
+        ({"logprobs": 2}, "logprobs"),
+        ({"logprobs": True}, "logprobs"),
+        ({"frequency_penalty": 0.5}, "frequency_penalty"),
+        ({"n": 2}, "n"),
+        ({"stop": [f"s{i}" for i in range(17)]}, "stop"),
+        ({"stop": "x" * 300}, "stop"),
+        ({"model": "__base__"}, "model"),
+        ({"prompt": ["a", "b"]}, "prompt"),
+    ],
+)
+def test_fields_are_checked_strictly(server, extra, param):
+    _, url = server
+    body = {"model": "tiny", "prompt": "Hello", "max_tokens": 3} | extra
+    status = 404 if param == "model" else 400
+    openai_error(*call_raw(url, "/completions", json.dumps(body).encode()), status, param)
+
+
+def test_an_empty_stop_string_stops_nothing(client, server):
+    engine, _ = server
+    answer = client.completions.create(model="poet", prompt="Tell me", max_tokens=6, temperature=0, stop="")
+    assert answer.choices[0].text == reference(engine, "poet", prompt_ids(engine, "Tell me"), 6) != ""
+
+
+def test_adapter_names_are_checked_clearly(client):
+    for name, reason in (("keys", "reserved"), ("tiny", "base model"), ("__base__", "base model"), ("a/b", "letters")):
+        with pytest.raises(openai.BadRequestError, match=reason):
+            client.post("/adapters", body={"name": name, "path": "poet"}, cast_to=object)
+
+
+def test_a_queued_request_whose_adapter_is_deleted_gets_404(client, server):
+    engine, url = server
+    client.post("/adapters", body={"name": "poet3", "path": "poet"}, cast_to=object)
+    with ThreadPoolExecutor(2) as pool:
+        with engine.lock:  # the worker is held: the request waits, then the delete runs before any step
+            waiting = pool.submit(call_raw, url, "/completions", completion("poet3", "Hi", 4))
+            while engine.queued < 1:
+                time.sleep(0.01)
+            deleting = pool.submit(call_raw, url, "/adapters/poet3", None, "DELETE")
+            while not engine.commands:
+                time.sleep(0.01)
+        assert deleting.result()[0] == 200
+        assert openai_error(*waiting.result(), 404)["code"] == "model_not_found"
+    assert "poet3" not in engine.adapters and "poet3" not in engine.store.loaded
+
+
+def test_per_step_state_stays_bounded(client, server):
+    engine, _ = server
+    for _ in range(6):
+        client.completions.create(model="poet", prompt="Count", max_tokens=60, temperature=0)
+    assert engine.steps.maxlen is not None and len(engine.steps) <= engine.steps.maxlen
+    with engine.lock:  # the worker has finished its step
+        assert not engine.batch.rows and engine.batch.cache is None and engine.partial is None and not engine.queued
+
+
+def small_engine(tokenizer, directory, **options) -> Engine:
+    return Engine(tiny_model(len(tokenizer)), tokenizer, "tiny", directory, **options)
+
+
+def test_adapters_load_after_the_last_one_is_deleted(adapters_dir, smol_tokenizer, tmp_path):
+    shutil.copytree(adapters_dir / "poet", tmp_path / "only")
+    engine = small_engine(smol_tokenizer, tmp_path)
+    with running(engine) as url:
+        client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0, timeout=60)
+        client.delete("/adapters/only", cast_to=object)
+        assert engine.model is None and engine.adapters == []
+        client.post("/adapters", body={"name": "again", "path": "only"}, cast_to=object)
+        text = client.completions.create(model="again", prompt="Hello", max_tokens=5, temperature=0).choices[0].text
+        assert text == reference(engine, "again", prompt_ids(engine, "Hello"), 5)
+
+
+def test_close_stops_the_worker_and_answers_open_requests(adapters_dir, smol_tokenizer):
+    engine = small_engine(smol_tokenizer, adapters_dir)
+    events = []
+    from deltatune.serving.rows import Request as Job
+
+    with engine.lock:
+        engine.submit(Job("poet", [5, 6, 7], 4, events.append))
+        engine.close(timeout=0.2)
+    engine.worker.join(5)
+    assert not engine.worker.is_alive()
+    assert events and events[-1][0] == "error" and events[-1][2] == 503
+
+
+def test_an_adapter_many_requests_ask_for_loads_once(adapters_dir, smol_tokenizer, monkeypatch):
+    engine = small_engine(smol_tokenizer, adapters_dir, max_loaded=1)
+    loads = []
+    real = engine.store._load
+    monkeypatch.setattr(engine.store, "_load", lambda name, path: (loads.append(name), real(name, path)))
+    with running(engine) as url:
+        client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0, timeout=60)
+        assert [m.id for m in client.models.list().data] == ["tiny", "coder", "poet"] and engine.store.loaded == []
+        with ThreadPoolExecutor(12) as pool:
+            texts = list(pool.map(lambda _: ask_text(client, "poet", "Hi", 4), range(12)))
+        assert loads == ["poet"] and len(set(texts)) == 1
+        assert ask_text(client, "coder", "Hi", 4) and engine.store.loaded == ["coder"]  # the idle one was evicted
+        assert ask_text(client, "poet", "Hi", 4) == texts[0] and loads == ["poet", "coder", "poet"]
+
+
+def ask_text(client, model: str, prompt: str, tokens: int) -> str:
+    return client.completions.create(model=model, prompt=prompt, max_tokens=tokens, temperature=0).choices[0].text
+
+
+def test_prompt_and_stream_limits(adapters_dir, smol_tokenizer):
+    from deltatune.serving import Limits
+
+    engine = small_engine(smol_tokenizer, adapters_dir)
+    limits = Limits(max_tokens=64, max_prompt_tokens=8, max_streams_per_key=1)
+    with running(engine, limits=limits) as url:
+        client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0, timeout=60)
+        with pytest.raises(openai.BadRequestError, match="at most 8"):
+            client.completions.create(model="tiny", prompt="word " * 20, max_tokens=2)
+        with engine.lock:  # the first stream is held open
+            first = client.completions.create(model="tiny", prompt="Hi", max_tokens=3, stream=True)
+            with pytest.raises(openai.RateLimitError, match="streams at once"):
+                client.completions.create(model="tiny", prompt="Hi", max_tokens=3, stream=True)
+        assert list(first)[-1].choices[0].finish_reason == "length"
+        again = client.completions.create(model="tiny", prompt="Hi", max_tokens=3, stream=True)
+        assert list(again)[-1].choices[0].finish_reason == "length"
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_other_rows_decode(adapters_dir, smol_tokenizer):
+    from deltatune.serving.rows import Request as Job
+
+    engine = small_engine(smol_tokenizer, adapters_dir, prefill_chunk=8)
+    try:
+        short, long = prompt_ids(engine, "Hi"), prompt_ids(engine, "word " * 60)
+        events: dict[str, list] = {"short": [], "long": []}
+        with engine.lock:
+            engine.submit(Job("poet", short, 30, events["short"].append))
+            engine.submit(Job("coder", long, 5, events["long"].append))
+        while not all(e and e[-1][0] == "done" for e in events.values()):
+            time.sleep(0.01)
+        steps = list(engine.steps)
+        joined = next(i for i, step in enumerate(steps) if "coder" in step)
+        assert joined >= len(long) // 8 - 1 and all(step == ("poet",) for step in steps[:joined])  # poet kept going
+        for name, adapter, ids, tokens in (("short", "poet", short, 30), ("long", "coder", long, 5)):
+            text = "".join(e[1] for e in events[name] if e[0] == "text")
+            assert text == reference(engine, adapter, ids, tokens)
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize(
+    "config",
+    [lambda: dt.PromptTuningConfig(num_virtual_tokens=3), lambda: dt.PrefixTuningConfig(num_virtual_tokens=2)],
+    ids=["prompt", "prefix"],
+)
+def test_prompt_learning_rows_join_a_lora_batch_exactly(adapters_dir, smol_tokenizer, tmp_path, config):
+    """Virtual tokens and prefixes go in at the row's own prefill; its steps then share the batch."""
+    from deltatune.serving.rows import Request as Job
+
+    model = dt.wrap(tiny_model(len(smol_tokenizer)), config(), "virtual")
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(3)))
+    model.save_pretrained(tmp_path)
+    shutil.copytree(adapters_dir / "poet", tmp_path / "poet")
+    engine = small_engine(smol_tokenizer, tmp_path)
+    try:
+        jobs = [("poet", "A quiet morning", 6), ("virtual", "Once", 6), (BASE_ADAPTER, "Numbers:", 4)]
+        events = [[] for _ in jobs]
+        with engine.lock:
+            for (adapter, prompt, tokens), sink in zip(jobs, events, strict=True):
+                engine.submit(Job(adapter, prompt_ids(engine, prompt), tokens, sink.append))
+        while not all(e and e[-1][0] in ("done", "error") for e in events):
+            time.sleep(0.01)
+        assert any(len(step) == 3 for step in engine.steps), (list(engine.steps)[:3], [e[-1] for e in events])
+        for (adapter, prompt, tokens), sink in zip(jobs, events, strict=True):
+            text = "".join(e[1] for e in sink if e[0] == "text")
+            assert text == reference(engine, adapter, prompt_ids(engine, prompt), tokens), (adapter, sink[-1])
+    finally:
+        engine.close()

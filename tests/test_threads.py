@@ -122,3 +122,31 @@ def test_calls_nest_each_with_its_own_adapters():
     assert torch.equal(outer_mixed, model(input_ids=ids, adapter_names=MIXED[0]).logits)
     for got, want in zip(inner, [expected["chat"], expected_mixed, expected_active] * 2, strict=True):
         assert torch.equal(got, want)
+
+
+@torch.no_grad()
+def test_threads_with_different_hyperformer_tasks_each_get_their_own_result():
+    """HyperFormer's task ids (and generate's weight cache) live in the call's state, not the hypernetwork."""
+    from conftest import TINY_MODELS, randomize_adapters
+
+    import deltatune as dt
+
+    model = dt.wrap(TINY_MODELS["llama"](), dt.HyperAdapterConfig(tasks=["a", "b", "c"], bottleneck_size=4))
+    randomize_adapters(model, std=0.3)
+    ids, mask = left_padded(texts(3, seed=14, lengths=[4, 6, 5]))
+    settings = dict(attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    forwards = [
+        lambda t=t: model(input_ids=ids, attention_mask=mask, task_ids=t).logits
+        for t in ("a", "b", torch.tensor([2, 0, 1]))
+    ]
+    generates = [lambda t=t: model.generate(input_ids=ids, task_ids=t, **settings) for t in ("c", ["b", "a", "c"])]
+    expected_forwards, expected_generates = [call() for call in forwards], [call() for call in generates]
+    assert not torch.equal(expected_forwards[0], expected_forwards[1])  # the tasks differ
+    bad_forwards, bad_generates = [], []
+    together(
+        repeat(200, forwards, expected_forwards, bad_forwards),
+        repeat(200, generates, expected_generates, bad_generates),
+    )
+    assert not bad_forwards and not bad_generates, (bad_forwards[:5], bad_generates[:5])
+    net = next(layer for _, layer in model.delta_layers()).hypernet["default"]
+    assert not {"tasks", "rows", "cache"} & set(vars(net))  # nothing per call on the shared module

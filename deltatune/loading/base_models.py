@@ -113,12 +113,22 @@ def _dense_smollm2(directory: Path, spec: BuiltinModel) -> Path:
     return target
 
 
-def load_base(name_or_path: str, task: str | None = None, num_labels: int = 2, **kwargs) -> tuple[nn.Module, object]:
+def load_base(
+    name_or_path: str, task: str | None = None, num_labels: int = 2, quantize: str | None = None, **kwargs
+) -> tuple[nn.Module, object]:
     """Load ``(model, tokenizer)`` for a built-in name (``smollm2-135m``, ``minilm-l6``) or a local dir.
 
     ``task`` is ``causal-lm``, ``classification`` (a freshly initialised head of ``num_labels``)
-    or ``feature-extraction``; the built-in's natural task by default.
+    or ``feature-extraction``; the built-in's natural task by default. ``quantize`` (``int8`` or
+    ``nf4``) stores the frozen linear layers quantized (see deltatune.quantization.quantize_base).
     """
+    if quantize is not None:
+        from deltatune.quantization import KINDS
+
+        if quantize not in KINDS:  # before the weights load
+            from deltatune.config import ConfigError
+
+            raise ConfigError(f"unknown quantize={quantize!r}: choose one of {', '.join(KINDS)}")
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -140,4 +150,12 @@ def load_base(name_or_path: str, task: str | None = None, num_labels: int = 2, *
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    if quantize is not None:
+        from deltatune.quantization import quantize_base
+
+        quantize_base(model, quantize)
+        for tensor in [t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()]:
+            # Own copies of what stays float, so nothing holds the memory-mapped checkpoint, whose pages
+            # the quantization touched, and the float weights' pages leave the process's memory.
+            tensor.data = tensor.data.clone()
     return model, tokenizer

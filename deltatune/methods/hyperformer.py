@@ -40,7 +40,9 @@ Trainable parameters (T tasks, S sites, hidden size d, bottleneck m)::
 plus a sequence classifier's head, which ``DeltaModel`` trains for every adapter. After
 :func:`add_task` only the new task's t numbers train.
 
-Task ids reach the layers through the ``prepare_inputs``/``generate`` hooks:
+Task ids reach the layers through the ``prepare_inputs``/``generate`` hooks, which resolve them
+into a :class:`Selection` kept in the call's own state (deltatune.routing), never on the shared
+hypernetwork, so threads may run different tasks through one model at once:
 ``model(**batch, task_ids=...)`` takes a LongTensor[B] of indices into ``config.tasks``, a list
 of task names, or one name or index for the whole batch. Without ``task_ids`` the forward uses
 ``config.default_task``, or the only task; with several tasks and no default it is an error.
@@ -60,6 +62,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 from transformers.pytorch_utils import Conv1D
 
+from deltatune import routing
 from deltatune.config import ConfigError, DeltaConfig, method_config
 from deltatune.constants import valid_name
 from deltatune.methods.adapter import adapter_targets, check_sites, normalize_sites
@@ -67,6 +70,7 @@ from deltatune.methods.base import DeltaLayer, wrap_modules
 from deltatune.methods.contract import AdapterHost, Method, register
 
 _LN_EPS = 1e-5
+_STATE_KEY = "hyperformer"  # with the adapter name: where a call's Selection lives in its state
 
 
 @method_config
@@ -139,8 +143,26 @@ class Generated(NamedTuple):
     bias: torch.Tensor  # [U, d]
 
 
+class Selection(NamedTuple):
+    """The tasks one call runs: its distinct task indices, and each row's position among them
+    (None: every row runs ``tasks[0]``). ``cache``: weights made once per site, kept during generate."""
+
+    tasks: torch.Tensor
+    rows: torch.Tensor | None
+    cache: dict[int, Generated] | None = None
+
+    def row_index(self, batch: int) -> torch.Tensor | None:
+        """Each row's task position; generate() repeats rows (beams, num_return_sequences)."""
+        rows = self.rows
+        if rows is None or len(rows) == batch:
+            return rows
+        if batch % len(rows):
+            raise ValueError(f"task_ids has {len(rows)} rows but the batch has {batch}")
+        return rows.repeat_interleave(batch // len(rows))
+
+
 class HyperNetwork(nn.Module):
-    """Task embeddings and the generator shared by every site; also which tasks this forward runs."""
+    """Task embeddings and the generator shared by every site."""
 
     def __init__(self, config: HyperAdapterConfig, features: int) -> None:
         super().__init__()
@@ -169,11 +191,6 @@ class HyperNetwork(nn.Module):
         self.task_names = list(config.tasks)
         self.default_task: str | None = config.default_task
         self.new_tasks = [self.task_names.index(n) for n in config.new_tasks]
-        # Set per forward by select(): the batch's distinct task indices, and each row's position
-        # among them (None: every row runs tasks[0]). ``cache`` keeps generated weights in generate.
-        self.tasks: torch.Tensor | None = None
-        self.rows: torch.Tensor | None = None
-        self.cache: dict[int, Generated] | None = None
 
     # --- which task each row runs ---------------------------------------------------------------
     def _describe(self) -> str:
@@ -199,8 +216,8 @@ class HyperNetwork(nn.Module):
             "one name for the whole batch), or set default_task in HyperAdapterConfig"
         )
 
-    def select(self, task_ids: Any) -> None:
-        """Resolve ``task_ids`` (None, a name or index, or one per row) for the coming forward."""
+    def select(self, task_ids: Any, cache: bool = False) -> Selection:
+        """Resolve ``task_ids`` (None, a name or index, or one per row) for one call."""
         if task_ids is None:
             ids = torch.tensor([self.default_index()])
         elif isinstance(task_ids, (str, int)):
@@ -216,18 +233,16 @@ class HyperNetwork(nn.Module):
             if ids.numel() == 0:
                 raise ValueError("task_ids is empty: give one task per row")
         tasks, rows = torch.unique(ids.to(self.projector.weight.device), return_inverse=True)
-        self.tasks, self.rows = tasks, (rows if len(tasks) > 1 else None)
+        return Selection(tasks, rows if len(tasks) > 1 else None, {} if cache else None)
 
     # --- generating a site's adapter ----------------------------------------------------------
-    def generate(self, site: torch.Tensor) -> Generated:
-        """The adapter of site ``site`` (its layer embedding) for each task of this forward."""
-        if self.tasks is None:
-            self.select(None)
+    def generate(self, site: torch.Tensor, selection: Selection) -> Generated:
+        """The adapter of site ``site`` (its layer embedding) for each task the call runs."""
         key = id(site)
-        if self.cache is not None and key in self.cache:
-            return self.cache[key]
+        if selection.cache is not None and key in selection.cache:
+            return selection.cache[key]
         m, d = self.bottleneck, self.features
-        z = torch.stack(tuple(self.task_embeddings))[self.tasks]
+        z = torch.stack(tuple(self.task_embeddings))[selection.tasks]
         hidden = F.relu(self.projector(torch.cat([z, site.expand(len(z), -1)], dim=-1)))
         down, up = self.down(hidden), self.up(hidden)
         gain, bias = self.norm(hidden).chunk(2, dim=-1)
@@ -239,18 +254,9 @@ class HyperNetwork(nn.Module):
             1 + gain,
             bias,
         )
-        if self.cache is not None:
-            self.cache[key] = out
+        if selection.cache is not None:
+            selection.cache[key] = out
         return out
-
-    def row_index(self, batch: int) -> torch.Tensor | None:
-        """Each row's task position; generate() repeats rows (beams, num_return_sequences)."""
-        rows = self.rows
-        if rows is None or len(rows) == batch:
-            return rows
-        if batch % len(rows):
-            raise ValueError(f"task_ids has {len(rows)} rows but the batch has {batch}")
-        return rows.repeat_interleave(batch // len(rows))
 
     # --- adding a task --------------------------------------------------------------------------
     def add_task(self, task: str, init: str) -> int:
@@ -301,9 +307,22 @@ class HyperAdapterLayer(DeltaLayer):
         if name is None:
             return h
         net = self._hypernets[name]
-        weights = net.generate(self.layer_embedding[name])
-        out = _bottleneck(h.to(weights.down_weight.dtype), weights, net.row_index(h.shape[0]), net.act)
+        selection = _selection(net, name)
+        weights = net.generate(self.layer_embedding[name], selection)
+        out = _bottleneck(h.to(weights.down_weight.dtype), weights, selection.row_index(h.shape[0]), net.act)
         return h + out.to(h.dtype)
+
+
+def _selection(net: HyperNetwork, adapter_name: str) -> Selection:
+    """The tasks this call runs: chosen by the call's ``prepare_inputs``/``generate`` hook, else the default
+    task (kept in the call's state, so every site of one forward shares it)."""
+    state = routing.state()
+    if state is None:  # a bare forward of the base model, outside any DeltaModel call
+        return net.select(None)
+    key = (_STATE_KEY, adapter_name)
+    if key not in state:
+        state[key] = net.select(None)
+    return state[key]
 
 
 def _bottleneck(h: torch.Tensor, w: Generated, rows: torch.Tensor | None, act: nn.Module) -> torch.Tensor:
@@ -350,23 +369,30 @@ def _hypernet(host: AdapterHost, adapter_name: str) -> HyperNetwork:
 INPUT_KEYS = ("task_ids",)
 
 
+def _call_state() -> dict[Any, Any]:
+    state = routing.state()
+    if state is None:
+        raise RuntimeError(
+            "HyperFormer's task_ids belong to one call: run prepare_inputs and the base model's forward inside "
+            "`with delta_model.call_scope():` (DeltaModel's forward and generate open it themselves)"
+        )
+    return state
+
+
 def prepare_inputs(
     host: AdapterHost, adapter_name: str, kwargs: dict[str, Any], generating: bool = False
 ) -> dict[str, Any]:
-    """Take ``task_ids`` out of the forward's arguments and tell the adapter's layers."""
-    _hypernet(host, adapter_name).select(kwargs.pop("task_ids", None))
+    """Take ``task_ids`` out of the forward's arguments; the call's layers read them from its state."""
+    selection = _hypernet(host, adapter_name).select(kwargs.pop("task_ids", None))
+    _call_state()[(_STATE_KEY, adapter_name)] = selection
     return kwargs
 
 
 def generate(host: AdapterHost, adapter_name: str, *args: Any, **kwargs: Any) -> Any:
-    """The base model's generate with ``task_ids`` per row; each site's weights are made once."""
-    net = _hypernet(host, adapter_name)
-    net.select(kwargs.pop("task_ids", None))
-    net.cache = {}
-    try:
-        return host.base_model.generate(*args, **kwargs)
-    finally:
-        net.cache = None
+    """The base model's generate with ``task_ids`` per row; each site's weights are made once per call."""
+    selection = _hypernet(host, adapter_name).select(kwargs.pop("task_ids", None), cache=True)
+    _call_state()[(_STATE_KEY, adapter_name)] = selection
+    return host.base_model.generate(*args, **kwargs)
 
 
 def add_task(delta_model: AdapterHost, task: str, adapter_name: str | None = None, init: str = "mean") -> int:

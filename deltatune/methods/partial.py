@@ -22,6 +22,7 @@ from torch import nn
 from deltatune.config import ConfigError, DeltaConfig, method_config
 from deltatune.methods.base import DeltaLayer, ModulesToSave, wrap_modules
 from deltatune.methods.contract import Method, register
+from deltatune.quantization.base import QuantizedLinear
 from deltatune.targeting import DEFAULT_LAYER_CONTAINERS, layer_index
 from deltatune.wrappers import base_of
 
@@ -108,6 +109,13 @@ def select(model: nn.Module, config: PartialConfig) -> list[str]:
         inner = next((n for n, m in block.named_modules() if isinstance(m, DeltaLayer)), None)
         if inner is not None:
             raise ConfigError(f"{name}.{inner} already carries an adapter; partial fine-tuning cannot copy it")
+        quantized = next((n for n, m in block.named_modules() if isinstance(m, QuantizedLinear)), None)
+        if quantized is not None:
+            raise ConfigError(
+                f"partial fine-tuning trains the base weights themselves, but {name}.{quantized} is quantized "
+                f"({block.get_submodule(quantized).kind}): load the base without quantize, or train a method that "
+                "leaves the base frozen (lora, adapter, bitfit, prompt/prefix tuning)"
+            )
     return names
 
 

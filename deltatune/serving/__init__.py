@@ -1,6 +1,6 @@
-"""Serving many adapters on one base model: the batching engine and the OpenAI-compatible API."""
+"""Serving many adapters on one base model: the continuous-batching engine and the OpenAI-compatible API."""
 
-from deltatune.serving.app import create_app
-from deltatune.serving.batcher import Engine
+from deltatune.serving.app import Limits, create_app
+from deltatune.serving.engine import Engine
 
-__all__ = ["Engine", "create_app"]
+__all__ = ["Engine", "Limits", "create_app"]

@@ -2,45 +2,91 @@
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (``"stream": true`` for
 server-sent events), ``GET /v1/models``, and ``POST /v1/adapters`` / ``DELETE
-/v1/adapters/{name}`` to load and remove adapters at run time. The ``model`` field picks the
-adapter; the base model's own name means no adapter. Errors use OpenAI's body,
-``{"error": {"message", "type", "param", "code"}}``, so OpenAI clients show them as they are.
+/v1/adapters/{name}`` to add and remove adapters at run time. The ``model`` field picks the
+adapter; the base model's own name means no adapter. Every error, unknown routes included, uses
+OpenAI's body, ``{"error": {"message", "type", "param", "code"}}``, so OpenAI clients show them
+as they are. Fields are checked strictly (``"5"`` is not a number) and options the server does
+not act on (``logprobs``, penalties...) are refused rather than ignored.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hmac
 import json
-import secrets
-import time
-import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException
 
-from deltatune.constants import ADAPTER_NAME, BASE_ADAPTER
-from deltatune.serving.batcher import Engine, QueueFull, asyncio_sink
-from deltatune.serving.batcher import Request as Job
+from deltatune.constants import BASE_ADAPTER
+from deltatune.serving.adapters import name_problem
+from deltatune.serving.engine import Engine
+from deltatune.serving.reply import Reply
+from deltatune.serving.rows import SEED_LIMIT, QueueFull, asyncio_sink
+from deltatune.serving.rows import Request as Job
+
+
+@dataclass
+class Limits:
+    """What one request may ask for (``None``: no limit beyond the model's context)."""
+
+    max_tokens: int = 4096
+    max_body_bytes: int = 1 << 20
+    max_prompt_tokens: int | None = None
+    max_streams_per_key: int | None = None
+    max_stop: int = 16  # stop strings per request
+    max_stop_chars: int = 256  # characters per stop string
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
     def response(self) -> JSONResponse:
         kind = "invalid_request_error" if self.status < 500 else "server_error"
         body = {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status)
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+UNSUPPORTED = {  # OpenAI options this server does not act on, and the values that ask nothing
+    "logprobs": (None, False, 0),
+    "top_logprobs": (None, 0),
+    "echo": (None, False),
+    "best_of": (None, 1),
+    "suffix": (None, ""),
+    "logit_bias": (None, {}),
+    "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
+    "tools": (None, []),
+    "functions": (None, []),
+    "response_format": (None, {"type": "text"}),
+}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    include_usage: bool = False
 
 
 class Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI options we do not act on are accepted, as vLLM does
-    model: str
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
+    model: str = Field(max_length=256)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
@@ -48,7 +94,9 @@ class Sampling(BaseModel):
     n: Literal[1] = 1
     stop: str | list[str] | None = None
     stream: bool = False
-    seed: int | None = None
+    stream_options: StreamOptions | None = None
+    seed: int | None = Field(None, ge=0, lt=SEED_LIMIT)
+    user: str | None = None
 
 
 class CompletionBody(Sampling):
@@ -56,6 +104,7 @@ class CompletionBody(Sampling):
 
 
 class Message(BaseModel):
+    model_config = ConfigDict(strict=True)
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str
 
@@ -65,17 +114,27 @@ class ChatBody(Sampling):
 
 
 class AdapterBody(BaseModel):
-    name: str
-    path: str
+    model_config = ConfigDict(strict=True)
+    name: str = Field(max_length=128)
+    path: str = Field(max_length=4096)
 
 
-def create_app(engine: Engine, api_key: str | None = None, max_tokens_limit: int = 4096) -> FastAPI:
+def create_app(
+    engine: Engine, api_key: str | None = None, max_tokens_limit: int = 4096, limits: Limits | None = None
+) -> FastAPI:
+    limits = limits or Limits(max_tokens=max_tokens_limit)
     app = FastAPI(title="deltatune", docs_url=None, redoc_url=None)
+    app.state.draining = False
+    streams: dict[str, int] = {}
 
     @app.middleware("http")
-    async def check_key(request: Request, call_next: Any) -> Any:
+    async def gate(request: Request, call_next: Any) -> Any:
+        if app.state.draining:
+            return ApiError(
+                503, "the server is shutting down; retry shortly", code="shutting_down", headers={"Retry-After": "5"}
+            ).response()
         given = request.headers.get("authorization", "")
-        if api_key and not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+        if api_key and not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
             return ApiError(
                 401, "missing or wrong API key (send 'Authorization: Bearer KEY')", code="invalid_api_key"
             ).response()
@@ -84,6 +143,19 @@ def create_app(engine: Engine, api_key: str | None = None, max_tokens_limit: int
     @app.exception_handler(ApiError)
     async def api_error(_: Request, err: ApiError) -> JSONResponse:
         return err.response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, err: HTTPException) -> JSONResponse:
+        message = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
+        return ApiError(err.status_code, message.get(err.status_code, str(err.detail)), headers=err.headers).response()
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
+        return ApiError(400, f"invalid request: {err.errors()[0].get('msg', err)}").response()
+
+    @app.exception_handler(Exception)
+    async def any_error(_: Request, err: Exception) -> JSONResponse:
+        return ApiError(500, f"internal error: {type(err).__name__}", code="internal_error").response()
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -95,31 +167,30 @@ def create_app(engine: Engine, api_key: str | None = None, max_tokens_limit: int
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
-        body = await parse(request, CompletionBody)
-        return await respond(engine, body, body.prompt, chat=False, limit=max_tokens_limit)
+        body = await parse(request, CompletionBody, limits)
+        return await respond(request, engine, body, body.prompt, False, limits, streams)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
-        body = await parse(request, ChatBody)
+        body = await parse(request, ChatBody, limits)
         messages = [m.model_dump() for m in body.messages]
         try:
             prompt = engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as err:  # no template, or one that refuses these roles
             raise ApiError(400, f"the chat template cannot render these messages: {err}", "messages") from err
-        return await respond(engine, body, prompt, chat=True, limit=max_tokens_limit)
+        return await respond(request, engine, body, prompt, True, limits, streams)
 
     @app.post("/v1/adapters")
     async def load_adapter(request: Request) -> dict[str, Any]:
-        body = await parse(request, AdapterBody)
-        if not ADAPTER_NAME.fullmatch(body.name) or body.name in (engine.base_name, BASE_ADAPTER):
-            raise ApiError(
-                400, f"adapter name {body.name!r} must be letters, digits, '_' or '-' and not the base's", "name"
-            )
+        body = await parse(request, AdapterBody, limits)
+        problem = name_problem(body.name, engine.base_name)
+        if problem:
+            raise ApiError(400, problem, "name")
         if body.name in engine.adapters:
             raise ApiError(409, f"adapter {body.name!r} is loaded already; DELETE it first", "name", "adapter_exists")
         path = inside(engine.adapters_dir, body.path)
         try:
-            await asyncio.to_thread(engine.load_adapter, body.name, path)
+            await asyncio.wrap_future(engine.load_adapter(body.name, path))
         except Exception as err:
             raise ApiError(400, f"cannot load adapter from {body.path!r}: {err}", "path") from err
         return {"id": body.name, "object": "model", "loaded": True}
@@ -128,23 +199,45 @@ def create_app(engine: Engine, api_key: str | None = None, max_tokens_limit: int
     async def delete_adapter(name: str) -> dict[str, Any]:
         if name not in engine.adapters:
             raise ApiError(404, f"no adapter named {name!r}", "name", "model_not_found")
-        await asyncio.to_thread(engine.delete_adapter, name)
+        await asyncio.wrap_future(engine.delete_adapter(name))
         return {"id": name, "object": "model", "deleted": True}
 
     return app
 
 
-async def parse(request: Request, model: type[BaseModel]) -> Any:
+async def read_body(request: Request, cap: int) -> bytes:
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":
+        raise ApiError(415, f"send the body as JSON with 'Content-Type: application/json', not {kind or 'none'!r}")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > cap:
+        raise ApiError(413, f"the body has {declared} bytes; this server takes at most {cap}", code="body_too_large")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > cap:
+            raise ApiError(413, f"the body is larger than this server's limit of {cap} bytes", code="body_too_large")
+    return bytes(body)
+
+
+async def parse(request: Request, model: type[BaseModel], limits: Limits) -> Any:
+    raw = await read_body(request, limits.max_body_bytes)
     try:
-        data = json.loads(await request.body())
-    except ValueError as err:
-        raise ApiError(400, f"the body is not valid JSON: {err}") from err
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as err:
+        reason = "it is nested too deeply" if isinstance(err, RecursionError) else str(err)
+        raise ApiError(400, f"the body is not valid JSON: {reason}") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, f"the body must be a JSON object, got {type(data).__name__}")
+    for name, harmless in UNSUPPORTED.items():
+        if name in data and data[name] not in harmless:
+            raise ApiError(400, f"{name} is not supported by this server; leave it out", name, "unsupported_parameter")
     try:
         return model.model_validate(data)
-    except ValidationError as err:
-        first = err.errors()[0]
+    except (ValidationError, RecursionError) as err:
+        first = err.errors()[0] if isinstance(err, ValidationError) else {"loc": (), "msg": "nested too deeply"}
         param = ".".join(str(p) for p in first["loc"]) or None
-        raise ApiError(400, f"{param or 'body'}: {first['msg']}", param) from err
+        raise ApiError(400, f"{param or 'body'}: {first['msg']}", param) from None
 
 
 def inside(root: Path | None, relative: str) -> Path:
@@ -159,107 +252,93 @@ def inside(root: Path | None, relative: str) -> Path:
     return path
 
 
-async def respond(engine: Engine, body: Sampling, prompt: str, chat: bool, limit: int) -> Any:
+def stop_strings(stop: str | list[str] | None, limits: Limits) -> list[str]:
+    """The non-empty stop strings ('' stops nothing, in the string form as in the list form)."""
+    given = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(given) > limits.max_stop:
+        raise ApiError(400, f"stop has {len(given)} strings; at most {limits.max_stop} are allowed", "stop")
+    if any(len(s) > limits.max_stop_chars for s in given):
+        raise ApiError(400, f"a stop string is longer than {limits.max_stop_chars} characters", "stop")
+    return [s for s in given if s]
+
+
+def checked(engine: Engine, body: Sampling, prompt: str, chat: bool, limits: Limits) -> Job:
+    """The request as the engine takes it, after every check that needs no model run."""
     adapter = BASE_ADAPTER if body.model == engine.base_name else body.model
-    if adapter != BASE_ADAPTER and adapter not in engine.adapters:
-        names = ", ".join([engine.base_name, *engine.adapters])
+    if body.model != engine.base_name and not engine.servable(body.model):  # '__base__' is no model name
+        names = ", ".join([engine.base_name, *engine.adapters][:20])
         raise ApiError(
             404, f"the model {body.model!r} does not exist; this server has: {names}", "model", "model_not_found"
         )
     given = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    max_tokens = given if given is not None else 256 if chat else 16  # OpenAI's completions default: 16
-    if not 1 <= max_tokens <= limit:
-        raise ApiError(400, f"max_tokens must be between 1 and {limit}, got {max_tokens}", "max_tokens")
+    max_tokens = given if given is not None else min(256 if chat else 16, limits.max_tokens)  # OpenAI's: 16
+    if not 1 <= max_tokens <= limits.max_tokens:
+        raise ApiError(400, f"max_tokens must be between 1 and {limits.max_tokens}, got {max_tokens}", "max_tokens")
+    stop = stop_strings(body.stop, limits)
     ids = engine.tokenizer(prompt, add_special_tokens=not chat)["input_ids"]
+    param = "messages" if chat else "prompt"
     if not ids:
-        raise ApiError(400, "the prompt is empty", "prompt")
+        raise ApiError(400, "the prompt is empty", param)
+    if limits.max_prompt_tokens is not None and len(ids) > limits.max_prompt_tokens:
+        raise ApiError(400, f"the prompt has {len(ids)} tokens; at most {limits.max_prompt_tokens} are allowed", param)
     if len(ids) + max_tokens > engine.context_length:
         raise ApiError(
             400,
             f"the prompt has {len(ids)} tokens and max_tokens is {max_tokens}: more than the model's context of "
             f"{engine.context_length} tokens",
-            "messages" if chat else "prompt",
+            param,
             "context_length_exceeded",
         )
+    return Job(adapter, ids, max_tokens, lambda _: None, stop, body.temperature, body.top_p, body.seed)
+
+
+async def respond(
+    request: Request, engine: Engine, body: Sampling, prompt: str, chat: bool, limits: Limits, streams: dict[str, int]
+) -> Any:
+    job = checked(engine, body, prompt, chat, limits)
     events: asyncio.Queue = asyncio.Queue()
-    stop = [body.stop] if isinstance(body.stop, str) else [s for s in body.stop or [] if s]
-    job = Job(
-        adapter,
-        ids,
-        max_tokens,
-        asyncio_sink(asyncio.get_running_loop(), events),
-        stop,
-        body.temperature,
-        body.top_p,
-        body.seed,
-    )
+    job.emit = asyncio_sink(asyncio.get_running_loop(), events)
+    key = request.headers.get("authorization") or (request.client.host if request.client else "")
+    if body.stream and limits.max_streams_per_key is not None and streams.get(key, 0) >= limits.max_streams_per_key:
+        raise ApiError(
+            429, f"at most {limits.max_streams_per_key} streams at once per API key", code="too_many_streams"
+        )
     try:
         engine.submit(job)
     except QueueFull as err:
-        raise ApiError(429, str(err), code="queue_full") from err
-    reply = Reply(body.model, chat, len(ids))
+        raise ApiError(429, str(err), code="queue_full", headers={"Retry-After": "1"}) from err
+    reply = Reply(body.model, chat, len(job.prompt_ids))
     if body.stream:
-        return StreamingResponse(reply.stream(events), media_type="text/event-stream")
-    text = ""
-    while True:
-        event = await events.get()
-        if event[0] == "text":
-            text += event[1]
-        elif event[0] == "error":
-            raise ApiError(500, event[1], code="generation_failed")
-        else:
-            return reply.whole(text, event[1], event[2])
-
-
-class Reply:
-    """OpenAI's response objects for one request, whole or as stream chunks."""
-
-    def __init__(self, model: str, chat: bool, prompt_tokens: int) -> None:
-        self.model, self.chat, self.prompt_tokens = model, chat, prompt_tokens
-        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        self.created = int(time.time())
-
-    def _envelope(self, choice: dict[str, Any], chunk: bool = False) -> dict[str, Any]:
-        kind = "chat.completion" if self.chat else "text_completion"
-        return {
-            "id": self.id,
-            "object": kind + (".chunk" if chunk and self.chat else ""),
-            "created": self.created,
-            "model": self.model,
-            "choices": [{"index": 0, **choice}],
-        }
-
-    def _usage(self, tokens: int) -> dict[str, int]:
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": tokens,
-            "total_tokens": self.prompt_tokens + tokens,
-        }
-
-    def whole(self, text: str, finish_reason: str, tokens: int) -> dict[str, Any]:
-        content = {"message": {"role": "assistant", "content": text}} if self.chat else {"text": text, "logprobs": None}
-        return self._envelope({**content, "finish_reason": finish_reason}) | {"usage": self._usage(tokens)}
-
-    def _chunk(self, text: str | None, finish_reason: str | None = None) -> str:
-        if self.chat:
-            choice = {"delta": {"content": text} if text is not None else {}, "finish_reason": finish_reason}
-        else:
-            choice = {"text": text or "", "logprobs": None, "finish_reason": finish_reason}
-        return f"data: {json.dumps(self._envelope(choice, chunk=True))}\n\n"
-
-    async def stream(self, events: asyncio.Queue) -> AsyncIterator[str]:
-        if self.chat:
-            first = self._envelope({"delta": {"role": "assistant", "content": ""}, "finish_reason": None}, chunk=True)
-            yield f"data: {json.dumps(first)}\n\n"
+        usage = body.stream_options is not None and body.stream_options.include_usage
+        streams[key] = streams.get(key, 0) + 1
+        return StreamingResponse(
+            counted(reply.stream(events, job, usage), streams, key), media_type="text/event-stream"
+        )
+    try:
+        text = ""
         while True:
-            event = await events.get()
+            try:
+                event = await asyncio.wait_for(events.get(), timeout=1.0)
+            except TimeoutError:
+                if await request.is_disconnected():
+                    return None
+                continue
             if event[0] == "text":
-                yield self._chunk(event[1])
-            elif event[0] == "error":  # the status line is sent already: report in the stream, as OpenAI does
-                error = {"message": event[1], "type": "server_error", "code": "generation_failed"}
-                yield f"data: {json.dumps({'error': error})}\n\n"
-                break
+                text += event[1]
+            elif event[0] == "error":
+                raise ApiError(event[2], event[1], code=event[3])
             else:
-                yield self._chunk(None, event[1])
-                break
-        yield "data: [DONE]\n\n"
+                return reply.whole(text, event[1], event[2])
+    finally:
+        job.cancel()  # a client gone before the end frees its row at the next step
+
+
+async def counted(chunks: AsyncIterator[str], streams: dict[str, int], key: str) -> AsyncIterator[str]:
+    try:
+        async for chunk in chunks:
+            yield chunk
+    finally:
+        streams[key] -= 1
+        if not streams[key]:
+            with contextlib.suppress(KeyError):
+                del streams[key]

@@ -7,7 +7,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import tomllib
 import yaml
@@ -23,6 +23,8 @@ class TrainConfig:
     docstring); :data:`FLAG_GROUPS` sorts the flags into the groups ``--help`` shows.
     """
 
+    cli_hidden: ClassVar[frozenset[str]] = frozenset({"attention_options"})  # its entries are flags of their own
+
     base: str = "smollm2-135m"
     """base model: a built-in name (smollm2-135m, ...) or a local transformers model directory"""
     task: str | None = None
@@ -30,8 +32,16 @@ class TrainConfig:
     model classifies)"""
     method: str = "lora"
     """the PEFT method (see the method list below)"""
+    quantize: str | None = None
+    """store the frozen base quantized to save memory (and, int8, time on CPU): int8 (per-channel, fbgemm int8
+    matmuls) or nf4 (4-bit QLoRA format, needs bitsandbytes); methods that change base weights are refused"""
     method_options: dict[str, Any] = field(default_factory=dict)
     """the method's options as one mapping (config files); each is also a flag of its own"""
+    attention: str = "sdpa"
+    """attention pattern for long inputs: sdpa (full attention) or one of deltatune.attention's (sliding_window,
+    blockwise, lsh, linformer, perceiver, s2); its options are flags of their own (--window 512 ...)"""
+    attention_options: dict[str, Any] = field(default_factory=dict)
+    """the attention pattern's options as one mapping (config files); each is also a flag of its own"""
     data: str | list[str] | dict[str, str] | None = None
     """training data file (.jsonl/.json/.csv/.tsv/.txt); several tasks as NAME=PATH entries (sst2=train.tsv
     rte=rte.tsv): HyperFormer learns them together with a task id per row, other methods train one adapter on
@@ -127,6 +137,14 @@ class TrainConfig:
             raise ConfigError(f"eval_fraction must be between 0 and 1, got {self.eval_fraction}")
         if self.task not in (None, "causal-lm", "classification"):
             raise ConfigError(f"task must be 'causal-lm' or 'classification', got {self.task!r}")
+        if self.attention != "sdpa":
+            from deltatune.attention import options_for
+
+            options_for(self.attention, **self.attention_options)  # an unknown pattern or option: a clear error
+        elif self.attention_options:
+            raise ConfigError(f"attention options {sorted(self.attention_options)} need --attention PATTERN")
+        if self.quantize not in (None, "int8", "nf4"):
+            raise ConfigError(f"quantize must be 'int8' or 'nf4' (or unset for a float base), got {self.quantize!r}")
         for name in ("data", "eval_data"):
             setattr(self, name, _data_files(getattr(self, name), name))
         if isinstance(self.eval_data, dict):
@@ -226,6 +244,8 @@ FLAG_GROUPS: dict[str, tuple[str, ...]] = {
     "training": (
         "base",
         "method",
+        "quantize",
+        "attention",
         "epochs",
         "max_steps",
         "learning_rate",
@@ -251,7 +271,7 @@ FLAG_GROUPS: dict[str, tuple[str, ...]] = {
     ),
 }
 # Flags with a fixed set of values (argparse checks them); --method's come from deltatune.methods.CONFIGS.
-FLAG_CHOICES: dict[str, tuple[str, ...]] = {"task": ("causal-lm", "classification")}
+FLAG_CHOICES: dict[str, tuple[str, ...]] = {"task": ("causal-lm", "classification"), "quantize": ("int8", "nf4")}
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -275,12 +295,18 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 DEMO_DEFAULTS = {"max_steps": 40, "learning_rate": 2e-3, "output_dir": "runs/demo"}
 
 
-def build_config(values: dict[str, Any], method_fields: set[str]) -> TrainConfig:
-    """Split flat values into TrainConfig options and method options, rejecting unknown names."""
+def build_config(
+    values: dict[str, Any], method_fields: set[str], attention_fields: set[str] = frozenset()
+) -> TrainConfig:
+    """Split flat values into TrainConfig options, method options and attention options, rejecting unknown names."""
     values = dict(values)
     if values.get("data") is None:
         values = {**DEMO_DEFAULTS, **values}
     method_options = dict(values.pop("method_options", None) or {})
     method_options.update({k: values.pop(k) for k in list(values) if k in method_fields})
+    attention_options = dict(values.pop("attention_options", None) or {})
+    attention_options.update({k: values.pop(k) for k in list(values) if k in attention_fields})
+    if attention_options:
+        values["attention_options"] = attention_options
     _check_known(TrainConfig, values)
     return TrainConfig(**values, method_options=method_options)

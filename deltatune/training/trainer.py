@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from deltatune import methods
+from deltatune.attention import set_attention, with_pattern_modules
 from deltatune.config import ConfigError
 from deltatune.data import (
     IGNORE_INDEX,
@@ -56,7 +57,19 @@ __all__ = ["TrainConfig", "load_tokenizer", "prepare", "task_of", "train"]
 
 DEMO_TRAIN, DEMO_EVAL = 400, 48
 # Options that must match for --resume to continue a run rather than mix two.
-RESUME_KEYS = ("base", "task", "method", "method_options", "data", "batch_size", "grad_accum", "seed", "packing")
+RESUME_KEYS = (
+    "base",
+    "task",
+    "method",
+    "method_options",
+    "attention",
+    "attention_options",
+    "data",
+    "batch_size",
+    "grad_accum",
+    "seed",
+    "packing",
+)
 
 
 @dataclass
@@ -192,7 +205,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
     eval_features = tokenize_tasks(eval_examples, tokenizer, task, cfg.max_length, task_ids)
     if cfg.packing and task == "causal-lm":
         train_features = pack(train_features, cfg.max_length)
-    model, _ = load_base(cfg.base, task=task, num_labels=num_labels or 2)
+    model, _ = load_base(cfg.base, task=task, num_labels=num_labels or 2, quantize=cfg.quantize)
     _, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     pad = tokenizer.pad_token_id
     train = Batcher(
@@ -207,7 +220,8 @@ def prepare(cfg: TrainConfig) -> Prepared:
         ids = None if task_ids is None else {name: task_ids[name]}
         features = tokenize_tasks(part, tokenizer, task, cfg.max_length, ids)
         eval_tasks[name] = (part, Batcher(features, cfg.batch_size, pad_token_id=pad, seed=cfg.seed, shuffle=False))
-    delta = wrap(model.to(training_device()), method_config)
+    set_attention(model, cfg.attention, **cfg.attention_options)
+    delta = wrap(model.to(training_device()), with_pattern_modules(method_config, model, cfg.attention))
     return Prepared(delta, tokenizer, task, train, evaluation, eval_examples, num_labels, eval_tasks, task_ids)
 
 

@@ -1,0 +1,265 @@
+"""Print the README's claims table (markdown) from ``bench/results/claims.jsonl``: what the seed says, what we
+measured (mean ± std over seeds), whether it holds here, with the exact command. Never typed by hand.
+
+For each claim the lines used are those run with the latest line's settings (the options that choose ranks, seeds,
+k values or methods may differ between invocations: they add runs, they do not change them).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import load, span
+
+ADDING = {"seeds", "ranks", "frozen", "methods", "configs", "tasks", "select_tasks"}
+
+
+def latest(lines: list[tuple[int, dict]], *claims: str) -> list[tuple[int, dict]]:
+    """Lines of ``claims`` that share the settings of the newest one (options that only add runs aside)."""
+    chosen = [(n, r) for n, r in lines if r.get("claim") in claims]
+    if not chosen:
+        return []
+    key = _key(chosen[-1][1])
+    return [(n, r) for n, r in chosen if _key(r) == key]
+
+
+def _key(record: dict) -> str:
+    return repr(sorted((k, v) for k, v in (record.get("settings") or {}).items() if k not in ADDING))
+
+
+def ms(values: list[float], digits: int = 1) -> str:
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def command(lines: list[tuple[int, dict]]) -> str:
+    """Every distinct command line the rows come from (an invocation may add ranks or seeds to an earlier one)."""
+    commands = dict.fromkeys("`python bench/" + " ".join(r["argv"]) + "`" for _, r in lines)
+    return "; ".join(commands)
+
+
+def source(lines: list[tuple[int, dict]]) -> str:
+    return f"lines {span([n for n, _ in lines])}"
+
+
+def claim_subspace(lines: list[tuple[int, dict]]) -> list[str] | None:
+    pairs, seeds_lines = latest(lines, "subspace"), latest(lines, "subspace-seeds")
+    if not pairs:
+        return None
+    types = sorted({k for _, r in pairs for k, v in r["figures"].items() if isinstance(v, dict)})
+    parts, verdicts = [], []
+    for kind in types:
+        values = [r["figures"][kind]["phi_1_1"] for _, r in pairs]
+        rand = [r["figures"][kind]["random_phi_1_1"] for _, r in pairs]
+        top = [r["figures"][kind]["phi_mean_top8"] for _, r in pairs]
+        rtop = [r["figures"][kind]["random_phi_mean_top8"] for _, r in pairs]
+        verdicts.append(f"{kind}: " + ("yes" if statistics.fmean(values) > 0.5 else "**no**"))
+        parts.append(f"{kind}: φ(1,1) {ms(values, 3)} (random {ms(rand, 3)}), mean φ i,j≤8 {ms(top, 3)} "
+                     f"(random {ms(rtop, 3)})")  # fmt: skip
+    if seeds_lines:
+        for kind in types:
+            values = [r["figures"][kind]["phi_1_1"] for _, r in seeds_lines if kind in r["figures"]]
+            parts.append(f"{kind} r=8 seed vs seed: φ(1,1) {ms(values, 3)} ({len(values)} pairs)")
+    seeds = sorted({r["figures"]["seed"] for _, r in pairs})
+    return [
+        "1. Subspace: top direction of A, r=8 vs r=64 (SmolLM2 LoRA q,v on E2E)",
+        "φ(A_r8, A_r64, 1, 1) > 0.5: the top direction is shared, the others mostly noise (LoRA §7.2)",
+        "; ".join(parts),
+        str(len(seeds)),
+        ", ".join(verdicts) + " (test: mean φ(1,1) over seeds and layers > 0.5)",
+        command(pairs),
+        source(pairs + seeds_lines),
+    ]
+
+
+def _by(lines: list[tuple[int, dict]], key: str, value) -> dict[Any, list[float]]:
+    out: dict[Any, list[float]] = {}
+    for _, r in lines:
+        out.setdefault(r["figures"][key], []).append(value(r["figures"]))
+    return out
+
+
+def _rank_row(lines, title, says, metric, better_low: bool) -> list[str] | None:
+    if not lines:
+        return None
+    by_r = _by(lines, "r", metric)
+    ranks = sorted(by_r)
+    means = {r: statistics.fmean(v) for r, v in by_r.items()}
+    noise = max((statistics.stdev(v) for v in by_r.values() if len(v) > 1), default=0.0)
+    best = min(means.values()) if better_low else max(means.values())
+    low = [means[r] for r in ranks if r <= 4]
+    if low and any(r > 4 for r in ranks):
+        best_low = min(low) if better_low else max(low)
+        holds = abs(best_low - best) <= noise if noise else best_low == best
+        verdict = ("yes" if holds else "**no**") + " (test: best r ≤ 4 within the largest seed std of the best r)"
+    else:
+        verdict = "not measured (needs r ≤ 4 and r > 4)"
+    seeds = min(len(v) for v in by_r.values())
+    measured = ", ".join(f"r={r}: {ms(by_r[r], 3 if better_low else 1)}" for r in ranks)
+    return [title, says, measured, str(seeds), verdict, command(lines), source(lines)]
+
+
+def claim_rank(lines: list[tuple[int, dict]]) -> list[list[str]]:
+    rows = [
+        _rank_row(latest(lines, "rank-e2e"), "2a. Rank: E2E dev loss (SmolLM2 LoRA q,v)",
+                  "r = 1–4 does about as well as larger r (LoRA §7.2, Table 6)",
+                  lambda f: f["dev_loss"], True),
+        _rank_row(latest(lines, "rank-sst2"), "2b. Rank: SST-2 accuracy % (MiniLM LoRA query,value)",
+                  "r = 1–4 does about as well as larger r", lambda f: f["tasks"]["sst2"]["accuracy"], False),
+    ]  # fmt: skip
+    return [r for r in rows if r]
+
+
+def claim_freeze(lines: list[tuple[int, dict]]) -> list[str] | None:
+    runs = latest(lines, "freeze")
+    if not runs:
+        return None
+    tasks = sorted({t for _, r in runs for t in r["figures"]["tasks"]})
+    layers = runs[-1][1]["figures"]["layers"]
+    parts, verdicts = [], []
+    for task in tasks:
+        acc = _by(runs, "method", lambda f, t=task: f["tasks"][t]["accuracy"])
+        majority = runs[-1][1]["figures"]["tasks"][task]["majority"]
+        full = statistics.fmean(acc.get("full", [majority]))
+        gain = full - majority
+        needed = None
+        for k in range(layers, -1, -1):  # fewest trained layers first
+            values = acc.get(f"freeze{k}")
+            if values and gain > 0 and statistics.fmean(values) - majority >= 0.9 * gain:
+                needed = layers - k
+                break
+        by_k = ", ".join(f"k={k}: {ms(acc[f'freeze{k}'])}" for k in range(layers + 1) if f"freeze{k}" in acc)
+        parts.append(f"{task}: full {ms(acc.get('full', []))}, majority {majority:.1f}; {by_k}")
+        if gain <= 0:
+            verdicts.append(f"{task}: not testable (full FT does not beat the majority class)")
+        elif needed is None:
+            verdicts.append(f"{task}: **no** (no measured k reaches 90%)")
+        else:
+            quarter = math.ceil(layers / 4)  # a fourth of 6 layers, rounded up to whole layers: 2
+            verdicts.append(
+                f"{task}: {needed}/{layers} layers reach 90% — " + ("yes" if needed <= quarter else "**no**")
+            )
+    seeds = min(len(v) for v in _by(runs, "method", lambda f: 0).values())
+    return [
+        "3. Freezing the first k of 6 layers (MiniLM, partial fine-tuning)",
+        "training the top quarter of the layers recovers 90% of full fine-tuning's gain (Lee et al. 2019)",
+        "; ".join(parts),
+        str(seeds),
+        "; ".join(verdicts),
+        command(runs),
+        source(runs),
+    ]
+
+
+def claim_peft(lines: list[tuple[int, dict]]) -> list[str] | None:
+    runs = latest(lines, "peft-vs-full")
+    if not runs:
+        return None
+    tasks = sorted(runs[-1][1]["figures"]["tasks"])
+    avg = _by(runs, "method", lambda f: statistics.fmean(f["tasks"][t]["accuracy"] for t in tasks))
+    majority = statistics.fmean(runs[-1][1]["figures"]["tasks"][t]["majority"] for t in tasks)
+    lrs = {r["figures"]["method"]: r["figures"]["lr"] for _, r in runs}
+    measured = ", ".join(f"{m} (lr {lrs[m]:g}) {ms(v)}" for m, v in avg.items())
+    full = statistics.fmean(avg["full"]) if "full" in avg else None
+    verdicts = []
+    for method, limit in (("bitfit", 1.0), ("adapter", 0.4)):
+        if full is None or method not in avg:
+            continue
+        diff = statistics.fmean(avg[method]) - full
+        verdicts.append(f"{method} {diff:+.1f} vs full: " + ("yes" if diff >= -limit else "**no**"))
+    if full is not None and full <= majority:
+        verdicts.append("full FT does not beat the majority class: not testable")
+    return [
+        f"4. BitFit / Houlsby vs full FT (MiniLM, avg acc % over {', '.join(tasks)})",
+        "BitFit within ~1 point, Houlsby adapters within 0.4 points of full fine-tuning (GLUE)",
+        f"{measured}; majority {majority:.1f}",
+        str(min(len(v) for v in avg.values())),
+        "; ".join(verdicts) or "not measured",
+        command(runs),
+        source(runs),
+    ]
+
+
+def claim_latency(lines: list[tuple[int, dict]]) -> list[str] | None:
+    runs = latest(lines, "latency")
+    if not runs:
+        return None
+    rounds: dict[int, dict[str, dict[str, float]]] = {}
+    for _, r in runs:
+        rounds.setdefault(r["figures"]["round"], {})[r["figures"]["config"]] = r["figures"]["ms"]
+    full = [v for v in rounds.values() if {"base", "adapter", "lora_merged"} <= set(v)]
+    sizes = sorted({int(b) for v in full for c in v.values() for b in c})
+    parts = []
+    for config in ("adapter", "lora", "lora_merged"):
+        ratios = [f"bs {b}: {statistics.median(v[config][str(b)] / v['base'][str(b)] for v in full):.2f}"
+                  for b in sizes if all(config in v for v in full)]  # fmt: skip
+        parts.append(f"{config}/base " + ", ".join(ratios))
+    adapter_bs1 = [v["adapter"]["1"] / v["base"]["1"] for v in full]
+    merged_bs1 = [v["lora_merged"]["1"] / v["base"]["1"] for v in full]
+    rounds_text = ", ".join(f"{a:.2f}/{m:.2f}" for a, m in zip(adapter_bs1, merged_bs1, strict=True))
+    base_ms = ", ".join(f"bs {b}: {statistics.median(v['base'][str(b)] for v in full):.0f} ms" for b in sizes)
+    contention = [r["run"]["other_procs_cores"] for _, r in runs if r.get("run")]
+    if not full:
+        verdict = "not measured"
+    elif min(adapter_bs1) > max(merged_bs1):
+        verdict = "yes"
+    elif max(adapter_bs1) < min(merged_bs1):
+        verdict = "**no**"
+    else:
+        verdict = "undecided: the rounds' ranges overlap"
+    return [
+        "5. Latency: adapters vs merged LoRA vs base (SmolLM2, seq 128, one forward, wall time)",
+        "adapters add latency at batch 1; a merged LoRA adds none (LoRA Table 1)",
+        f"median over rounds of wall time; base {base_ms}; "
+        + "; ".join(parts)
+        + f"; bs 1 per round, adapter/base vs merged/base: {rounds_text}; other processes used "
+        f"{min(contention):.2f}–{max(contention):.2f} cores (of 2)",
+        f"{len(full)} rounds",
+        verdict + " (test: every round's adapter/base above every round's merged/base at bs 1)",
+        command(runs),
+        source(runs),
+    ]
+
+
+def table() -> str:
+    lines = load("claims")
+    if not lines:
+        return "no results yet in bench/results/claims.jsonl"
+    rows = [claim_subspace(lines), *claim_rank(lines), claim_freeze(lines), claim_peft(lines), claim_latency(lines)]
+    out = [
+        "| claim | what the seed says | measured here (mean ± std over seeds) | seeds | holds here? | command | "
+        "claims.jsonl |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    out += ["| " + " | ".join(row) + " |" for row in rows if row]
+    return "\n".join(out)
+
+
+START, END = "<!-- claims table: python bench/claims_report.py --write README.md -->", "<!-- end of claims table -->"
+
+
+def write(readme: Path) -> None:
+    """Replace the text between the README's claims-table markers with the table, leaving the rest as it is."""
+    text = readme.read_text(encoding="utf-8")
+    if text.count(START) != 1 or text.count(END) != 1:
+        sys.exit(f"{readme}: needs exactly one '{START}' line and one '{END}' line")
+    head, rest = text.split(START)
+    _, tail = rest.split(END)
+    from deltatune.atomic import atomic_write_text
+
+    atomic_write_text(readme, f"{head}{START}\n{table()}\n{END}{tail}")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--write"] and len(sys.argv) == 3:
+        write(Path(sys.argv[2]))
+    else:
+        print(table())

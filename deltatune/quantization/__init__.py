@@ -1,0 +1,131 @@
+"""A quantized frozen base: the model's linear layers stored in int8 or 4-bit NF4, for LoRA to train on.
+
+``quantize_base(model, "int8" | "nf4")`` swaps every ``nn.Linear`` of any transformers model
+(the output head only if asked) for a :class:`QuantizedLinear` in place, and returns the model.
+Methods that leave the base weights frozen work on it unchanged; the float weights are gone.
+A floor below the methods: it imports only deltatune.config.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from deltatune.config import ConfigError
+from deltatune.quantization.base import QuantizedLinear, QuantizedWeight
+
+KINDS = ("int8", "nf4")
+INSTALL = {"bitsandbytes": "pip install 'deltatune[quant]'  (or: pip install --no-deps bitsandbytes==0.50.2)"}
+
+__all__ = [
+    "KINDS",
+    "QuantizedLinear",
+    "QuantizedWeight",
+    "base_storage",
+    "dequantize_base",
+    "is_quantized",
+    "quantize_base",
+    "require",
+]
+
+
+def require(package: str) -> Any:
+    """Import an optional package, or say which one is missing and the command that installs it."""
+    try:
+        return importlib.import_module(package)
+    except ImportError as err:
+        raise ModuleNotFoundError(
+            f"the {package!r} package is needed for this quantized base but is not installed: run `{INSTALL[package]}`",
+            name=package,
+        ) from err
+
+
+def _layer_class(kind: str) -> type[QuantizedLinear]:
+    if kind == "int8":
+        from deltatune.quantization.int8 import Int8Linear
+
+        return Int8Linear
+    if kind == "nf4":
+        require("bitsandbytes")
+        from deltatune.quantization.nf4 import NF4Linear
+
+        return NF4Linear
+    raise ConfigError(f"unknown quantization {kind!r}: choose one of {', '.join(KINDS)}")
+
+
+def _head_names(model: nn.Module) -> set[str]:
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    return {name for name, module in model.named_modules() if head is not None and module is head}
+
+
+def quantize_base(model: nn.Module, kind: str, quantize_head: bool = False, double_quant: bool = False) -> nn.Module:
+    """Quantize ``model``'s linear layers in place (``kind``: ``int8`` or ``nf4``) and return it.
+
+    The output head stays float unless ``quantize_head`` (it shares its weight with the embeddings
+    in tied models, which stay float). ``double_quant`` (nf4 only) also quantizes the block scales.
+    Call it before adding adapters: a wrapped layer is refused.
+    """
+    cls = _layer_class(kind)
+    if any(hasattr(m, "base_layer") for m in model.modules()):
+        raise ConfigError("quantize_base the model before adding adapters (it already carries some)")
+    skip = set() if quantize_head else _head_names(model)
+    targets = [
+        (name, module)
+        for name, module in model.named_modules()
+        if type(module) in (nn.Linear, Conv1D) and name not in skip
+    ]
+    options = {"double_quant": double_quant} if kind == "nf4" else {}
+    for name, module in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, cls(_as_linear(module), **options))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _as_linear(module: nn.Module) -> nn.Linear:
+    """GPT-2's Conv1D (weight stored in×out) as the nn.Linear it computes."""
+    if type(module) is nn.Linear:
+        return module
+    linear = nn.Linear(*module.weight.shape, device="meta")
+    linear.weight = nn.Parameter(module.weight.detach().T, requires_grad=False)
+    linear.bias = module.bias
+    return linear
+
+
+def is_quantized(model: nn.Module) -> str | None:
+    """The kind of the model's quantized layers (``int8``/``nf4``), or None for a float model."""
+    return next((m.kind for m in model.modules() if isinstance(m, QuantizedLinear)), None)
+
+
+def base_storage(model: nn.Module) -> tuple[int, int]:
+    """(bytes, weights) of the model's frozen base: quantized layers at their stored size (codes,
+    scales, bias), every other tensor at its own size. Adapter parameters are left out."""
+    quantized = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    skip = {id(t) for m in quantized for t in m.quantized_tensors()}
+    for module in model.modules():  # adapters (a DeltaLayer's adapter_attrs stores) are not the base
+        for attr in getattr(module, "adapter_attrs", ()):
+            skip |= {id(p) for p in getattr(module, attr).parameters()}
+    size = sum(m.storage_bytes() for m in quantized)
+    weights = sum(m.in_features * m.out_features for m in quantized)
+    for tensor in model.parameters():
+        if id(tensor) not in skip:
+            size += tensor.numel() * tensor.element_size()
+            weights += tensor.numel()
+    return size, weights
+
+
+def dequantize_base(model: nn.Module) -> nn.Module:
+    """Replace every quantized layer (wrapped or not) with a float ``nn.Linear`` of its dequantized
+    weight, in place; returns the model."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QuantizedLinear):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, module.to_float())
+    return model

@@ -1,0 +1,106 @@
+"""What every quantized frozen linear layer shares, whatever its number format.
+
+A :class:`QuantizedLinear` is an ``nn.Linear`` (so targeting, ``all-linear`` and LoRA find it)
+whose ``weight`` is a :class:`QuantizedWeight` handle instead of a float tensor: it has the shape,
+device and compute dtype of the float weight, so methods size their own tensors from it, and
+``weight += delta`` (how a DeltaLayer merges) dequantizes, adds and requantizes. The float
+weight is never stored; its quantized form lives in the subclass's own parameters.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+
+class QuantizedWeight:
+    """Stands where ``layer.weight`` stands: shape, dtype and device, ``dequantize()``, and ``+=``/``-=``
+    that requantize (merge/unmerge: each rounds, so unmerge is not an exact inverse)."""
+
+    def __init__(self, layer: QuantizedLinear) -> None:
+        self.layer = layer
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.layer.out_features, self.layer.in_features))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.layer.compute_dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.layer.storage_device()
+
+    requires_grad = False
+
+    def is_floating_point(self) -> bool:
+        return self.dtype.is_floating_point
+
+    def size(self, dim: int | None = None):
+        return self.shape if dim is None else self.shape[dim]
+
+    def dequantize(self) -> torch.Tensor:
+        return self.layer.dequantize()
+
+    def __iadd__(self, delta: torch.Tensor) -> QuantizedWeight:
+        self.layer.requantize_(self.layer.dequantize() + delta.to(self.layer.compute_dtype))
+        return self
+
+    def __isub__(self, delta: torch.Tensor) -> QuantizedWeight:
+        self.layer.requantize_(self.layer.dequantize() - delta.to(self.layer.compute_dtype))
+        return self
+
+    def __repr__(self) -> str:
+        return f"QuantizedWeight({self.layer.kind}, shape={tuple(self.shape)})"
+
+
+class QuantizedLinear(nn.Linear):
+    """A frozen linear layer in ``kind``'s format; subclasses store it and multiply by it."""
+
+    kind: ClassVar[str] = ""
+    bits: ClassVar[float] = 32.0  # storage bits per weight, scales included (see storage_bytes)
+
+    def __init__(self, linear: nn.Linear) -> None:
+        nn.Module.__init__(self)  # nn.Linear's own __init__ would allocate a float weight
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.compute_dtype = linear.weight.dtype
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+
+    @property
+    def weight(self) -> QuantizedWeight:  # type: ignore[override]
+        return QuantizedWeight(self)
+
+    @weight.setter
+    def weight(self, value: QuantizedWeight) -> None:
+        if not (isinstance(value, QuantizedWeight) and value.layer is self):  # `weight += d` sets it back
+            raise TypeError(f"{type(self).__name__}.weight is quantized: use requantize_(float_weight) to replace it")
+
+    def storage_device(self) -> torch.device:
+        return next(iter(self.parameters())).device
+
+    def dequantize(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def requantize_(self, weight: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def storage_bytes(self) -> int:
+        """Bytes the quantized weight takes (codes and scales; the bias is counted as float by callers)."""
+        return sum(t.numel() * t.element_size() for t in self.quantized_tensors())
+
+    def quantized_tensors(self) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def to_float(self) -> nn.Linear:
+        """A plain ``nn.Linear`` with the dequantized weight (what a float merge starts from)."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        linear.weight = nn.Parameter(self.dequantize(), requires_grad=False)
+        if self.bias is not None:
+            linear.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=False)
+        return linear
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, kind={self.kind}"

@@ -1,0 +1,139 @@
+"""The adapters a server can serve (on disk) and those loaded now (at most ``max_loaded``, LRU).
+
+Only the engine's worker thread changes the model (between decoding steps), so a load happens
+once however many requests ask for it, and never while a step runs. The HTTP side only reads
+:attr:`Adapters.servable`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from pathlib import Path
+
+from torch import nn
+
+from deltatune.config import DeltaConfig
+from deltatune.constants import ADAPTER_NAME, BASE_ADAPTER
+from deltatune.mixed import mixable
+from deltatune.model import DeltaModel
+
+log = logging.getLogger("deltatune.serve")
+RESERVED = frozenset(n for n in dir(nn.ModuleDict) if not n.startswith("__"))  # names layers' dicts already use
+
+
+def name_problem(name: str, base_name: str) -> str | None:
+    """Why ``name`` cannot name an adapter (None: it can)."""
+    if not ADAPTER_NAME.fullmatch(name):
+        return f"adapter name {name!r} must be letters, digits, '_' or '-'"
+    if name in (base_name, BASE_ADAPTER):
+        return f"adapter name {name!r} is the base model's; pick another"
+    if name in RESERVED:
+        return f"adapter name {name!r} is reserved (a method name of the layers' adapter tables); pick another"
+    return None
+
+
+def found_adapters(directory: Path) -> list[Path]:
+    """``directory`` itself if it holds an adapter, else each sub-directory that does."""
+    if (directory / "adapter_config.json").is_file():
+        return [directory]
+    return sorted(p for p in directory.iterdir() if (p / "adapter_config.json").is_file())
+
+
+def check_mixable(path: Path) -> None:
+    kind = DeltaConfig.load(path).peft_type
+    if kind not in mixable():
+        raise ValueError(
+            f"a {kind} adapter cannot share batches with others; the server takes {', '.join(sorted(mixable()))}"
+        )
+
+
+class Adapters:
+    """Servable adapters by name (their paths), and the loaded ones in least-recently-used order."""
+
+    def __init__(self, base_model: nn.Module, base_name: str, directory: Path | None, max_loaded: int | None) -> None:
+        self.base_model, self.base_name, self.directory = base_model, base_name, directory
+        self.max_loaded = max_loaded
+        self.model: DeltaModel | None = None
+        self.paths: dict[str, Path] = {}
+        self.recent: OrderedDict[str, None] = OrderedDict()  # loaded, least recently used first
+        if directory is not None:
+            for path in found_adapters(directory):
+                self._add_found(path.name, path)
+
+    @property
+    def servable(self) -> list[str]:
+        return list(self.paths)
+
+    @property
+    def loaded(self) -> list[str]:
+        return list(self.recent)
+
+    def find(self, name: str) -> bool:
+        """Whether ``name`` can be served; a folder added to the directory since start counts."""
+        if name in self.paths:
+            return True
+        if self.directory is None or name_problem(name, self.base_name) is not None:
+            return False
+        path = self.directory / name
+        if (path / "adapter_config.json").is_file() and path.resolve().is_relative_to(self.directory):
+            return self._add_found(name, path.resolve())
+        return False
+
+    def _add_found(self, name: str, path: Path) -> bool:
+        """Serve an adapter found on disk, unless its name or method cannot be (said in the log)."""
+        problem = name_problem(name, self.base_name)
+        if problem is None:
+            try:
+                check_mixable(path)
+            except Exception as err:  # an unreadable config, or a method that cannot mix
+                problem = str(err)
+        if problem is not None:
+            log.warning("not serving %s: %s", path, problem)
+            return False
+        self.paths[name] = path
+        return True
+
+    def register(self, name: str, path: Path) -> None:
+        check_mixable(path)
+        self.paths[name] = path
+
+    def ensure(self, name: str, busy: set[str]) -> bool:
+        """Make ``name`` loaded (evicting the least recently used idle adapter if full); False
+        when every loaded adapter is in use and none may be evicted yet."""
+        if name in self.recent:
+            self.recent.move_to_end(name)
+            return True
+        if self.max_loaded is not None and len(self.recent) >= self.max_loaded:
+            idle = next((n for n in self.recent if n not in busy), None)
+            if idle is None:
+                return False
+            self.unload(idle)
+        self._load(name, self.paths[name])
+        return True
+
+    def _load(self, name: str, path: Path) -> None:
+        check_mixable(path)
+        if self.model is None:
+            self.model = DeltaModel.from_pretrained(self.base_model, path, name)
+        else:
+            self.model.load_adapter(path, name)
+        self.model.eval()
+        self.recent[name] = None
+        log.info("loaded adapter %s from %s", name, path)
+
+    def unload(self, name: str) -> None:
+        if name not in self.recent:
+            return
+        del self.recent[name]
+        if len(self.model.peft_config) == 1:  # the last one: back to the plain base, ready for any next load
+            self.model.unload()
+            self.model = None
+        else:
+            self.model.delete_adapter(name)
+        log.info("unloaded adapter %s", name)
+
+    def forget(self, name: str) -> None:
+        """No longer serve ``name`` (and unload it)."""
+        self.paths.pop(name, None)
+        self.unload(name)

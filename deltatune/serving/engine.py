@@ -1,0 +1,452 @@
+"""The generation engine behind ``deltatune serve``: continuous batching across adapters.
+
+    HTTP handlers ──submit()──► waiting (bounded: 429) ──► worker thread, one loop turn per step:
+        ▲  (asyncio)                                        1. adapter commands (load/delete), between steps
+        │                                                   2. rows that finished or were cancelled leave
+        │                                                   3. waiting requests join: their adapter loaded on
+        │                                                      demand, prompts prefilled (long ones a chunk
+        │                                                      per step), stacked into the batch (kv.Batch)
+        └──── text deltas, done, errors ◄────────────────── 4. one decoding step for every row, mixed adapters
+
+Each row keeps its own KV cache rows, position, sampling, stop strings and max_tokens, so a row
+that joins late computes exactly what it would alone. ``scheduler="dynamic"`` is the earlier
+policy, kept to compare with: rows join only when the batch is empty (gathered within a window),
+and the batch runs until its last row finishes.
+
+Why not transformers' continuous batching (``generation/continuous_batching``): it packs every
+request into one ragged row (``input_ids`` of shape 1 × total tokens, ``cu_seq_lens``) over a
+paged cache, while deltatune's mixed-adapter layers route by batch row (routing.RowAdapters: one
+adapter per row of dim 0); its own scheduler and sampling also own the loop where per-row
+temperature/seed, stop strings and on-demand adapter loading must live.
+
+A failure stays with its rows: a prefill or step that raises is retried row by row, and only the
+rows that fail alone get an error.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from transformers import DynamicCache
+
+from deltatune import routing
+from deltatune.compat import get_cache, output_cache, set_cache
+from deltatune.constants import BASE_ADAPTER
+from deltatune.methods.contract import INPUT_WISE
+from deltatune.mixed import check, mixes, prepare_inputs
+from deltatune.serving.adapters import Adapters
+from deltatune.serving.kv import Batch
+from deltatune.serving.rows import Detokenizer, QueueFull, Request, pick
+
+log = logging.getLogger("deltatune.serve")
+
+
+class Engine:
+    """A base model, its adapters, and the worker that runs requests across them in one batch."""
+
+    def __init__(
+        self,
+        base_model: torch.nn.Module,
+        tokenizer: Any,
+        base_name: str,
+        adapters_dir: str | Path | None = None,
+        max_batch: int = 16,
+        max_queue: int = 256,
+        max_loaded: int | None = None,
+        scheduler: Literal["continuous", "dynamic"] = "continuous",
+        prefill_chunk: int = 512,
+        batch_window_s: float = 0.5,
+        arrival_gap_s: float = 0.05,
+    ) -> None:
+        if scheduler not in ("continuous", "dynamic"):
+            raise ValueError(f"scheduler must be 'continuous' or 'dynamic', got {scheduler!r}")
+        self.base_model = base_model.eval()
+        self.tokenizer, self.base_name = tokenizer, base_name
+        self.adapters_dir = Path(adapters_dir).resolve() if adapters_dir else None
+        self.store = Adapters(self.base_model, base_name, self.adapters_dir, max_loaded)
+        self.max_batch, self.max_queue, self.scheduler = max_batch, max_queue, scheduler
+        self.prefill_chunk, self.batch_window_s, self.arrival_gap_s = prefill_chunk, batch_window_s, arrival_gap_s
+        self.context_length = getattr(base_model.config, "max_position_embeddings", None) or 2048
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.detokenizer = Detokenizer(tokenizer)
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.commands: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future]] = collections.deque()
+        self.cond = threading.Condition()
+        self.lock = threading.Lock()  # held by the worker for each step; tests hold it to pause the worker
+        self.batch = Batch()
+        self.partial: tuple[Request, DynamicCache, int] | None = None  # a long prompt prefilled chunk by chunk
+        self.steps: collections.deque[tuple[str, ...]] = collections.deque(maxlen=256)  # recent steps' adapters
+        self.stopping = False
+        self.loads_left = 1
+        if max_loaded is None:  # everything on disk, loaded now (as before on-demand loading)
+            for name in self.store.servable:
+                self.store.ensure(name, set())
+        self.worker = threading.Thread(target=self._run, name="deltatune-generate", daemon=True)
+        self.worker.start()
+
+    # --- the HTTP side ----------------------------------------------------------------------------
+    @property
+    def model(self) -> Any:
+        return self.store.model
+
+    @property
+    def adapters(self) -> list[str]:
+        """Adapters that can be served (loaded or on disk)."""
+        return self.store.servable
+
+    def servable(self, name: str) -> bool:
+        return self.store.find(name)
+
+    @property
+    def queued(self) -> int:
+        return len(self.waiting)
+
+    def busy(self) -> bool:
+        return bool(self.waiting or self.batch.rows or self.partial or self.commands)
+
+    def submit(self, request: Request) -> None:
+        with self.cond:
+            if self.stopping:
+                raise QueueFull("the server is shutting down")
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"the server holds {self.max_queue} waiting requests already; retry later")
+            self.waiting.append(request)
+            self.cond.notify()
+
+    def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        """Run ``fn`` on the worker between two steps (adapter loads and deletes change the model)."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self.cond:
+            self.commands.append((fn, future))
+            self.cond.notify()
+        return future
+
+    def load_adapter(self, name: str, path: Path) -> concurrent.futures.Future:
+        def load() -> None:
+            self.store.register(name, path)
+            try:
+                self.store.ensure(name, self._in_use())
+            except Exception:
+                self.store.forget(name)
+                raise
+
+        return self.call(load)
+
+    def delete_adapter(self, name: str) -> concurrent.futures.Future:
+        def delete() -> None:
+            message = f"adapter {name!r} was deleted while this request ran"
+            for request in [*self.waiting, *self.batch.rows, *([self.partial[0]] if self.partial else [])]:
+                if request.adapter == name:
+                    request.fail(message, 404, "model_not_found")
+            self._drop_finished()
+            self.store.forget(name)
+
+        return self.call(delete)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the worker; requests still open get a 503 error."""
+        with self.cond:
+            self.stopping = True
+            self.cond.notify()
+        self.worker.join(timeout)
+        for request in [*self.waiting, *self.batch.rows, *([self.partial[0]] if self.partial else [])]:
+            request.fail("the server is shutting down", 503, "shutting_down")
+
+    # --- the worker ---------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                while not (self.stopping or self.busy()):
+                    self.cond.wait()
+                if self.stopping:
+                    return
+                commands = list(self.commands)
+                self.commands.clear()
+            with self.lock:
+                for fn, future in commands:
+                    self._command(fn, future)
+                try:
+                    self._step()
+                except Exception as err:  # never the server: the open rows fail, the worker goes on
+                    log.exception("a step failed")
+                    self._fail_open(f"generation failed: {type(err).__name__}: {err}")
+            if not self.batch.rows and not self.partial and self.waiting:
+                time.sleep(0.001)  # waiting rows that cannot run yet (no adapter slot free): yield the CPU
+
+    def _fail_open(self, message: str) -> None:
+        for request in [*self.batch.rows, *([self.partial[0]] if self.partial else [])]:
+            request.fail(message)
+        self.batch, self.partial = Batch(), None
+
+    @staticmethod
+    def _command(fn: Callable[[], Any], future: concurrent.futures.Future) -> None:
+        try:
+            future.set_result(fn())
+        except Exception as err:
+            future.set_exception(err)
+
+    def _step(self) -> None:
+        self._drop_finished()
+        with torch.no_grad():
+            self._admit()
+            if self.batch.rows:
+                self._decode()
+        self._drop_finished()
+
+    def _in_use(self) -> set[str]:
+        rows = [*self.batch.rows, *([self.partial[0]] if self.partial else [])]
+        return {r.adapter for r in rows}
+
+    def _drop_finished(self) -> None:
+        with self.cond:
+            for request in [r for r in self.waiting if r.cancelled or r.finish_reason is not None]:
+                self.waiting.remove(request)
+        if self.partial and (self.partial[0].cancelled or self.partial[0].finish_reason is not None):
+            self.partial = None
+        if self.batch.rows:
+            self.batch.keep([i for i, r in enumerate(self.batch.rows) if not r.cancelled and r.finish_reason is None])
+
+    # --- joining: adapters on demand, prefill ----------------------------------------------------------
+    def _admit(self) -> None:
+        if self.partial is not None:
+            self._prefill_chunk()
+            return
+        if self.scheduler == "dynamic":
+            if self.batch.rows:
+                return
+            self._gather()
+        self.loads_left = 1  # one adapter load per step: rows of loaded adapters wait at most one load
+        budget, group = self.prefill_chunk if self.scheduler == "continuous" else float("inf"), []
+        free = self.max_batch - len(self.batch.rows)
+        for request in list(self.waiting):
+            if len(group) >= free or budget <= 0:
+                break
+            if not self._ready(request, {r.adapter for r in group}):
+                continue
+            self._take(request)
+            if self._alone(request):
+                self._prefill_alone(request)
+                free -= 1
+            elif len(request.prompt_ids) > budget and self.scheduler == "continuous":
+                if group:  # prefill what fits now; the long prompt starts next step
+                    self._put_back(request)
+                    break
+                self.partial = (request, DynamicCache(config=self.base_model.config), 0)
+                self._prefill_chunk()
+                break
+            else:
+                group.append(request)
+                budget -= len(request.prompt_ids)
+        if group:
+            self._prefill(group)
+
+    def _gather(self) -> None:
+        """Dynamic batching: wait for requests that arrive close together before starting a batch."""
+        deadline = time.monotonic() + self.batch_window_s
+        with self.cond:
+            while len(self.waiting) < self.max_batch and (left := deadline - time.monotonic()) > 0:
+                count = len(self.waiting)
+                self.cond.wait(min(left, self.arrival_gap_s))
+                if len(self.waiting) == count:
+                    break
+
+    def _ready(self, request: Request, joining: set[str]) -> bool:
+        """Whether the request's adapter is loaded (loading it now if a slot is free)."""
+        if request.adapter == BASE_ADAPTER:
+            return True
+        if not self.store.find(request.adapter):
+            self._take(request)
+            request.fail(f"adapter {request.adapter!r} was deleted before this request ran", 404, "model_not_found")
+            return False
+        if request.adapter not in self.store.recent:
+            if not self.loads_left:
+                return False
+            self.loads_left -= 1
+        try:
+            return self.store.ensure(request.adapter, self._in_use() | joining)
+        except Exception as err:
+            log.exception("loading adapter %s failed", request.adapter)
+            self._take(request)
+            request.fail(f"cannot load adapter {request.adapter!r}: {err}", 500, "adapter_load_failed")
+            return False
+
+    def _take(self, request: Request) -> None:
+        with self.cond:
+            if request in self.waiting:
+                self.waiting.remove(request)
+
+    def _put_back(self, request: Request) -> None:
+        with self.cond:
+            self.waiting.appendleft(request)
+
+    def _alone(self, request: Request) -> bool:
+        """Rows whose adapter adds virtual tokens or a prefix are prefilled on their own."""
+        model = self.model
+        config = model.peft_config.get(request.adapter) if model is not None else None
+        return config is not None and mixes(config) in INPUT_WISE
+
+    def _forward(self, names: list[str], cache: DynamicCache, **inputs: Any) -> torch.Tensor:
+        """Last-position logits of one forward, each row through its own adapter."""
+        model = self.model
+        if model is None or all(n == BASE_ADAPTER for n in names):
+            scope = routing.scope(adapter=BASE_ADAPTER, rows=None) if model is not None else contextlib.nullcontext()
+        else:
+            scope = routing.scope(adapter=None, rows=routing.RowAdapters(check(model, names)))
+        set_cache(inputs, self.base_model, cache)
+        with scope:
+            out = self.base_model(**inputs, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1]
+
+    def _prefill(self, group: list[Request]) -> None:
+        """Prefill rows together (left-padded), pick their first tokens, and add them to the batch."""
+        try:
+            self._prefill_rows(group)
+        except Exception as err:
+            if len(group) == 1:
+                log.exception("prefill failed")
+                group[0].fail(f"generation failed: {type(err).__name__}: {err}")
+                return
+            for request in group:  # find the row that fails: each alone
+                self._prefill([request])
+
+    def _prefill_rows(self, group: list[Request]) -> None:
+        longest = max(len(r.prompt_ids) for r in group)
+        ids = torch.full((len(group), longest), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, request in enumerate(group):
+            ids[i, longest - len(request.prompt_ids) :] = torch.tensor(request.prompt_ids)
+            mask[i, longest - len(request.prompt_ids) :] = 1
+        cache = DynamicCache(config=self.base_model.config)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = self._forward(
+            [r.adapter for r in group],
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=cache,
+        )
+        for request in group:
+            request.length = len(request.prompt_ids)
+        self._join(group, logits, cache, mask)
+
+    def _prefill_alone(self, request: Request) -> None:
+        """A prompt-learning row: its virtual tokens or prefix go in first (mixed.prepare_inputs)."""
+        try:
+            ids = torch.tensor([request.prompt_ids])
+            rows = routing.RowAdapters(check(self.model, [request.adapter]))
+            with routing.scope(adapter=None, rows=rows):
+                inputs = prepare_inputs(self.model, rows, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+                if get_cache(inputs) is None:
+                    set_cache(inputs, self.base_model, DynamicCache(config=self.base_model.config))
+                out = self.base_model(**inputs, use_cache=True, logits_to_keep=1)
+            cache = output_cache(out)
+            request.length = cache.get_seq_length()
+            self._join([request], out.logits[:, -1], cache, torch.ones(1, request.length, dtype=torch.long))
+        except Exception as err:
+            log.exception("prefill failed")
+            request.fail(f"generation failed: {type(err).__name__}: {err}")
+
+    def _prefill_chunk(self) -> None:
+        """The next chunk of the long prompt being prefilled; the last one joins the batch."""
+        request, cache, done = self.partial
+        chunk = request.prompt_ids[done : done + self.prefill_chunk]
+        end = done + len(chunk)
+        try:
+            logits = self._forward(
+                [request.adapter],
+                input_ids=torch.tensor([chunk]),
+                attention_mask=torch.ones(1, end, dtype=torch.long),
+                position_ids=torch.arange(done, end)[None],
+                cache=cache,
+            )
+        except Exception as err:
+            log.exception("prefill failed")
+            self.partial = None
+            request.fail(f"generation failed: {type(err).__name__}: {err}")
+            return
+        if end < len(request.prompt_ids):
+            self.partial = (request, cache, end)
+            return
+        self.partial = None
+        request.length = end
+        self._join([request], logits, cache, torch.ones(1, end, dtype=torch.long))
+
+    def _join(self, group: list[Request], logits: torch.Tensor, cache: DynamicCache, mask: torch.Tensor) -> None:
+        self._advance(group, logits)
+        keep = [i for i, r in enumerate(group) if r.finish_reason is None]
+        if not keep:
+            return
+        if len(keep) < len(group):
+            index = torch.tensor(keep)
+            cache.batch_select_indices(index)
+            mask, group = mask[index], [group[i] for i in keep]
+        self.batch.add(group, cache, mask)
+
+    def _advance(self, rows: list[Request], logits: torch.Tensor) -> None:
+        """Each row's next token from its logits; a row whose sampling fails fails alone."""
+        greedy = logits.argmax(-1).tolist()
+        for i, request in enumerate(rows):
+            if request.finish_reason is not None or request.cancelled:
+                continue
+            try:
+                token = greedy[i] if request.temperature == 0 else pick(request, logits[i])
+                self.detokenizer.advance(request, token)
+            except Exception as err:
+                log.exception("sampling failed")
+                request.fail(f"generation failed: {type(err).__name__}: {err}")
+
+    # --- decoding ----------------------------------------------------------------------------------------
+    def _decode(self) -> None:
+        batch = self.batch
+        rows, width = list(batch.rows), batch.length
+        self.steps.append(tuple(r.adapter for r in rows))
+        try:
+            logits = self._decode_rows(rows, batch.cache, batch.mask)
+        except Exception:
+            log.exception("a decoding step failed; retrying its rows one by one")
+            batch.crop(width)
+            logits = self._decode_each(rows)
+        else:
+            batch.mask = torch.nn.functional.pad(batch.mask, (0, 1), value=1)
+        for request in rows:
+            request.length += 1
+        self._advance(rows, logits)
+
+    def _decode_rows(self, rows: list[Request], cache: DynamicCache, mask: torch.Tensor) -> torch.Tensor:
+        return self._forward(
+            [r.adapter for r in rows],
+            input_ids=torch.tensor([[r.generated[-1]] for r in rows]),
+            attention_mask=torch.nn.functional.pad(mask, (0, 1), value=1),
+            position_ids=torch.tensor([[r.length] for r in rows]),
+            cache=cache,
+        )
+
+    def _decode_each(self, rows: list[Request]) -> torch.Tensor:
+        """Each row's step alone; rows that fail alone fail, the others are stacked back together."""
+        vocab, kept, logits = None, [], []
+        for i, request in enumerate(rows):
+            cache, mask = self.batch.row(i)
+            try:
+                row_logits = self._decode_rows([request], cache, mask)
+            except Exception as err:
+                request.fail(f"generation failed: {type(err).__name__}: {err}")
+                logits.append(None)
+                continue
+            vocab = row_logits.shape[-1]
+            kept.append((request, cache, torch.nn.functional.pad(mask, (0, 1), value=1)))
+            logits.append(row_logits[0])
+        fresh = Batch()
+        for request, cache, mask in kept:
+            fresh.add([request], cache, mask)
+        self.batch.rows, self.batch.cache, self.batch.mask = fresh.rows, fresh.cache, fresh.mask
+        filler = torch.zeros(vocab or 1)
+        return torch.stack([row if row is not None else filler for row in logits])

@@ -1,0 +1,250 @@
+"""A quantized frozen base (int8, NF4): exact about what it computes, and LoRA on it is ordinary LoRA."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from conftest import batch, tiny_llama
+from torch import nn
+
+import deltatune as dt
+from deltatune.cli import main
+from deltatune.config import ConfigError
+from deltatune.quantization import QuantizedLinear, base_storage, quantize_base
+from deltatune.quantization.int8 import Int8Linear
+from deltatune.training.config import FLAG_GROUPS
+
+KINDS = ["int8"] + (["nf4"] if __import__("importlib").util.find_spec("bitsandbytes") else [])
+TARGETS = ["q_proj", "v_proj"]
+
+
+def int8_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """How far the int8 matmul may be from x·wᵀ: each row of x is scaled to unit range, then the tensor is
+    quantized to 7 bits (step = its range / 127), so each product is off by at most |w|·step/2 in the row's
+    own units (plus float rounding)."""
+    norm = x.abs().amax(dim=-1, keepdim=True)
+    unit = x / norm
+    step = (unit.max().clamp(min=0) - unit.min().clamp(max=0)) / 127 * norm
+    return w.abs().sum(dim=1) * step / 2 * 1.001 + 1e-6 * norm
+
+
+def quantized_layer(kind: str, seed: int = 0) -> tuple[nn.Linear, QuantizedLinear]:
+    torch.manual_seed(seed)
+    linear = nn.Linear(64, 48)
+    return linear, quantize_base(nn.Sequential(linear), kind)[0]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_quantized_linear_equals_dequantize_then_matmul(kind):
+    linear, layer = quantized_layer(kind)
+    x = torch.randn(3, 5, 64)
+    w = layer.dequantize()
+    reference = x @ w.T + linear.bias
+    out = layer(x)
+    if kind == "int8":
+        assert torch.all((out - reference).abs() <= int8_bound(x, w))
+        assert torch.equal(layer.weight_int8, torch.round(w / layer.weight_scale[:, None]).to(torch.int8))
+    else:
+        torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+    # the quantized weight is close to the float one: within half a step of its row's (int8) or block's (nf4) scale
+    assert (w - linear.weight).abs().max() <= linear.weight.abs().max() * (0.5 / 127 if kind == "int8" else 0.25)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("size", [1.0, 1e-7])  # real gradients are tiny: fbgemm's minimum scale once zeroed them
+def test_input_gradient_goes_through_the_quantized_weight(kind, size):
+    _, layer = quantized_layer(kind)
+    x = torch.randn(4, 64, requires_grad=True)
+    grad_out = torch.randn(4, 48) * size
+    layer(x).backward(grad_out)
+    w = layer.dequantize()
+    reference = grad_out @ w  # the gradient through the dequantized weight
+    if kind == "int8":  # the output gradient is quantized like an activation, with the row scales folded in
+        assert torch.all((x.grad - reference).abs() <= int8_bound(grad_out * layer.weight_scale, layer.weight_int8.T))
+        assert "backward" in layer._caches and not any(
+            t.is_floating_point() and t.numel() > 48 for t in layer.state_dict().values()
+        )
+    else:
+        torch.testing.assert_close(x.grad, reference, atol=1e-5 * size, rtol=1e-5)
+    assert (x.grad - reference).norm() < 0.05 * reference.norm()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_lora_on_a_quantized_llama_starts_as_the_quantized_base_and_trains_only_a_and_b(kind):
+    base = quantize_base(tiny_llama(), kind)
+    inputs = batch()
+    with torch.no_grad():
+        expected = base(**inputs).logits
+    model = dt.wrap(base, dt.LoraConfig(r=4, target_modules=TARGETS))
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, expected)
+    model.train()
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    lora = {n for n, p in model.named_parameters() if ".lora_" in n}
+    assert with_grad == lora and len(lora) == 2 * 2 * len(TARGETS)  # A and B of q,v in both layers
+    assert all(model.get_parameter(n).grad.abs().sum() > 0 for n in lora if "lora_B" in n)
+    trainable, total = model.trainable_parameters()
+    assert total == sum(p.numel() for p in tiny_llama().parameters()) + trainable  # weights, not packed codes
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_lora_training_steps_on_a_quantized_base_follow_float_training(kind):
+    losses = {}
+    for name in ("float", kind):
+        base = tiny_llama() if name == "float" else quantize_base(tiny_llama(), kind)
+        model = dt.wrap(base, dt.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, init_lora_weights="gaussian"))
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        inputs = batch(rows=4, length=16)
+        losses[name] = []
+        for _ in range(4):
+            loss = model(**inputs, labels=inputs["input_ids"]).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses[name].append(loss.item())
+    drops = {name: values[0] - values[-1] for name, values in losses.items()}
+    assert drops["float"] > 0.01 and drops[kind] == pytest.approx(drops["float"], rel=0.1)
+
+
+def trained_adapter(kind: str, path) -> tuple[dt.DeltaModel, torch.Tensor]:
+    model = dt.wrap(quantize_base(tiny_llama(), kind), dt.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2, generator=torch.Generator().manual_seed(len(name)))
+    model.save_pretrained(path)
+    with torch.no_grad():
+        return model, model(**batch()).logits
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_adapter_trained_on_quantized_base_loads_on_float_quantized_and_peft(kind, tmp_path):
+    peft = pytest.importorskip("peft")
+    trained, logits = trained_adapter(kind, tmp_path)
+    inputs = batch()
+    requantized = dt.DeltaModel.from_pretrained(quantize_base(tiny_llama(), kind), tmp_path)
+    float_ours = dt.DeltaModel.from_pretrained(tiny_llama(), tmp_path)
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(requantized(**inputs).logits, logits)
+        on_float = float_ours(**inputs).logits
+        torch.testing.assert_close(theirs(**inputs).logits, on_float, atol=1e-5, rtol=0)
+    # the float-base model is the same adapter: its factors are the trained ones, and its output
+    # differs from the quantized model's only by the base's quantization
+    for name, p in trained.named_parameters():
+        if ".lora_" in name:
+            assert torch.equal(float_ours.get_parameter(name), p)
+    assert 0 < (on_float - logits).abs().max() < 0.1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_merge_on_quantized_base_in_memory_requantizes_and_unmerge_is_not_exact(kind, tmp_path):
+    model, logits = trained_adapter(kind, tmp_path)
+    layer = model.base_model.model.layers[0].self_attn.q_proj
+    before = layer.base_layer.dequantize()
+    expected = before + layer.delta_weight("default")
+    model.merge_adapter()
+    merged = layer.base_layer
+    assert isinstance(merged, QuantizedLinear)
+    fresh = quantize_base(nn.Sequential(nn.Linear(32, 32, bias=False)), kind)[0]
+    fresh.requantize_(expected)  # merge = quantize(dequantize(W) + ΔW), computed another way
+    assert torch.equal(merged.dequantize(), fresh.dequantize())
+    with torch.no_grad():
+        assert (model(**batch()).logits - logits).abs().max() < 0.1
+    model.unmerge_adapter()
+    assert (layer.base_layer.dequantize() - before).abs().max() < (0.02 if kind == "int8" else 0.2)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cli_merge_on_quantized_base_reports_its_error_and_writes_the_float_model(
+    kind, tiny_llama_dir, tmp_path, capsys
+):
+    from transformers import AutoModelForCausalLM
+
+    from deltatune.merging import output_error, probe_batch
+
+    base, tokenizer = dt.load_base(str(tiny_llama_dir), quantize=kind)
+    model = dt.wrap(base, dt.LoraConfig(r=4, target_modules=TARGETS))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)  # ΔW about as large as W0 (std 0.02)
+    model.save_pretrained(tmp_path / "adapter")
+    assert main(["merge", "--base", str(tiny_llama_dir), "--adapter", str(tmp_path / "adapter"),
+                 "--output", str(tmp_path / "merged"), "--quantize", kind]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    reported = [
+        float(line.split("max |Δlogits| ")[1].split(",")[0]) for line in printed.splitlines() if "Δlogits" in line
+    ]
+    assert len(reported) == 2 and "written model" in printed and f"requantized to {kind}" in printed
+    written = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    probe = probe_batch(tokenizer)
+    with torch.no_grad():
+        trained = model.eval()(**probe).logits
+        expected = output_error(trained, written(**probe).logits, probe["attention_mask"])
+        model.merge_adapter()  # in memory, on the quantized base: requantized
+        requantized = output_error(trained, model(**probe).logits, probe["attention_mask"])
+    scale = trained.abs().max().item()
+    assert reported[0] == pytest.approx(expected["max_abs_logits"], rel=1e-3, abs=1e-6)
+    assert reported[1] == pytest.approx(requantized["max_abs_logits"], rel=1e-3, abs=1e-6)
+    # float: only int8's activation rounding separates it from the trained model; nf4 multiplies in float.
+    assert reported[0] < (0.05 * scale if kind == "int8" else 1e-5)
+    assert 0 < reported[1] < 0.1 * scale, (printed, scale)  # requantizing rounds, and says so
+
+
+def test_missing_bitsandbytes_names_the_package_and_the_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes now raises ImportError
+    with pytest.raises(ModuleNotFoundError, match=r"'bitsandbytes'.*pip install"):
+        quantize_base(tiny_llama(), "nf4")
+    with pytest.raises(ConfigError, match="int8, nf4"):
+        quantize_base(tiny_llama(), "int4")
+
+
+def test_partial_fine_tuning_is_refused_and_bitfit_trains_on_a_quantized_base():
+    with pytest.raises(ConfigError, match=r"partial fine-tuning trains the base weights.*quantized"):
+        dt.wrap(quantize_base(tiny_llama(), "int8"), dt.PartialConfig(train_top_layers=1))
+    model = dt.wrap(quantize_base(tiny_llama(), "int8"), dt.BitFitConfig(bias="all", add_missing=True))
+    model.train()
+    model(**batch(), labels=batch()["input_ids"]).loss.backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert grads and all("bias_delta" in n for n in grads)
+
+
+def test_base_storage_counts_bytes_per_weight():
+    float_model = tiny_llama()
+    linear = sum(
+        m.weight.numel() for n, m in float_model.named_modules() if type(m) is nn.Linear and "lm_head" not in n
+    )
+    rows = sum(m.out_features for n, m in float_model.named_modules() if type(m) is nn.Linear and "lm_head" not in n)
+    other = sum(p.numel() for p in float_model.parameters()) - linear
+    size, weights = base_storage(quantize_base(tiny_llama(), "int8"))
+    assert (size, weights) == (linear + 4 * rows + 4 * other, linear + other)
+    assert base_storage(float_model) == (4 * (linear + other), linear + other)
+
+
+def test_train_cli_quantize_int8_smoke(tiny_llama_dir, tmp_path):
+    from test_train import FAST, alpaca_file
+
+    assert "quantize" in FLAG_GROUPS["training"]
+    out = tmp_path / "run"
+    args = ["train", "--base", tiny_llama_dir, "--data", alpaca_file(tmp_path / "t.jsonl"), "--quantize", "int8",
+            "--max-steps", 2, "--output-dir", out, "--no-eval-generate", *FAST]  # fmt: skip
+    assert main([str(a) for a in args]) == 0
+    base, _ = dt.load_base(str(tiny_llama_dir), quantize="int8")
+    model = dt.DeltaModel.from_pretrained(base, out / "adapter")
+    assert isinstance(model.base_model.model.layers[0].mlp.up_proj, Int8Linear)
+    assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)  # it trained
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", KINDS)
+def test_cuda_path_matches_cpu(kind):
+    _, layer = quantized_layer(kind)
+    x = torch.randn(4, 64)
+    expected = x @ layer.dequantize().T + layer.bias
+    out = layer.cuda()(x.cuda()).float().cpu()
+    torch.testing.assert_close(out, expected, atol=0.05, rtol=0.02)
