@@ -7,6 +7,7 @@ order), so any difference in a figure comes from the library, not from the set-u
 
 from __future__ import annotations
 
+import csv
 import datetime
 import importlib.metadata
 import json
@@ -175,6 +176,20 @@ def contention(before: tuple[float, float], after: tuple[float, float], own_cpu_
 
 # --- raw results ----------------------------------------
 # DELTATUNE_BENCH_RESULTS points smoke tests elsewhere, so that only real runs land in the committed files.
+E2E = Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e"  # the shared datasets beside the checkout
+
+
+def dev_references(n: int) -> list[tuple[str, list[str]]]:
+    """The first ``n`` distinct MRs of the E2E devset (file order), each with all its references."""
+    grouped: dict[str, list[str]] = {}
+    with (E2E / "devset.csv").open(encoding="utf-8", newline="") as f:
+        for row in csv.DictReader(f):
+            if row["mr"] not in grouped and len(grouped) == n:
+                break
+            grouped.setdefault(row["mr"], []).append(row["ref"])
+    return list(grouped.items())
+
+
 RESULTS_DIR = Path(os.environ.get("DELTATUNE_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 
 

@@ -37,9 +37,11 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
+    E2E,
     MODEL,
     RunMeter,
     append_result,
+    dev_references,
     emit,
     init_lora,
     log,
@@ -57,7 +59,6 @@ BENCH = "quantized"
 STEP_SIDES = ("ours_int8", "ours_nf4", "peft_f32", "peft_bnb_nf4", "peft_bnb_int8")
 DECODE_SIDES = ("f32", "int8", "nf4")
 QUALITY_SIDES = ("f32", "int8", "nf4")
-E2E = Path(__file__).resolve().parents[2] / "shared" / "data" / "e2e"
 PROMPT = [{"role": "user", "content": "Write one sentence about a coffee shop by the river."}]
 GOAL = {
     "int8_step_vs_peft_f32<=": 0.7,
@@ -213,18 +214,6 @@ def e2e_batches(tokenizer: Any, args: argparse.Namespace) -> list[dict]:
     return [batcher.collate(next(feed)[2]) for _ in range(args.quality_steps)]
 
 
-def dev_set(n: int) -> list[tuple[str, list[str]]]:
-    import csv
-
-    grouped: dict[str, list[str]] = {}
-    with (E2E / "devset.csv").open(encoding="utf-8", newline="") as f:
-        for row in csv.DictReader(f):
-            if row["mr"] not in grouped and len(grouped) == n:
-                break
-            grouped.setdefault(row["mr"], []).append(row["ref"])
-    return list(grouped.items())
-
-
 def run_quality(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     import sacrebleu
 
@@ -250,7 +239,7 @@ def run_quality(kind: str, args: argparse.Namespace) -> dict[str, Any]:
             log(f"[quality {kind}] step {i + 1}: loss {losses[-1]}")
     train_s = time.perf_counter() - start
     model.eval()
-    dev = dev_set(100)
+    dev = dev_references(100)
     features = tokenize_examples([Example(mr, refs[0]) for mr, refs in dev], tokenizer, "causal-lm", args.seq)
     batcher = Batcher(features, 16, pad_token_id=tokenizer.pad_token_id, seed=0, shuffle=False)
     result = {

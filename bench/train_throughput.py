@@ -36,7 +36,6 @@ stderr.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import resource
 import shutil
@@ -51,6 +50,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
+    E2E,
     LORA_ALPHA,
     LORA_R,
     LORA_TARGETS,
@@ -59,6 +59,7 @@ from _common import (
     append_result,
     contention,
     cpu_counters,
+    dev_references,
     emit,
     load_average,
     load_model,
@@ -72,7 +73,6 @@ from _common import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-E2E = Path("/work/shared/data/e2e")
 WORKERS = ("deltatune", "peft_trainer")
 GOAL = {"tokens_per_s_ratio>=": 1.5}
 MAX_LENGTH = 512
@@ -124,17 +124,6 @@ def write_jsonl(path: Path, pairs: list[tuple[str, str]]) -> None:
     with path.open("w", encoding="utf-8") as f:
         for prompt, completion in pairs:
             f.write(json.dumps({"prompt": prompt, "completion": completion}) + "\n")
-
-
-def dev_references(n: int) -> list[tuple[str, list[str]]]:
-    """The first ``n`` distinct MRs of the E2E devset (file order), each with all its references."""
-    grouped: dict[str, list[str]] = {}
-    with (E2E / "devset.csv").open(encoding="utf-8", newline="") as f:
-        for row in csv.DictReader(f):
-            if row["mr"] not in grouped and len(grouped) == n:
-                break
-            grouped.setdefault(row["mr"], []).append(row["ref"])
-    return list(grouped.items())
 
 
 def train_features(work: Path, tokenizer: Any) -> list[dict]:
