@@ -248,3 +248,21 @@ def test_cuda_path_matches_cpu(kind):
     expected = x @ layer.dequantize().T + layer.bias
     out = layer.cuda()(x.cuda()).float().cpu()
     torch.testing.assert_close(out, expected, atol=0.05, rtol=0.02)
+
+
+@pytest.mark.skipif("nf4" not in KINDS, reason="needs bitsandbytes")
+def test_nf4_adapter_loads_into_peft_on_a_bitsandbytes_base(tmp_path):
+    """The peer a user would pick: transformers' own bitsandbytes 4-bit base with peft on top reads our
+    adapter and computes what ours computes (both bases are bitsandbytes NF4 of the same weights)."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    _, logits = trained_adapter("nf4", tmp_path / "adapter")
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=bnb, device_map="cpu")
+    theirs = peft.PeftModel.from_pretrained(base, tmp_path / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(**batch()).logits, logits, atol=1e-4, rtol=0)
+        with theirs.disable_adapter():
+            assert (theirs(**batch()).logits - logits).abs().max() > 1e-2  # the adapter is what matches
