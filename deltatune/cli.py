@@ -12,6 +12,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from deltatune import flags
 from deltatune.config import ConfigError
@@ -137,7 +138,7 @@ def cmd_eval(argv: list[str]) -> int:
         task_name=args.task_name,
         quantize=args.quantize,
         attention=args.attention,
-        attention_options={k: v for k, v in vars(args).items() if k in attention},
+        attention_options=_attention_options(args, attention),
     )
     print(json.dumps(metrics))
     return 0
@@ -156,8 +157,8 @@ def cmd_generate(argv: list[str]) -> int:
     attention = _attention_flags(parser, argv)
     args = parser.parse_args(argv)
     adapter_task_id(args.adapter, args.task_name)  # a bad adapter or task name before reading standard input
+    options = _attention_options(args, attention)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    options = {k: v for k, v in vars(args).items() if k in attention}
     print(
         generate_text(
             args.base, args.adapter, prompt, args.max_new_tokens, args.task_name, args.quantize, args.attention, options
@@ -171,6 +172,16 @@ def _attention_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[st
     from deltatune.attention.flags import add_attention_flags, chosen_pattern
 
     return add_attention_flags(parser, chosen_pattern(argv))
+
+
+def _attention_options(args: argparse.Namespace, names: set[str]) -> dict[str, Any]:
+    """The pattern's options from the parsed flags, checked before any model loads."""
+    from deltatune.attention import DEFAULT, options_for
+
+    options = {k: v for k, v in vars(args).items() if k in names}
+    if args.attention and args.attention != DEFAULT:
+        options_for(args.attention, **options)
+    return options
 
 
 def cmd_merge(argv: list[str]) -> int:

@@ -191,3 +191,11 @@ def test_inspect_bad_option_comes_before_the_model_loads(tiny_llama_dir, capsys,
     loads = block_model_loads(monkeypatch)
     assert main(["inspect", "--base", str(tiny_llama_dir), "--r", "0"]) == 2
     assert "LoRA rank r must be a positive integer" in one_line_error(capsys) and loads == []
+
+
+@pytest.mark.parametrize("command", ["eval", "generate"])
+def test_bad_attention_options_fail_before_the_model_loads(command, tmp_path, monkeypatch, capsys):
+    calls = block_model_loads(monkeypatch)
+    argv = command_line(command, tmp_path / "base", save_adapter(tmp_path / "adapter"), tmp_path)
+    assert main([*argv, "--attention", "sliding_window", "--window", "-3"]) == 2
+    assert "--window must be a positive whole number" in one_line_error(capsys) and not calls
