@@ -293,6 +293,8 @@ def rte(args: argparse.Namespace) -> dict[str, Any]:
     # GLUE's dev split is held out here: the last 277 training rows (dev's size) are the evaluation set.
     train, dev = rows[:-277][: args.train_examples], rows[-277:][: args.eval_examples]
     out: dict[str, Any] = {"data": str(data), "train_examples": len(train), "eval_examples": len(dev)}
+    dev_labels = [r["label"] for r in dev]
+    out["majority"] = round(max(map(dev_labels.count, set(dev_labels))) / len(dev), 4)
     for pattern, options in (("sdpa", {}), ("linformer", {"k": 64}), ("perceiver", {"num_latents": 64})):
         torch.manual_seed(args.seed)  # the same head and latent initialisation for every side
         base, tokenizer = dt.load_base("minilm-l6", task="classification", num_labels=2)
@@ -383,7 +385,36 @@ def tables(args: argparse.Namespace) -> str:
         out += ["", "| n | " + " | ".join(patterns) + " |", "|---|" + "---|" * len(patterns)]
         for n, row in by_n.items():
             out.append(f"| {n} | " + " | ".join(f"{row[p]['mean']:.3f}" if p in row else "-" for p in patterns) + " |")
+    out += _training_tables(lines)
     return "\n".join(out)
+
+
+def _training_tables(lines: list[dict[str, Any]]) -> list[str]:
+    """The newest ``train-s2`` and ``rte`` lines as tables, each side against full attention."""
+    out: list[str] = []
+    s2 = next((x for x in reversed(lines) if x.get("kind") == "train-s2"), None)
+    if s2:
+        f, n, steps = s2["figures"], s2["settings"]["n"], s2["settings"]["steps"]
+        out += ["", f"| LoRA training, n={n}, {steps} steps | train CPU s | eval perplexity (full attention) |"]
+        out.append("|---|---|---|")
+        for side in ("s2", "sdpa"):
+            out.append(f"| {side} | {f[side]['train_cpu_s']} | {f[side]['eval_ppl_full_attention']:.3f} |")
+        out.append(
+            f"| s2 / sdpa | {f['s2']['train_cpu_s'] / f['sdpa']['train_cpu_s']:.2f}x | "
+            f"{f['s2']['eval_ppl_full_attention'] / f['sdpa']['eval_ppl_full_attention']:.3f}x |"
+        )
+    rte_line = next((x for x in reversed(lines) if x.get("kind") == "rte"), None)
+    if rte_line:
+        f = rte_line["figures"]
+        out += [
+            "",
+            f"| MiniLM + LoRA on RTE, 512 tokens ({f['train_examples']} train, {f['eval_examples']} held out) "
+            f"| accuracy (majority {100 * f.get('majority', 0):.1f}%) | step CPU s (median) |",
+            "|---|---|---|",
+        ]
+        for side in ("sdpa", "linformer", "perceiver"):
+            out.append(f"| {side} | {100 * f[side]['accuracy']:.1f}% | {f[side]['step_cpu_s_median']} |")
+    return out
 
 
 # --- command line -----------------------------------------------------------------------------

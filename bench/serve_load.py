@@ -11,7 +11,8 @@ Scenarios (each side a fresh ``deltatune serve`` process, ``OMP_NUM_THREADS=--th
   its last row ends) and ``merged`` (adapter 0 folded into the weights, served as a plain model;
   every request to it). Figures: TTFT and end-to-end latency (median, p95), completion tokens/s.
 * ``many``: 200 adapters on disk (hard-linked copies of the 8), ``--max-loaded-adapters 16``,
-  requests spread over all 200, vs ``hot``: 16 adapters all loaded, requests spread over them.
+  requests spread over all 200, vs ``hot``: 16 adapters all loaded, requests spread over them;
+  ``--rounds`` alternating rounds, the same arrivals per round on both sides.
 * ``overload``: ``--overload-x`` x capacity for ``--overload-duration`` s with ``--max-queue
   --overload-queue``:
   status counts (only 200 and 429 expected), 429 latency, server RSS at start and end, and five
@@ -298,7 +299,9 @@ def spread(values: list[float | None]) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--scenarios", default="latency,many,overload")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of the latency sides")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="alternating rounds of the latency and many-adapters sides"
+    )
     parser.add_argument("--requests", type=int, default=16, help="requests per latency or many-adapters run")
     parser.add_argument("--capacity", type=float, help="requests/s the server sustains (default: measure a burst)")
     parser.add_argument("--rate", type=float, help="arrivals/s (default: --load x capacity)")
@@ -349,7 +352,23 @@ def main() -> None:
                 "tokens_vs_merged": ">= 0.9",
             }
         if "many" in scenarios:
-            summary["many"] = {side: many_side(side, dirs, args, rate, args.seed) for side in ("hot", "many")}
+            many_runs: dict[str, list[dict]] = {"hot": [], "many": []}
+            for r in range(args.rounds):
+                for side in many_runs:
+                    log(f"many-adapters round {r + 1}: {side} at {rate:.2f}/s ...")
+                    many_runs[side].append(many_side(side, dirs, args, rate, args.seed + r))
+            summary["many"] = {
+                side: {k: spread([x[k] for x in got]) for k in ("tokens_per_s", "e2e_median_s", "ttft_median_s")}
+                | {"failed": sum(x["requests"] - x["statuses"].get("200", 0) for x in got)}
+                for side, got in many_runs.items()
+            }
+            summary["ratios_many"] = {
+                "tokens_per_s_many_vs_hot": round(
+                    summary["many"]["many"]["tokens_per_s"]["median"]
+                    / summary["many"]["hot"]["tokens_per_s"]["median"],
+                    3,
+                )
+            }
         if "overload" in scenarios:
             summary["overload"] = overload(dirs, args, args.overload_x * cap["requests_per_s"])
     record(summary, None, "summary")

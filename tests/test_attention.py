@@ -58,6 +58,50 @@ def test_blocked_equals_dense_under_allowed(module, options, causal):
 
 
 @pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize(("module", "options"), [CASES[2], CASES[4], CASES[5]])
+def test_flex_path_equals_dense_under_allowed(module, options, causal, monkeypatch):
+    """The CUDA path (FlexAttention, a BlockMask from the pattern's rule) run here through its eager
+    reference: the same outputs as dense SDPA under the pattern's mask, padding included."""
+    from deltatune.attention import blocks
+
+    def through_flex(q, k, v, q_idx, k_idx, rule, causal, scale, mask=None, dropout=0.0):
+        return blocks.flex_sdpa(q, k, v, rule, causal, scale, mask, compiled=False)
+
+    monkeypatch.setattr(module, "block_sdpa", through_flex)
+    n = 37
+    q, k, v = _qkv(n)
+    mask = torch.ones(2, 1, 1, n, dtype=torch.bool)
+    mask[1, ..., :5] = False  # row 1 is left-padded by 5
+    with torch.no_grad():
+        out = module.forward(Call(_train_module(), q, k, v, mask, causal, None, 0.0, options))
+    allowed = torch.stack([module.allowed(n, options, causal, h, 4) for h in range(4)]) & mask
+    ref = _dense(q, k, v, allowed | ~allowed.any(-1, keepdim=True))
+    defined = allowed.any(-1)  # a query whose keys are all padding has no defined output on either side
+    assert defined[1].sum() > 0.8 * defined[0].sum()
+    assert (out[defined] - ref[defined]).abs().max() <= TOL
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize(("pattern", "options"), [("sliding_window", {"window": 8}), ("blockwise", {"block_size": 8})])
+def test_cuda_flex_training_equals_cpu(pattern, options):
+    """On CUDA the patterns run through compiled FlexAttention: loss and LoRA gradients as on CPU."""
+    results = []
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(0)
+        model = dt.wrap(tiny_llama(), dt.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        set_attention(model, pattern, **options)
+        model.to(device).train()
+        inputs = {k: v.to(device) for k, v in batch(length=40).items()}
+        loss = model(**inputs, labels=inputs["input_ids"]).loss
+        loss.backward()
+        grads = [p.grad.cpu() for p in model.parameters() if p.requires_grad]
+        results.append((loss.item(), grads))
+    assert abs(results[0][0] - results[1][0]) <= 1e-4
+    for cpu, cuda in zip(results[0][1], results[1][1], strict=True):
+        assert (cpu - cuda).abs().max() <= 1e-3
+
+
+@pytest.mark.parametrize("causal", [True, False])
 def test_blocked_with_padding_mask_and_backward(causal):
     n, options = 29, sliding_window.SlidingWindowOptions(window=4, dilation=[1, 2])
     q, k, v = _qkv(n, grad=True)

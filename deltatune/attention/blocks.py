@@ -5,10 +5,12 @@ A pattern says *which* positions meet with index tables (``q_idx``: the query po
 block, ``k_idx``: the key positions that block may see, -1 for padding) and a ``rule(qpos, kpos)``
 that keeps the allowed pairs. Cost is O(n * keys per block), never O(n^2): the dense n x n mask is
 only built for short query runs (decoding with a KV cache) and for pictures and tests.
+On CUDA (without dropout) the same rule goes to FlexAttention as a BlockMask instead (``flex_sdpa``).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -88,6 +90,8 @@ def block_sdpa(
     blocks go into SDPA's batch dimension (4-D inputs keep torch's fused CPU kernel, which never
     materialises the scores), and key/value heads stay shared under grouped-query attention.
     """
+    if query.is_cuda and dropout == 0.0:
+        return flex_sdpa(query, key, value, rule, causal, scale, mask)
     b, h, n, d = query.shape
     blocks, c = q_idx.shape
     qpos, kpos = q_idx[:, :, None], k_idx[:, None, :]
@@ -112,6 +116,50 @@ def block_sdpa(
     )
     out = out.view(b, blocks, h, c, d).transpose(1, 2).reshape(b, h, blocks * c, d)
     return out[:, :, _inverse(q_idx, n)]
+
+
+def flex_sdpa(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    rule: Rule,
+    causal: bool,
+    scale: float | None,
+    mask: torch.Tensor | None = None,
+    compiled: bool = True,
+) -> torch.Tensor:
+    """The same attention through FlexAttention (the CUDA path): the pattern's rule, causality and the
+    padding mask become one ``mask_mod``, its BlockMask lets the kernel skip every tile the pattern leaves
+    empty. ``compiled=False`` runs FlexAttention's eager reference (CPU tests: forward only)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    b, h, n, _ = query.shape
+
+    def mask_mod(bi: torch.Tensor, hi: torch.Tensor, qi: torch.Tensor, ki: torch.Tensor) -> torch.Tensor:
+        ok = rule(qi, ki)
+        if causal:
+            ok = ok & (ki <= qi)
+        if mask is not None:
+            ok = ok & mask[bi, hi if mask.shape[1] > 1 else 0, qi if mask.shape[2] > 1 else 0, ki]
+        return ok
+
+    block_mask = create_block_mask(
+        mask_mod, B=b if mask is not None else None, H=h, Q_LEN=n, KV_LEN=key.shape[2], device=query.device
+    )
+    attend = _compiled_flex() if compiled else _flex()
+    return attend(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=key.shape[1] != h)
+
+
+def _flex() -> Callable[..., torch.Tensor]:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return flex_attention
+
+
+@functools.cache
+def _compiled_flex() -> Callable[..., torch.Tensor]:
+    """FlexAttention only fuses (and skips empty tiles) when compiled; compiled once per process."""
+    return torch.compile(_flex(), dynamic=False)
 
 
 def _blocked(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
