@@ -331,6 +331,8 @@ def rte(args: argparse.Namespace) -> dict[str, Any]:
                 opt.step()
                 opt.zero_grad()
                 times.append(time.process_time() - t)
+                if len(times) % 10 == 0:
+                    log(f"rte {pattern} step {len(times)}: loss {loss.item():.4f}, {times[-1]:.2f} CPU s")
         model.eval()
         correct = 0
         with torch.no_grad():
