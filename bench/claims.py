@@ -221,6 +221,7 @@ def cmd_latency(args: argparse.Namespace) -> None:
         emit(latency_worker(args))
         return
     runs: dict[str, list[dict[str, float]]] = {c: [] for c in args.configs}
+    campaign = f"latency-{time.strftime('%Y%m%dT%H%M%S')}"
     for round_ in range(args.rounds):
         for config in args.configs:  # alternating: a busy spell hits every configuration alike
             meter = RunMeter()
@@ -230,10 +231,12 @@ def cmd_latency(args: argparse.Namespace) -> None:
             done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
             figures = json.loads(done.stdout.strip().splitlines()[-1])
             runs[config].append(figures["ms"])
-            record("latency", {**figures, "round": round_}, meter, args)
+            record("latency", {**figures, "round": round_}, meter, args, campaign=campaign)
             log(f"round {round_} {config}: {figures['ms']}")
     medians = {c: {str(bs): statistics.median(r[str(bs)] for r in runs[c]) for bs in args.batch_sizes} for c in runs}
-    record("latency-summary", {"median_ms": medians, "rounds": args.rounds}, None, args, kind="summary")
+    record(
+        "latency-summary", {"median_ms": medians, "rounds": args.rounds}, None, args, kind="summary", campaign=campaign
+    )
     emit(medians)
 
 

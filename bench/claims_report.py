@@ -81,9 +81,13 @@ def claim_subspace(lines: list[tuple[int, dict]]) -> list[str] | None:
 
 
 def _by(lines: list[tuple[int, dict]], key: str, value) -> dict[Any, list[float]]:
+    """``value`` of each run grouped by ``figures[key]``, one per seed: a rerun of a (key, seed) replaces the older."""
+    newest: dict[tuple[Any, Any], dict] = {}
+    for n, r in lines:
+        newest[(r["figures"][key], r["figures"].get("seed", n))] = r["figures"]
     out: dict[Any, list[float]] = {}
-    for _, r in lines:
-        out.setdefault(r["figures"][key], []).append(value(r["figures"]))
+    for (group, _), figures in newest.items():
+        out.setdefault(group, []).append(value(figures))
     return out
 
 
@@ -192,9 +196,14 @@ def claim_latency(lines: list[tuple[int, dict]]) -> list[str] | None:
     runs = latest(lines, "latency")
     if not runs:
         return None
+    campaign = runs[-1][1].get("campaign")  # the newest campaign alone: rounds of different days do not mix
+    runs = [(n, r) for n, r in runs if r.get("campaign") == campaign]
     rounds: dict[int, dict[str, dict[str, float]]] = {}
+    cpu: dict[str, list[float]] = {}
     for _, r in runs:
         rounds.setdefault(r["figures"]["round"], {})[r["figures"]["config"]] = r["figures"]["ms"]
+        if "cpu_ms" in r["figures"]:
+            cpu.setdefault(r["figures"]["config"], []).append(r["figures"]["cpu_ms"]["1"])
     full = [v for v in rounds.values() if {"base", "adapter", "lora_merged"} <= set(v)]
     sizes = sorted({int(b) for v in full for c in v.values() for b in c})
     parts = []
@@ -207,6 +216,13 @@ def claim_latency(lines: list[tuple[int, dict]]) -> list[str] | None:
     rounds_text = ", ".join(f"{a:.2f}/{m:.2f}" for a, m in zip(adapter_bs1, merged_bs1, strict=True))
     base_ms = ", ".join(f"bs {b}: {statistics.median(v['base'][str(b)] for v in full):.0f} ms" for b in sizes)
     contention = [r["run"]["other_procs_cores"] for _, r in runs if r.get("run")]
+    cpu_text = (
+        "; CPU time at bs 1 (median over rounds) adapter/base "
+        f"{statistics.median(cpu['adapter']) / statistics.median(cpu['base']):.3f}, lora_merged/base "
+        f"{statistics.median(cpu['lora_merged']) / statistics.median(cpu['base']):.3f}"
+        if {"base", "adapter", "lora_merged"} <= set(cpu)
+        else ""
+    )
     if not full:
         verdict = "not measured"
     elif min(adapter_bs1) > max(merged_bs1):
@@ -220,7 +236,7 @@ def claim_latency(lines: list[tuple[int, dict]]) -> list[str] | None:
         "adapters add latency at batch 1; a merged LoRA adds none (LoRA Table 1)",
         f"median over rounds of wall time; base {base_ms}; "
         + "; ".join(parts)
-        + f"; bs 1 per round, adapter/base vs merged/base: {rounds_text}; other processes used "
+        + f"; bs 1 per round, adapter/base vs merged/base: {rounds_text}{cpu_text}; other processes used "
         f"{min(contention):.2f}–{max(contention):.2f} cores (of 2)",
         f"{len(full)} rounds",
         verdict + " (test: every round's adapter/base above every round's merged/base at bs 1)",
