@@ -171,7 +171,11 @@ def claim_peft(lines: list[tuple[int, dict]]) -> list[str] | None:
     avg = _by(runs, "method", lambda f: statistics.fmean(f["tasks"][t]["accuracy"] for t in tasks))
     majority = statistics.fmean(runs[-1][1]["figures"]["tasks"][t]["majority"] for t in tasks)
     lrs = {r["figures"]["method"]: r["figures"]["lr"] for _, r in runs}
-    measured = ", ".join(f"{m} (lr {lrs[m]:g}) {ms(v)}" for m, v in avg.items())
+    per_task = {t: _by(runs, "method", lambda f, t=t: f["tasks"][t]["accuracy"]) for t in tasks}
+    measured = "; ".join(
+        f"{m} (lr {lrs[m]:g}) {ms(v)} (" + ", ".join(f"{t} {ms(per_task[t][m])}" for t in tasks) + ")"
+        for m, v in avg.items()
+    )
     full = statistics.fmean(avg["full"]) if "full" in avg else None
     verdicts = []
     for method, limit in (("bitfit", 1.0), ("adapter", 0.4)):
@@ -184,7 +188,9 @@ def claim_peft(lines: list[tuple[int, dict]]) -> list[str] | None:
     return [
         f"4. BitFit / Houlsby vs full FT (MiniLM, avg acc % over {', '.join(tasks)})",
         "BitFit within ~1 point, Houlsby adapters within 0.4 points of full fine-tuning (GLUE)",
-        f"{measured}; majority {majority:.1f}",
+        f"{measured}; majority class {majority:.1f} ("
+        + ", ".join(f"{t} {runs[-1][1]['figures']['tasks'][t]['majority']:.1f}" for t in tasks)
+        + ")",
         str(min(len(v) for v in avg.values())),
         "; ".join(verdicts) or "not measured",
         command(runs),
