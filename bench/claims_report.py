@@ -171,9 +171,12 @@ def claim_peft(lines: list[tuple[int, dict]]) -> list[str] | None:
     avg = _by(runs, "method", lambda f: statistics.fmean(f["tasks"][t]["accuracy"] for t in tasks))
     majority = statistics.fmean(runs[-1][1]["figures"]["tasks"][t]["majority"] for t in tasks)
     lrs = {r["figures"]["method"]: r["figures"]["lr"] for _, r in runs}
+    pct = {r["figures"]["method"]: r["figures"]["trainable_pct"] for _, r in runs}
     per_task = {t: _by(runs, "method", lambda f, t=t: f["tasks"][t]["accuracy"]) for t in tasks}
     measured = "; ".join(
-        f"{m} (lr {lrs[m]:g}) {ms(v)} (" + ", ".join(f"{t} {ms(per_task[t][m])}" for t in tasks) + ")"
+        f"{m} (lr {lrs[m]:g}, {pct[m]:g}% of the parameters) {ms(v)} ("
+        + ", ".join(f"{t} {ms(per_task[t][m])}" for t in tasks)
+        + ")"
         for m, v in avg.items()
     )
     full = statistics.fmean(avg["full"]) if "full" in avg else None
@@ -182,7 +185,7 @@ def claim_peft(lines: list[tuple[int, dict]]) -> list[str] | None:
         if full is None or method not in avg:
             continue
         diff = statistics.fmean(avg[method]) - full
-        verdicts.append(f"{method} {diff:+.1f} vs full: " + ("yes" if diff >= -limit else "**no**"))
+        verdicts.append(f"{method} {diff:+.2f} vs full: " + ("yes" if diff >= -limit else "**no**"))
     if full is not None and full <= majority:
         verdicts.append("full FT does not beat the majority class: not testable")
     return [
