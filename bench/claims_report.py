@@ -241,7 +241,8 @@ def claim_latency(lines: list[tuple[int, dict]]) -> list[str] | None:
     else:
         verdict = "undecided: the rounds' ranges overlap"
     return [
-        "5. Latency: adapters vs merged LoRA vs base (SmolLM2, seq 128, one forward, wall time)",
+        "5. Latency: adapters vs merged LoRA vs base (SmolLM2, seq 128, wall time of a forward: median of "
+        f"{runs[-1][1]['settings']['reps']} per batch size in a process, {runs[-1][1]['settings']['threads']} threads)",
         "adapters add latency at batch 1; a merged LoRA adds none (LoRA Table 1)",
         f"median over rounds of wall time; base {base_ms}; "
         + "; ".join(parts)
