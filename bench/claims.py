@@ -216,9 +216,46 @@ def latency_worker(args: argparse.Namespace) -> dict[str, Any]:
     return {"config": args.worker, "ms": ms, "cpu_ms": cpu_ms}
 
 
+def latency_interleaved(args: argparse.Namespace) -> None:
+    """Every configuration in this one process, their forwards alternating within each repetition.
+
+    Fresh processes running the same model differ by ~±10% here (the speed of the whole process, its CPU time
+    moves with it), more than the few percent an adapter adds; adjacent forwards in one process share that
+    state, so their ratio is what the configurations change. The order rotates each repetition. ``--reps``
+    repetitions at batch 1, ``reps // bs`` (at least 3) at larger batches; one line per batch size with every
+    forward's time.
+    """
+    set_threads(args.threads)
+    models = {c: latency_model(c).eval() for c in args.configs}
+    campaign = f"latency-interleaved-{time.strftime('%Y%m%dT%H%M%S')}"
+    gen = torch.Generator().manual_seed(0)
+
+    def forward(model, ids: torch.Tensor) -> float:
+        start = time.perf_counter()
+        model(input_ids=ids, logits_to_keep=1, use_cache=False)
+        return round(1000 * (time.perf_counter() - start), 1)
+
+    with torch.inference_mode():
+        for bs in args.batch_sizes:
+            meter = RunMeter()
+            ids = torch.randint(3, 1000, (bs, args.seq), generator=gen)
+            for model in models.values():  # warm-up at this shape
+                forward(model, ids)
+            ms: dict[str, list[float]] = {c: [] for c in models}
+            order = list(models)
+            for rep in range(max(3, args.reps // bs)):
+                for config in order[rep % len(order) :] + order[: rep % len(order)]:  # rotated: no fixed position
+                    ms[config].append(forward(models[config], ids))
+            record("latency-interleaved", {"batch_size": bs, "ms": ms}, meter, args, campaign=campaign)
+            log(f"bs {bs}: " + ", ".join(f"{c} {statistics.median(v):.0f} ms" for c, v in ms.items()))
+
+
 def cmd_latency(args: argparse.Namespace) -> None:
     if args.worker:
         emit(latency_worker(args))
+        return
+    if args.interleaved:
+        latency_interleaved(args)
         return
     runs: dict[str, list[dict[str, float]]] = {c: [] for c in args.configs}
     campaign = f"latency-{time.strftime('%Y%m%dT%H%M%S')}"
@@ -288,6 +325,8 @@ def parser() -> argparse.ArgumentParser:
     lat.add_argument("--seq", type=int, default=128, help="sequence length (default: %(default)s)")
     lat.add_argument("--rounds", type=int, default=3, help="alternating rounds, fresh process each (default: 3)")
     lat.add_argument("--reps", type=int, default=1, help="timed forwards per batch size in a process (median)")
+    lat.add_argument("--interleaved", action="store_true", help="all configurations in one process, forwards "
+                     "alternating per repetition (--reps at batch 1, reps // bs at larger batches)")  # fmt: skip
     return p
 
 

@@ -255,11 +255,56 @@ def claim_latency(lines: list[tuple[int, dict]]) -> list[str] | None:
     ]
 
 
+def slower_p(wins: int, n: int) -> float:
+    """One-sided sign test: the chance of ``wins`` or more of ``n`` paired forwards slower by luck alone."""
+    return sum(math.comb(n, k) for k in range(wins, n + 1)) / 2**n
+
+
+def claim_latency_interleaved(lines: list[tuple[int, dict]]) -> list[str] | None:
+    runs = latest(lines, "latency-interleaved")
+    if not runs:
+        return None
+    campaign = runs[-1][1].get("campaign")
+    runs = [(n, r) for n, r in runs if r.get("campaign") == campaign]
+    by_bs = {r["figures"]["batch_size"]: r["figures"]["ms"] for _, r in runs}
+    parts, tests = [], {}
+    for config in ("adapter", "lora", "lora_merged"):
+        ratios = []
+        for bs, ms_ in sorted(by_bs.items()):
+            per_rep = [c / b for c, b in zip(ms_[config], ms_["base"], strict=True)]
+            ratios.append(f"bs {bs}: {statistics.median(per_rep):.3f} ({min(per_rep):.2f}–{max(per_rep):.2f})")
+        parts.append(f"{config}/base " + ", ".join(ratios))
+        one = by_bs[min(by_bs)]
+        wins = sum(c > b for c, b in zip(one[config], one["base"], strict=True))
+        tests[config] = (wins, len(one["base"]), slower_p(wins, len(one["base"])))
+    text = "; ".join(f"{c} slower than base in {w}/{n} pairs (p = {pv:.3f})" for c, (w, n, pv) in tests.items())
+    holds = tests["adapter"][2] < 0.05 and tests["lora_merged"][2] >= 0.05
+    base_ms = ", ".join(f"bs {bs}: {statistics.median(m['base']):.0f} ms" for bs, m in sorted(by_bs.items()))
+    return [
+        "5b. Latency, one process: the configurations' forwards alternate (SmolLM2, seq 128, "
+        f"{runs[-1][1]['settings']['threads']} threads)",
+        "adapters add latency at batch 1; a merged LoRA adds none (LoRA Table 1)",
+        "median (min–max) over repetitions (order rotated each time) of a forward's time / the same "
+        f"repetition's base forward; base {base_ms}; " + "; ".join(parts),
+        f"{tests['adapter'][1]} repetitions at bs 1",
+        ("yes" if holds else "**no**") + f" at bs 1: {text} (test: sign test, adapter p < 0.05, merged p ≥ 0.05)",
+        command(runs),
+        source(runs),
+    ]
+
+
 def table() -> str:
     lines = load("claims")
     if not lines:
         return "no results yet in bench/results/claims.jsonl"
-    rows = [claim_subspace(lines), *claim_rank(lines), claim_freeze(lines), claim_peft(lines), claim_latency(lines)]
+    rows = [
+        claim_subspace(lines),
+        *claim_rank(lines),
+        claim_freeze(lines),
+        claim_peft(lines),
+        claim_latency(lines),
+        claim_latency_interleaved(lines),
+    ]
     out = [
         "| claim | what the seed says | measured here (mean ± std over seeds) | seeds | holds here? | command | "
         "claims.jsonl |",
