@@ -12,7 +12,8 @@
    on the select split carved from train (``bench/glue.py``'s splits, grid and training loop, imported).
 5. ``latency``: forward latency at batch 1..16, sequence 128, of the base model, unmerged LoRA, merged LoRA and
    Houlsby adapters (the LoRA paper's Table 1 layout): each configuration in its own fresh process, ``--rounds``
-   alternating rounds, median over rounds.
+   alternating rounds, median over rounds; or, with ``--interleaved``, all four in one process, their forwards
+   alternating (the differences are smaller than the speed spread between processes on this machine).
 
 GLUE claims (2-4) reuse bench/glue.py: same report/select/pool splits, batch 16, AdamW with warm-up and linear
 decay, 1 thread. Every subcommand takes ``--seeds``; ``--threads 1`` keeps timings meaningful on a shared machine.
