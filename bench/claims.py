@@ -332,7 +332,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main() -> None:
-    args = parser().parse_args()
+    p = parser()
+    args = p.parse_args()
+    if args.claim == "latency" and args.interleaved and "base" not in args.configs:
+        p.error("--interleaved compares every configuration with the base forward of the same repetition: "
+                "keep 'base' in --configs")  # fmt: skip
     args.func(args)
 
 

@@ -201,12 +201,17 @@ def claim_peft(lines: list[tuple[int, dict]]) -> list[str] | None:
     ]
 
 
+def newest_campaign(runs: list[tuple[int, dict]]) -> list[tuple[int, dict]]:
+    """The lines of the newest campaign alone: rounds of different days do not mix."""
+    campaign = runs[-1][1].get("campaign") if runs else None
+    return [(n, r) for n, r in runs if r.get("campaign") == campaign]
+
+
 def claim_latency(lines: list[tuple[int, dict]]) -> list[str] | None:
     runs = latest(lines, "latency")
     if not runs:
         return None
-    campaign = runs[-1][1].get("campaign")  # the newest campaign alone: rounds of different days do not mix
-    runs = [(n, r) for n, r in runs if r.get("campaign") == campaign]
+    runs = newest_campaign(runs)
     rounds: dict[int, dict[str, dict[str, float]]] = {}
     cpu: dict[str, list[float]] = {}
     for _, r in runs:
@@ -261,14 +266,12 @@ def slower_p(wins: int, n: int) -> float:
 
 
 def claim_latency_interleaved(lines: list[tuple[int, dict]]) -> list[str] | None:
-    runs = latest(lines, "latency-interleaved")
+    runs = newest_campaign(latest(lines, "latency-interleaved"))
     if not runs:
         return None
-    campaign = runs[-1][1].get("campaign")
-    runs = [(n, r) for n, r in runs if r.get("campaign") == campaign]
     by_bs = {r["figures"]["batch_size"]: r["figures"]["ms"] for _, r in runs}
     parts, tests = [], {}
-    for config in ("adapter", "lora", "lora_merged"):
+    for config in [c for c in ("adapter", "lora", "lora_merged") if c in by_bs[min(by_bs)]]:
         ratios = []
         for bs, ms_ in sorted(by_bs.items()):
             per_rep = [c / b for c, b in zip(ms_[config], ms_["base"], strict=True)]
@@ -278,6 +281,8 @@ def claim_latency_interleaved(lines: list[tuple[int, dict]]) -> list[str] | None
         wins = sum(c > b for c, b in zip(one[config], one["base"], strict=True))
         tests[config] = (wins, len(one["base"]), slower_p(wins, len(one["base"])))
     text = "; ".join(f"{c} slower than base in {w}/{n} pairs (p = {pv:.3f})" for c, (w, n, pv) in tests.items())
+    if not {"adapter", "lora_merged"} <= set(tests):
+        return None  # a campaign without the two configurations the claim compares
     holds = tests["adapter"][2] < 0.05 and tests["lora_merged"][2] >= 0.05
     base_ms = ", ".join(f"bs {bs}: {statistics.median(m['base']):.0f} ms" for bs, m in sorted(by_bs.items()))
     return [
