@@ -8,7 +8,7 @@ that do exist, instead of being silently ignored.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -125,13 +125,30 @@ def find_targets(
     return selected
 
 
+def base_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """The base model's modules by full name, however many adapters the model already carries.
+
+    A wrapper stands for the module it wraps, and the walk goes on only through that module
+    (``<name>.base_layer.<child>``): an adapter's own layers (``lora_A``, bottlenecks, hypernetworks,
+    trained copies) are never seen, so no pattern can put an adapter inside another adapter.
+    """
+    seen: set[int] = set()
+
+    def walk(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
+        for child_name, child in module.named_children():
+            if id(child) in seen:
+                continue
+            seen.add(id(child))
+            name = prefix + child_name
+            if is_wrapper(child):
+                yield name, base_of(child)
+                yield from walk(base_of(child), f"{name}.base_layer.")
+            else:
+                yield name, child
+                yield from walk(child, name + ".")
+
+    return walk(model, "")
+
+
 def _candidates(model: nn.Module, allowed_types: tuple[type[nn.Module], ...]) -> dict[str, nn.Module]:
-    found: dict[str, nn.Module] = {}
-    for name, module in model.named_modules():
-        if is_wrapper(module):  # a wrapper stands for the module it wraps
-            module = base_of(module)
-        elif name.endswith(".base_layer") or ".modules_to_save." in name:
-            continue  # a wrapped module (its wrapper stands for it) or a per-adapter trained copy
-        if name and isinstance(module, allowed_types):
-            found[name] = module
-    return found
+    return {name: module for name, module in base_modules(model) if isinstance(module, allowed_types)}

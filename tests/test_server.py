@@ -419,6 +419,33 @@ def test_a_closed_stream_frees_its_row(client, server, monkeypatch):
     assert time.monotonic() - started < 2
 
 
+def test_a_non_streaming_client_that_disconnects_frees_its_row(server, monkeypatch):
+    """No write fails for a client that waits for a whole answer: the server must watch the
+    connection itself, or the row generates to max_tokens for nobody."""
+    engine, url = server
+    forward = engine.base_model.forward
+
+    def slow(*args, **kwargs):  # 20 ms a step: 60 tokens take over a second
+        time.sleep(0.02)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(engine.base_model, "forward", slow)
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    connection.request("POST", "/v1/completions", completion("poet", "Once upon", 60), headers)
+    while not engine.batch.rows:
+        time.sleep(0.005)
+    row = engine.batch.rows[0]
+    connection.close()  # the client gives up before the answer
+    deadline = time.monotonic() + 5
+    while engine.batch.rows and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not engine.batch.rows and row.cancelled and row.tokens < 40, row.tokens
+    monkeypatch.undo()
+    assert call_raw(url, "/completions", completion("poet", "x", 2))[0] == 200
+
+
 def test_request_bodies_that_break_parsers_get_openai_errors(server):
     _, url = server
     deep = b"[" * 200_000 + b"]" * 200_000

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
@@ -314,23 +314,37 @@ async def respond(
         return StreamingResponse(
             counted(reply.stream(events, job, usage), streams, key), media_type="text/event-stream"
         )
+    gone = asyncio.create_task(disconnected(request))
+    whole = asyncio.create_task(collect(events, reply))
     try:
-        text = ""
-        while True:
-            try:
-                event = await asyncio.wait_for(events.get(), timeout=1.0)
-            except TimeoutError:
-                if await request.is_disconnected():
-                    return None
-                continue
-            if event[0] == "text":
-                text += event[1]
-            elif event[0] == "error":
-                raise ApiError(event[2], event[1], code=event[3])
-            else:
-                return reply.whole(text, event[1], event[2])
+        await asyncio.wait({gone, whole}, return_when=asyncio.FIRST_COMPLETED)
+        if not whole.done():  # the client went away: nobody reads an answer
+            return Response(status_code=499)
+        return whole.result()
     finally:
         job.cancel()  # a client gone before the end frees its row at the next step
+        gone.cancel()
+        whole.cancel()
+
+
+async def disconnected(request: Request) -> None:
+    """Return when the client closes its connection. A non-streaming request has no write that
+    would fail, so this watches the connection itself (as Starlette does for streams)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def collect(events: asyncio.Queue, reply: Reply) -> dict[str, Any]:
+    """The whole answer once the row has finished; its error as an :class:`ApiError`."""
+    text = ""
+    while True:
+        event = await events.get()
+        if event[0] == "text":
+            text += event[1]
+        elif event[0] == "error":
+            raise ApiError(event[2], event[1], code=event[3])
+        else:
+            return reply.whole(text, event[1], event[2])
 
 
 async def counted(chunks: AsyncIterator[str], streams: dict[str, int], key: str) -> AsyncIterator[str]:
