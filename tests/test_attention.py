@@ -148,15 +148,18 @@ def test_lsh_rounds_combine_and_train():
 
 
 def _logits(model, inputs):
+    """A causal model's logits; an encoder's last hidden states (a tiny random classifier's logits hardly
+    move, so they would hide a wrong attention)."""
     with torch.no_grad():
-        return model(**inputs).logits
+        out = model(**inputs, output_hidden_states=True)
+    return out.logits if out.logits.ndim == 3 else out.hidden_states[-1]
 
 
 @pytest.mark.parametrize(
     ("pattern", "options"),
     [
-        ("sliding_window", {"window": 64}),
-        ("sliding_window", {"window": 40, "dilation": [1, 1]}),
+        ("sliding_window", {"window": 80}),  # encoders: window // 2 on each side
+        ("sliding_window", {"window": 79, "dilation": [1, 1]}),
         ("blockwise", {"block_size": 64}),
         ("lsh", {"bucket_size": 64, "n_hashes": 1}),
         ("s2", {}),  # eval mode: full attention
@@ -313,14 +316,21 @@ def test_pattern_modules_join_modules_to_save():
     assert cfg.modules_to_save is None
 
 
+PADDED_ENCODER_SHIFT = pytest.mark.xfail(
+    strict=True, reason="encoder blockwise with a shift permutes the padded length's blocks (as BlockBERT)"
+)
+
+
 @pytest.mark.parametrize(
-    ("pattern", "options"),
+    ("pattern", "options", "arch"),
     [
-        ("sliding_window", {"window": 4, "dilation": [1, 2]}),
-        ("blockwise", {"block_size": 5, "block_shifts": [0, 1]}),
+        ("sliding_window", {"window": 4, "dilation": [1, 2]}, "llama"),
+        ("sliding_window", {"window": 4, "dilation": [1, 2]}, "bert"),
+        ("blockwise", {"block_size": 5, "block_shifts": [0, 1]}, "llama"),
+        ("blockwise", {"block_size": 5, "block_shifts": [0, 0]}, "bert"),
+        pytest.param("blockwise", {"block_size": 5, "block_shifts": [0, 1]}, "bert", marks=PADDED_ENCODER_SHIFT),
     ],
 )
-@pytest.mark.parametrize("arch", ["llama", "bert"])
 def test_padded_rows_equal_their_unpadded_selves(pattern, options, arch):
     """Right padding: every row's real positions come out as when the row runs alone; the padding
     reaches the pattern as an O(n) key mask, not a dense n x n one. (Not LSH: its buckets depend on
@@ -330,10 +340,7 @@ def test_padded_rows_equal_their_unpadded_selves(pattern, options, arch):
     inputs["attention_mask"][1, 13:] = 0
     padded = _logits(model, inputs)
     alone = _logits(model, {k: v[1:, :13] for k, v in inputs.items()})
-    if arch == "llama":
-        assert (padded[1, :13] - alone[0]).abs().max() <= TOL
-    else:
-        assert (padded[1] - alone[0]).abs().max() <= TOL
+    assert (padded[1, :13] - alone[0]).abs().max() <= TOL
     seen = {}
     hook = model.get_submodule("model.layers.0" if arch == "llama" else "bert.encoder.layer.0")
     handle = hook.register_forward_pre_hook(

@@ -3,7 +3,12 @@ block attending to one key block, a different block pattern per head group.
 
 A head group's pattern is a shift s: in encoders query block i sees key block (i + s) mod m (the
 lecture's permutations (1,2,3), (2,3,1), (3,1,2) are shifts 0, 1, 2). In causal models query block
-i sees its own block causally, and with s > 0 also all of block i - s. Cost O(n * block_size).
+i sees its own block causally, and with s > 0 also all of block i - s (our extension: the paper is
+for encoders). Cost O(n * block_size).
+
+In a padded batch the encoder permutation is over the blocks of the padded length, as in BlockBERT
+(which pads every input to its fixed length): with a shift, a row's result depends on how far it is
+padded, and a block whose partner block is all padding has no key to see.
 """
 
 from __future__ import annotations

@@ -3,9 +3,14 @@ from n rows to k (E K, F V) and every query attends to those k rows: O(n k) time
 
 E and F (k x max_len, one pair per attention layer, shared by its heads) are trainable modules
 named ``linformer``: put that name in an adapter's ``modules_to_save`` (the trainer does) and they
-are saved and loaded with it. They start as mean pooling over k equal segments, so k = n is the
-identity, i.e. exactly full attention; a shorter input uses the first n columns, and projected rows
-that cover no real position (padding, or beyond the input) are masked out.
+are saved and loaded with it. They start as mean pooling over k equal segments of the max_len grid.
+
+The paper fixes n. An input of n < max_len positions is stretched onto the max_len grid by nearest
+neighbour (grid column u holds position floor(u n / max_len)), so it is projected as
+``E_n = E S_n`` with S_n the 0/1 stretch matrix: each of the k rows still covers its share of the
+input (not the first n*k/max_len rows only, as cutting E to its first n columns would), and with
+the initial pooling k = n is exactly the identity, i.e. full attention, at every n. Padded positions
+are zeroed and projected rows that cover no real position are masked out.
 
 Encoders only: projecting the n positions onto k rows mixes past and future, and there is no clear
 way to mask that for a decoder.
@@ -46,6 +51,16 @@ def pooling(k: int, length: int) -> torch.Tensor:
     return weights / weights.sum(1, keepdim=True).clamp(min=1)
 
 
+def fitted(weight: torch.Tensor, n: int) -> torch.Tensor:
+    """(k, max_len) -> (k, n): ``weight @ S_n``, the columns of the grid positions each input position
+    is stretched over added up (``index_add``: O(k * max_len), differentiable)."""
+    max_len = weight.shape[1]
+    if n == max_len:
+        return weight
+    cols = torch.arange(max_len, device=weight.device) * n // max_len
+    return weight.new_zeros(weight.shape[0], n).index_add(1, cols, weight)
+
+
 class LinformerProjection(nn.Module):
     """E and F of one attention layer."""
 
@@ -63,7 +78,7 @@ class LinformerProjection(nn.Module):
             raise ValueError(
                 f"linformer: {n} tokens exceed the projections' {self.E.shape[1]} (max_position_embeddings)"
             )
-        e, f = self.E[:, :n], self.F[:, :n]
+        e, f = fitted(self.E, n), fitted(self.F, n)
         real = torch.ones(key.shape[0], n, dtype=key.dtype, device=key.device) if keep is None else keep.to(key.dtype)
         key, value = key * real[:, None, :, None], value * real[:, None, :, None]
         covered = (e.detach().abs() @ real.T).T > 0  # (b, k)
@@ -106,7 +121,7 @@ def uninstall(model: nn.Module) -> None:
 
 
 def allowed(n: int, options: LinformerOptions, causal: bool, head: int = 0, heads: int = 1) -> torch.Tensor:
-    """(k, n): which input positions feed each projected key row at the initial projections."""
+    """(k, n): which input positions feed each projected key row at the initial projections, n = max_len."""
     return pooling(options.k, n) > 0
 
 

@@ -4,14 +4,19 @@ into chunks of ``bucket_size`` (a bucket may be split over two chunks), and each
 to its key chunk and the previous one, plus each query's own key. ``n_hashes`` rounds with different
 rotations are combined by their softmax normalisers (more rounds, better recall).
 
+A key met in several rounds counts once, as in Reformer: in each round its score is lowered by the log
+of the number of rounds that pair it with the query, so the rounds together are exactly softmax
+attention over the union of the keys each query meets (its own key included).
+
 Pretrained models have separate query and key projections (Reformer shares them), so queries and
-keys are hashed and sorted each on their own with the same rotations. Keys met in several rounds are
-counted once per round (Reformer's duplicate correction is left out). Cost O(n * bucket_size * n_hashes).
+keys are hashed and sorted each on their own with the same rotations. Cost O(n * bucket_size * n_hashes)
+(O(n * bucket_size * n_hashes^2) for the duplicate counts when n_hashes > 1).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
@@ -91,8 +96,34 @@ def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 2, flat).view(b, h, m, w, x.shape[-1])
 
 
-def _round(call: Call, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_idx, k_idx):
-    """One hash round: per-position output (b, h, n, d) and its log normaliser (b, h, n)."""
+def _chunk_of(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """(r, b, h, m, c) sorted chunks -> (r, b, h, n): the chunk each position sits in."""
+    chunk = torch.arange(idx.shape[-2], device=idx.device)[:, None].expand(idx.shape[-2:])
+    slot = torch.where(idx >= 0, idx, n).flatten(-2)  # padding goes to a spare slot n
+    out = torch.full((*idx.shape[:-2], n + 1), -1, dtype=torch.long, device=idx.device)
+    return out.scatter_(-1, slot, chunk.expand(idx.shape).flatten(-2))[..., :n]
+
+
+def duplicates(q_idx: torch.Tensor, k_idx: torch.Tensor, n: int) -> torch.Tensor:
+    """(r, b, h, m, c, 2c): in how many rounds each (query, key) pair of each round's chunks meets.
+    A pair meets in a round when the key's chunk is the query's chunk or the one before it."""
+    qc, kc = _chunk_of(q_idx, n), _chunk_of(k_idx[..., k_idx.shape[-1] // 2 :], n)  # own key chunks
+    lead = q_idx.shape[1:-2]
+    counts = []
+    for r in range(q_idx.shape[0]):
+        qpos = q_idx[r].clamp(min=0).reshape(*lead, -1)
+        kpos = k_idx[r].clamp(min=0).reshape(*lead, -1)
+        at_q = torch.gather(qc, -1, qpos.expand(qc.shape[0], *qpos.shape)).view(-1, *q_idx.shape[1:], 1)
+        at_k = torch.gather(kc, -1, kpos.expand(kc.shape[0], *kpos.shape))
+        at_k = at_k.view(-1, *k_idx.shape[1:-1], 1, k_idx.shape[-1])
+        gap = at_q - at_k
+        counts.append(((gap == 0) | (gap == 1)).sum(0))
+    return torch.stack(counts)
+
+
+def _round(call: Call, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_idx, k_idx, counts=None):
+    """One hash round: per-position output (b, h, n, d) and its log normaliser (b, h, n). ``counts``:
+    rounds each pair meets in (None: one round), whose log lowers the pair's score."""
     b, h, n, d = q.shape
     scale = call.scale if call.scale is not None else d**-0.5
     qb, kb, vb = _gather(q, q_idx), _gather(k, k_idx), _gather(v, k_idx)
@@ -113,6 +144,9 @@ def _round(call: Call, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_idx,
     self_ok = self_ok | ~ok.any(-1)  # a query with nothing else to see (padding) sees itself: finite
     scores = torch.einsum("bhmcd,bhmwd->bhmcw", qb, kb) * scale
     own = (qb * _gather(k, q_idx)).sum(-1, keepdim=True) * scale
+    if counts is not None:  # Reformer's duplicate correction: a key met in several rounds counts once
+        scores = scores - counts.clamp(min=1).to(scores.dtype).log()
+        own = own - math.log(call.options.n_hashes)  # the own key is in every round
     scores = torch.cat([own, scores], dim=-1).masked_fill(~torch.cat([self_ok[..., None], ok], dim=-1), float("-inf"))
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)
     probs = torch.exp(scores - lse)
@@ -137,9 +171,10 @@ def forward(call: Call) -> torch.Tensor:
         same = (same | (qpos == kpos)) & (kpos <= qpos if call.causal else True)
         return dense_sdpa(q, k, v, same, call.mask, call.scale, call.dropout)
     q_idx, k_idx = tables(q, k, opts)
-    rounds = [_round(call, q, k, v, q_idx[r], k_idx[r]) for r in range(opts.n_hashes)]
-    if len(rounds) == 1:
-        return rounds[0][0]
+    if opts.n_hashes == 1:
+        return _round(call, q, k, v, q_idx[0], k_idx[0])[0]
+    counts = duplicates(q_idx, k_idx, k.shape[2])
+    rounds = [_round(call, q, k, v, q_idx[r], k_idx[r], counts[r]) for r in range(opts.n_hashes)]
     lse = torch.stack([r[1] for r in rounds])
     weights = torch.softmax(lse, dim=0).nan_to_num(0.0)
     return sum(w[..., None] * r[0] for w, r in zip(weights, rounds, strict=True))

@@ -3,7 +3,9 @@ with gaps of ``dilation`` on some head groups, plus ``global_tokens`` (e.g. [CLS
 seen by every position.
 
 Causal models follow transformers' ``sliding_window`` convention: query i sees itself and the
-window - 1 keys before it (spaced ``dilation`` apart). Encoders see window - 1 keys on each side.
+window - 1 keys before it (spaced ``dilation`` apart). Encoders follow the paper: ``window // 2`` keys
+on each side (Longformer's "1/2 w tokens on each side"; w + 1 keys in all for an even w, as
+transformers' LongformerModel).
 A dilated head group is a plain window over each residue class mod ``dilation``, so all heads run
 as blocks of ``window`` queries over 2 (causal) or 3 blocks of keys: O(n * window).
 """
@@ -30,7 +32,7 @@ from deltatune.config import ConfigError
 @dataclasses.dataclass
 class SlidingWindowOptions:
     window: int = 512
-    """keys each query sees (causal: itself and window-1 before; encoders: window-1 on each side)"""
+    """keys each query sees (causal: itself and window-1 before; encoders: window//2 on each side, as Longformer)"""
     dilation: list[int] = dataclasses.field(default_factory=lambda: [1])
     """gap between attended keys, one entry per head group (heads split evenly), e.g. 1 1 2 4"""
     global_tokens: int = 0
@@ -45,7 +47,7 @@ class SlidingWindowOptions:
 
 
 def rule(options: SlidingWindowOptions, causal: bool, dilation: int):
-    span = (options.window - 1) * dilation
+    span = (options.window - 1 if causal else options.window // 2) * dilation
 
     def allowed(qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
         gap = qpos - kpos
