@@ -34,6 +34,7 @@ class DeltaLayer(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.active_adapter: str | None = None
+        self.active_adapters: tuple[str, ...] = ()  # several active at once (set_adapter([...])): deltas add
         self.disabled = False
         self.merged_adapter: str | None = None
 
@@ -61,6 +62,18 @@ class DeltaLayer(nn.Module):
         ):
             return None
         return name
+
+    def adapters_active(self) -> list[str]:
+        """The adapters whose deltas this forward adds: the call's one adapter, else the active one,
+        or the several that ``DeltaModel.set_adapter([...])`` made active (for layers that sum them)."""
+        call = routing.current()
+        if len(self.active_adapters) < 2 or (call is not None and call.adapter is not None):
+            name = self.adapter_active()
+            return [] if name is None else [name]
+        if routing.rows() is not None or self.disabled:
+            return []
+        store = getattr(self, self.adapter_attrs[0])
+        return [n for n in self.active_adapters if n in store and n != self.merged_adapter]
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         params = []

@@ -31,9 +31,12 @@ from transformers.pytorch_utils import Conv1D
 
 from deltatune import routing
 from deltatune.config import ConfigError, DeltaConfig, method_config
+from deltatune.methods import dora, lora_init
 from deltatune.methods.base import DeltaLayer, wrap_modules
 from deltatune.methods.contract import Method, register
+from deltatune.methods.lora_embedding import LoraEmbedding, stacked_factors
 from deltatune.targeting import find_targets
+from deltatune.wrappers import base_of
 
 
 @method_config
@@ -54,7 +57,10 @@ class LoraConfig(DeltaConfig):
     bias: str = "none"
     """peft's LoRA bias training; only 'none' is supported (train biases with the bitfit method)"""
     init_lora_weights: bool | str = True
-    """True: Kaiming A, zero B (starts as the base model); 'gaussian': normal A, std 1/r; False: skip (debugging)"""
+    """True: Kaiming A, zero B; 'gaussian': normal A (std 1/r); 'pissa', 'pissa_niter_K' (randomized SVD),
+    'olora': A, B from W0's SVD/QR, the residual left in W0; False: skip (debugging)"""
+    use_dora: bool = False
+    """DoRA: also train a magnitude per output (peft's use_dora); a norm per forward, cached while weights stay"""
     rank_pattern: dict[str, int] = field(default_factory=dict)
     """per-module ranks overriding r: {name or regex: rank}, a key matching the module name or a dotted suffix of it"""
     alpha_pattern: dict[str, float] = field(default_factory=dict)
@@ -70,8 +76,7 @@ class LoraConfig(DeltaConfig):
             raise ConfigError(
                 f"LoRA bias={self.bias!r} is not supported: use bias='none', and BitFitConfig to train biases"
             )
-        if self.init_lora_weights not in (True, False, "gaussian"):
-            raise ConfigError(f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}")
+        lora_init.check(self.init_lora_weights)
 
     def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
         """peft's per-module overrides: a pattern key matches the name or a dotted suffix of it."""
@@ -85,19 +90,10 @@ class LoraConfig(DeltaConfig):
         return lookup(self.rank_pattern, self.r), lookup(self.alpha_pattern, self.lora_alpha)
 
 
-def stacked_factors(a: list[torch.Tensor], b: list[torch.Tensor], scaling: list[float]) -> tuple[torch.Tensor, ...]:
-    """Adapters' Aᵀ (k×r) and scaled Bᵀ (r×n), zero-padded to the largest rank and stacked after
-    a zero slot (index 0: no adapter), for mixed batches to index by row."""
-    rank = max(t.shape[0] for t in a)
-    a_t = [F.pad(t, (0, 0, 0, rank - t.shape[0])).T for t in a]
-    b_t = [F.pad(t * s, (0, rank - t.shape[1])).T for t, s in zip(b, scaling, strict=True)]
-    return torch.stack([torch.zeros_like(a_t[0]), *a_t]), torch.stack([torch.zeros_like(b_t[0]), *b_t])
+class LoraLinear(dora.KeepsMergedDelta, DeltaLayer):
+    """LoRA (and DoRA, see deltatune.methods.dora) around ``nn.Linear`` or ``Conv1D`` (weight stored in×out)."""
 
-
-class LoraLinear(DeltaLayer):
-    """LoRA around ``nn.Linear`` or ``Conv1D`` (whose weight is stored as in×out)."""
-
-    adapter_attrs = ("lora_A", "lora_B", "lora_dropout")
+    adapter_attrs = ("lora_A", "lora_B", "lora_dropout", "lora_magnitude_vector")
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -107,148 +103,134 @@ class LoraLinear(DeltaLayer):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()
         self.scaling: dict[str, float] = {}
+        self.norms = dora.NormCache()
 
-    def add(self, name: str, r: int, alpha: float, dropout: float, rslora: bool, init: bool | str) -> None:
+    def add(
+        self,
+        name: str,
+        r: int,
+        alpha: float,
+        dropout: float,
+        rslora: bool,
+        init: bool | str,
+        use_dora: bool = False,
+        config: Any = None,
+    ) -> None:
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False)
         if dropout > 0:
             self.lora_dropout[name] = nn.Dropout(dropout)
         self.scaling[name] = alpha / math.sqrt(r) if rslora else alpha / r
-        if init is not False:
-            with torch.no_grad():
-                if init == "gaussian":
-                    nn.init.normal_(self.lora_A[name].weight, std=1 / r)
-                else:
-                    nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
-                nn.init.zeros_(self.lora_B[name].weight)
         self.to(self.base_layer.weight.device)
+        lora_init.initialize(self, name, init, config)
+        if use_dora:  # after the init: a residual init changes W0, and m starts at ‖W0 + s·B·A‖
+            self.lora_magnitude_vector[name] = nn.Parameter(self.dora_norm(name, self.base_weight()))
 
     def delete_adapter(self, name: str) -> None:
         super().delete_adapter(name)
         self.scaling.pop(name, None)
+        self.norms.drop(name)
+
+    def base_weight(self) -> torch.Tensor:
+        """W0 as out×in (dequantized for a quantized base)."""
+        base = self.base_layer
+        weight = base.dequantize() if hasattr(base, "dequantize") else base.weight
+        return weight.T if self.transposed else weight
+
+    def lora_delta(self, name: str) -> torch.Tensor:
+        """s·B·A, out×in."""
+        return self.lora_B[name].weight @ self.lora_A[name].weight * self.scaling[name]
+
+    def dora_norm(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        base = self.base_layer  # a quantized base's codes say when its dequantized weight changed
+        stored = tuple(base.quantized_tensors()) if hasattr(base, "quantized_tensors") else (base.weight,)
+        return self.norms.get(
+            name,
+            (*stored, weight, a, b),
+            lambda: dora.column_norm(weight, (b @ a).to(weight.dtype), self.scaling[name]),
+        )
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        delta = self.lora_B[name].weight @ self.lora_A[name].weight * self.scaling[name]
+        delta = self.lora_delta(name)
+        if name in self.lora_magnitude_vector:
+            weight = self.base_weight()
+            delta = dora.merged_weight_delta(weight, delta.to(weight.dtype), self.lora_magnitude_vector[name])
         return delta.T if self.transposed else delta
 
-    def row_factors(self, names: list[str], slots: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def row_factors(self, names: list[str], slots: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         """Each row's Aᵀ (in×r) and scaled Bᵀ (r×out) (zero for rows whose adapter this layer
-        lacks), and its dropout probability."""
+        lacks), its dropout probability, and its DoRA factor g (out; 1 for plain LoRA rows), or None."""
         a_t, b_t = stacked_factors(
             [self.lora_A[n].weight for n in names],
             [self.lora_B[n].weight for n in names],
             [self.scaling[n] for n in names],
         )
         p = [self.lora_dropout[n].p if n in self.lora_dropout else 0.0 for n in names]
-        return a_t[slots], b_t[slots], torch.tensor([0.0, *p], device=slots.device)[slots]
+        gains = None
+        if any(n in self.lora_magnitude_vector for n in names):
+            weight, ones = self.base_weight(), a_t.new_ones(self.out_features)
+            gains = torch.stack(
+                [ones, *(self.dora_gain(n, weight) if n in self.lora_magnitude_vector else ones for n in names)]
+            )[slots]
+        return a_t[slots], b_t[slots], torch.tensor([0.0, *p], device=slots.device)[slots], gains
+
+    def dora_gain(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """g = m / ‖W0 + s·B·A‖ (per output), the factor DoRA applies to the LoRA layer's output."""
+        return self.lora_magnitude_vector[name] / self.dora_norm(name, weight)
 
     def forward_mixed(self, rows: routing.RowAdapters, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Every row's own adapter in one pass: rows gather their A and B, then two batched
-        matmuls (the gather-BMM that Punica/S-LoRA write as kernels); no loop over adapters."""
+        matmuls (the gather-BMM that Punica/S-LoRA write as kernels); no loop over adapters.
+        DoRA rows then scale their outputs by their own g (W0·x is the base output less its bias)."""
         out = self.base_layer(x, *args, **kwargs)
         factors = rows.per_row(self, self.lora_A, x.shape[0], x.device, self.row_factors)
         if factors is None:
             return out
-        a_rows, b_rows, dropout = factors
+        a_rows, b_rows, dropout, gains = factors
         h = x.reshape(x.shape[0], -1, x.shape[-1]).to(a_rows.dtype)
         if self.training and bool(dropout.any()):
+            if gains is not None:
+                raise ValueError("DoRA with lora_dropout cannot train in a mixed batch: train one adapter per batch")
             keep = (1 - dropout).view(-1, 1, 1)
             h = h * torch.bernoulli(keep.expand_as(h)) / keep
         delta = torch.bmm(torch.bmm(h, a_rows), b_rows).view(*x.shape[:-1], -1)
-        return out + delta.to(out.dtype)
+        if gains is None:
+            return out + delta.to(out.dtype)
+        gains = gains.view(x.shape[0], *[1] * (x.dim() - 2), -1)
+        return out + ((gains - 1) * self.without_bias(out) + gains * delta).to(out.dtype)
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        mixed = routing.rows()
-        if mixed is not None:
-            return self.forward_mixed(mixed, x, *args, **kwargs)
-        out = self.base_layer(x, *args, **kwargs)
-        name = self.adapter_active()
-        if name is None:
-            return out
+    def without_bias(self, out: torch.Tensor) -> torch.Tensor:
+        bias = self.base_layer.bias
+        return out if bias is None else out - bias
+
+    def adapter_output(self, name: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """What adapter ``name`` adds to the base output ``out`` for input ``x``."""
         lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
         x = x.to(lora_a.dtype)
-        if name in self.lora_dropout:
-            x = self.lora_dropout[name](x)
+        dropping = self.training and name in self.lora_dropout
+        dropped = self.lora_dropout[name](x) if dropping else x
         # Scaling B (r columns) is cheaper than scaling the output (all tokens x out_features).
-        return out + F.linear(F.linear(x, lora_a), lora_b * self.scaling[name]).to(out.dtype)
-
-
-class LoraEmbedding(DeltaLayer):
-    """LoRA on a token embedding: the update is a low-rank (num_embeddings × dim) table."""
-
-    adapter_attrs = ("lora_embedding_A", "lora_embedding_B")
-
-    def __init__(self, base_layer: nn.Embedding) -> None:
-        super().__init__(base_layer)
-        self.lora_embedding_A = nn.ParameterDict()
-        self.lora_embedding_B = nn.ParameterDict()
-        self.scaling: dict[str, float] = {}
-
-    def add(self, name: str, r: int, alpha: float, dropout: float, rslora: bool, init: bool | str) -> None:
-        num, dim = self.base_layer.weight.shape
-        device = self.base_layer.weight.device
-        self.lora_embedding_A[name] = nn.Parameter(torch.zeros(r, num, device=device))
-        self.lora_embedding_B[name] = nn.Parameter(torch.zeros(dim, r, device=device))
-        if init is not False:  # zero A, random B: the update starts at zero, as in peft
-            nn.init.normal_(self.lora_embedding_B[name])
-        self.scaling[name] = alpha / math.sqrt(r) if rslora else alpha / r
-
-    def delete_adapter(self, name: str) -> None:
-        super().delete_adapter(name)
-        self.scaling.pop(name, None)
-
-    def delta_weight(self, name: str) -> torch.Tensor:
-        return (self.lora_embedding_B[name] @ self.lora_embedding_A[name]).T * self.scaling[name]
-
-    def load_adapter_state_dict(self, name: str, tensors: dict[str, torch.Tensor]) -> list[str]:
-        # peft saves the (possibly resized) embedding itself beside the LoRA factors.
-        base = tensors.pop("base_layer.weight", None)
-        if base is not None and not torch.equal(base, self.base_layer.weight.detach()):
-            raise ValueError(
-                "the checkpoint carries its own embedding weights that differ from this base model's "
-                "(peft save_embedding_layers): load it onto the base model it was trained on"
-            )
-        return super().load_adapter_state_dict(name, tensors)
-
-    def row_factors(self, names: list[str], slots: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Aᵀ (num×r) per adapter after a zero slot, each row's scaled Bᵀ (r×dim), and the slots."""
-        a_t, b_t = stacked_factors(
-            [self.lora_embedding_A[n] for n in names],
-            [self.lora_embedding_B[n] for n in names],
-            [self.scaling[n] for n in names],
-        )
-        return a_t, b_t[slots], slots
-
-    def forward_mixed(self, rows: routing.RowAdapters, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Each row looks its ids up in its own adapter's A."""
-        out = self.base_layer(x, *args, **kwargs)
-        factors = rows.per_row(self, self.lora_embedding_A, x.shape[0], x.device, self.row_factors)
-        if factors is None:
-            return out
-        a_t, b_rows, slots = factors
-        looked_up = a_t[slots.view(-1, *[1] * (x.dim() - 1)), x].reshape(x.shape[0], -1, a_t.shape[-1])
-        return out + torch.bmm(looked_up, b_rows).view_as(out).to(out.dtype)
+        lora = F.linear(F.linear(dropped, lora_a), lora_b * self.scaling[name])
+        if name not in self.lora_magnitude_vector:
+            return lora
+        weight = self.base_weight().to(x.dtype)
+        gain = self.dora_gain(name, weight)
+        # As peft: with dropout at work W0 sees the same dropped input as the LoRA branch.
+        base = F.linear(dropped, weight) if dropping else self.without_bias(out).to(x.dtype)
+        return (gain - 1) * base + gain * lora
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         mixed = routing.rows()
         if mixed is not None:
             return self.forward_mixed(mixed, x, *args, **kwargs)
-        out = self.base_layer(x, *args, **kwargs)
-        name = self.adapter_active()
-        if name is None:
-            return out
-        base = self.base_layer
-        a = F.embedding(
-            x,
-            self.lora_embedding_A[name].T,
-            base.padding_idx,
-            base.max_norm,
-            base.norm_type,
-            base.scale_grad_by_freq,
-            base.sparse,
-        )
-        return out + (a @ self.lora_embedding_B[name].T * self.scaling[name]).to(out.dtype)
+        base = self.base_layer(x, *args, **kwargs)
+        out = base
+        for name in self.adapters_active():  # several: their deltas add, each relative to the base output
+            out = out + self.adapter_output(name, x, base).to(out.dtype)
+        return out
 
 
 # Targets when the config names none, as in peft: the attention query and value projections.
@@ -284,13 +266,26 @@ def inject(model: nn.Module, adapter_name: str, config: LoraConfig) -> list[str]
         layers_to_transform=config.layers_to_transform,
         layers_pattern=config.layers_pattern,
     )
-    kinds = {n: LoraEmbedding if isinstance(model.get_submodule(n), nn.Embedding) else LoraLinear for n in names}
+    kinds = {
+        n: LoraEmbedding if isinstance(base_of(model.get_submodule(n)), nn.Embedding) else LoraLinear for n in names
+    }
     for name, layer in wrap_modules(model, kinds).items():
         if isinstance(layer, LoraLinear) and layer.transposed:
             config.fan_in_fan_out = True  # peft's flag for Conv1D weights
         r, alpha = config.rank_and_alpha(name)
-        layer.add(adapter_name, r, alpha, config.lora_dropout, config.use_rslora, config.init_lora_weights)
+        layer.add(
+            adapter_name,
+            r,
+            alpha,
+            config.lora_dropout,
+            config.use_rslora,
+            config.init_lora_weights,
+            config.use_dora,
+            config,
+        )
     return names
 
 
 register(Method("lora", LoraConfig, inject, (LoraLinear, LoraEmbedding), merges=True, mixes="weights"))
+
+__all__ = ["LoraConfig", "LoraEmbedding", "LoraLinear", "inject", "stacked_factors"]
