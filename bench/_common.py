@@ -221,20 +221,52 @@ def machine() -> dict[str, Any]:
     }
 
 
+# ``--allow-dirty`` on any bench's command line (or DELTATUNE_BENCH_ALLOW_DIRTY=1): append results measured on
+# uncommitted code anyway; the line records it. Taken out of sys.argv here, before a script's argparse reads it,
+# so every script inherits it; the environment carries it to the worker processes a bench spawns.
+ARGV = [Path(sys.argv[0]).name, *sys.argv[1:]]  # as given, --allow-dirty included
+if "--allow-dirty" in sys.argv[1:]:
+    sys.argv[1:] = [a for a in sys.argv[1:] if a != "--allow-dirty"]
+    os.environ["DELTATUNE_BENCH_ALLOW_DIRTY"] = "1"
+CODE = ("deltatune", "bench", ":(exclude)bench/results")  # what a figure depends on
+
+
+def allow_dirty() -> bool:
+    return os.environ.get("DELTATUNE_BENCH_ALLOW_DIRTY", "") not in ("", "0")
+
+
 def git_revision() -> dict[str, Any]:
-    """The checkout's commit and whether tracked files differed from it (figures of a dirty tree are provisional)."""
+    """The checkout's commit and whether tracked files differed from it: ``library_dirty`` for deltatune/,
+    ``tree_dirty`` for deltatune/ and bench/ (results excluded), the changed files, and ``allow_dirty``."""
     repo = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True).stdout.rstrip("\n")
+
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no", "--", "deltatune"],
-            cwd=repo, capture_output=True, text=True, check=True,
-        ).stdout.strip()  # fmt: skip
+        commit = git("rev-parse", "HEAD")
+        changed = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no", "--", *CODE).splitlines()]
     except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "library_dirty": None}
-    return {"commit": commit, "library_dirty": bool(dirty)}
+        return {"commit": None, "library_dirty": None, "tree_dirty": None, "allow_dirty": allow_dirty()}
+    return {
+        "commit": commit,
+        "library_dirty": any(path.startswith("deltatune/") for path in changed),
+        "tree_dirty": bool(changed),
+        "changed": changed[:20],
+        "allow_dirty": allow_dirty(),
+    }
+
+
+def refuse_dirty(revision: dict[str, Any], bench: str) -> None:
+    """Stop before appending a figure no commit reproduces, unless ``--allow-dirty`` was given."""
+    if revision["tree_dirty"] is False or allow_dirty():
+        return
+    what = "is not a git checkout" if revision["commit"] is None else f"has uncommitted changes: {revision['changed']}"
+    raise SystemExit(
+        f"bench: not appending to {RESULTS_DIR / (bench + '.jsonl')}: the code {what}. Commit, then run from a clean "
+        "worktree (git worktree add --detach /work/wt-NAME HEAD; cd there; PYTHONPATH=. python bench/...), or pass "
+        "--allow-dirty (the line records it)."
+    )
 
 
 class RunMeter:
@@ -266,17 +298,20 @@ def append_result(bench: str, figures: dict[str, Any], meter: RunMeter | None = 
     """Append one raw result line to ``bench/results/<bench>.jsonl`` and return it.
 
     The line carries the date, versions, machine, the exact command line (``sys.argv``), the run's contention (from
-    ``meter``) and ``figures``. One ``write`` of one line in append mode, flushed and fsynced, so a run killed
-    half-way leaves whole lines only.
+    ``meter``) and ``figures``. Refused (SystemExit) when deltatune/ or bench/ differ from the commit, unless
+    ``--allow-dirty`` was given (``git.allow_dirty`` in the line). One ``write`` of one line in append mode, flushed
+    and fsynced, so a run killed half-way leaves whole lines only.
     """
+    revision = git_revision()
+    refuse_dirty(revision, bench)
     now = datetime.datetime.now(datetime.timezone.utc)
     line = {
         "bench": bench,
         "run_id": f"{bench}-{now.strftime('%Y%m%dT%H%M%S.%f')}-{os.getpid()}",
         "date": now.isoformat(timespec="seconds"),
-        "argv": [Path(sys.argv[0]).name, *sys.argv[1:]],
+        "argv": ARGV,
         "versions": versions(),
-        "git": git_revision(),
+        "git": revision,
         "machine": machine(),
         "run": meter.read() if meter is not None else None,
         **extra,
