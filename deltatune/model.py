@@ -28,6 +28,7 @@ from deltatune.checkpoint.adapter import (
 )
 from deltatune.config import ConfigError, DeltaConfig
 from deltatune.constants import BASE_ADAPTER, valid_name
+from deltatune.methods import lora_init
 from deltatune.methods.base import DeltaLayer, ModulesToSave, wrap_modules
 from deltatune.quantization import QuantizedLinear, base_storage, is_quantized
 from deltatune.targeting import find_targets, name_matches
@@ -328,8 +329,15 @@ class DeltaModel(ForwardsAttributes, nn.Module):
         prompt-learning methods, whose model has no tuner layer in between, use ``base_model.``)."""
         return getattr(self.peft_config[adapter_name], "checkpoint_key_prefix", KEY_PREFIX)
 
-    def save_pretrained(self, save_directory: str | Path, selected_adapters: list[str] | None = None) -> None:
-        """Write each adapter in peft's layout: ``default`` at the top, others in sub-directories."""
+    def save_pretrained(
+        self,
+        save_directory: str | Path,
+        selected_adapters: list[str] | None = None,
+        path_initial_model_for_weight_conversion: str | Path | None = None,
+    ) -> None:
+        """Write each adapter in peft's layout: ``default`` at the top, others in sub-directories.
+        ``path_initial_model_for_weight_conversion``: where a PiSSA/OLoRA adapter was saved right after
+        initialisation; it is then written as a plain LoRA for the original base (see lora_init)."""
         for name in selected_adapters or list(self.peft_config):
             self.check_adapter(name)
             directory = Path(save_directory) if name == "default" else Path(save_directory) / name
@@ -338,7 +346,10 @@ class DeltaModel(ForwardsAttributes, nn.Module):
             if config.task_type == "SEQ_CLS" and not self._trains_head(name):
                 # peft's SEQ_CLS model always loads a saved head; its plain PeftModel keeps the base's.
                 config.task_type = None
-            save_tensors(directory, self.adapter_state_dict(name), metadata={"format": "pt"})
+            tensors = self.adapter_state_dict(name)
+            if path_initial_model_for_weight_conversion is not None:
+                config, tensors = lora_init.converted(config, tensors, path_initial_model_for_weight_conversion)
+            save_tensors(directory, tensors, metadata={"format": "pt"})
             save_training_state(directory, self.adapter_state_dict(name, training_state=True))
             config.save(directory)
 

@@ -133,12 +133,43 @@ def convert_to_plain_lora(
     """A residual-init adapter as a plain LoRA on the original base (peft's conversion):
     ΔW = s·(B·A − B0·A0) = s·[B | −B0]·[A ; A0], a LoRA of rank 2r with the same scale once r and
     lora_alpha double. ``initial``: the tensors saved right after initialisation."""
+    if any("lora_magnitude_vector" in key for key in tensors):
+        raise ConfigError("a DoRA adapter cannot be converted to a plain LoRA: its magnitude rescales W0 too")
     out = dict(tensors)
     for key, value in tensors.items():
-        if ".lora_A." in f".{key}." and not key.endswith("lora_embedding_A"):
-            out[key] = torch.cat([value, initial[key].to(value)], dim=0)
-        elif ".lora_B." in f".{key}." and not key.endswith("lora_embedding_B"):
-            out[key] = torch.cat([value, -initial[key].to(value)], dim=1)
-        elif "lora_magnitude_vector" in key:
-            raise ConfigError("a DoRA adapter cannot be converted to a plain LoRA: its magnitude rescales W0 too")
+        part = key.split(".")[-2] if key.endswith(".weight") else key.split(".")[-1]
+        if part not in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"):
+            continue
+        if key not in initial:
+            raise ConfigError(f"the initial adapter lacks {key}: save it right after initialisation, unchanged")
+        first = part.endswith("A")  # A stacks rows, B columns (with −B0)
+        start = initial[key].to(value)
+        out[key] = torch.cat([value, start], dim=0) if first else torch.cat([value, -start], dim=1)
     return out
+
+
+def plain_lora_config(config: Any) -> Any:
+    """The config of :func:`convert_to_plain_lora`'s adapter: rank doubled, same scale, default init."""
+    import copy
+
+    config = copy.deepcopy(config)
+    growth = 2**0.5 if config.use_rslora else 2  # keeps alpha/r (alpha/√r with rsLoRA)
+    config.init_lora_weights = True
+    config.r *= 2
+    config.lora_alpha *= growth
+    config.rank_pattern = {k: 2 * v for k, v in config.rank_pattern.items()}
+    config.alpha_pattern = {k: growth * v for k, v in config.alpha_pattern.items()}
+    return config
+
+
+def converted(config: Any, tensors: dict[str, torch.Tensor], initial_path: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+    """``(config, tensors)`` of a PiSSA/OLoRA adapter as a plain LoRA for the original base, given
+    the directory where it was saved right after initialisation."""
+    from deltatune.checkpoint.adapter import load_tensors
+
+    if not is_residual(getattr(config, "init_lora_weights", None)):
+        raise ConfigError(
+            "path_initial_model_for_weight_conversion converts PiSSA/OLoRA adapters (init_lora_weights="
+            f"'pissa', 'pissa_niter_K', 'olora'); this one has init_lora_weights={config.init_lora_weights!r}"
+        )
+    return plain_lora_config(config), convert_to_plain_lora(tensors, load_tensors(initial_path))
