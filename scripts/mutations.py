@@ -1,0 +1,364 @@
+"""The small breaks scripts/mutate.py applies, one at a time, each with the test files that should catch it.
+
+A mutation is (area, file, edits, description, tests): ``edits`` are (old snippet, new snippet) pairs
+applied to ``file`` together (each old snippet must occur exactly once); ``tests`` the test files run.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class Mutation(NamedTuple):
+    area: str
+    file: str
+    edits: tuple[tuple[str, str], ...]
+    description: str
+    tests: tuple[str, ...]
+
+
+LORA = ("tests/test_lora.py", "tests/test_peft_interop.py")
+ATTENTION = ("tests/test_attention.py", "tests/test_attention_reference.py")
+QUANT = ("tests/test_quantized.py",)
+SERVING = ("tests/test_serving_eviction.py", "tests/test_serving_continuous.py", "tests/test_server.py")
+
+
+def m(area: str, file: str, old: str | tuple, new: str | tuple, description: str, tests: tuple[str, ...]) -> Mutation:
+    olds, news = (old, new) if isinstance(old, tuple) else ((old,), (new,))
+    return Mutation(area, f"deltatune/{file}", tuple(zip(olds, news, strict=True)), description, tests)
+
+
+MUTATIONS = [
+    # --- methods ---------------------------------------------------------------------------------------
+    m(
+        "methods",
+        "methods/lora.py",
+        "alpha / math.sqrt(r) if rslora else alpha / r",
+        "alpha / r",
+        "rsLoRA's alpha/sqrt(r) scaling ignored",
+        LORA,
+    ),
+    m(
+        "methods",
+        "methods/lora.py",
+        "lora = F.linear(F.linear(dropped, lora_a), lora_b * self.scaling[name])",
+        "lora = F.linear(F.linear(dropped, lora_a), lora_b)",
+        "LoRA forward without its scaling",
+        LORA,
+    ),
+    m(
+        "methods",
+        "methods/lora.py",
+        "return self.lora_B[name].weight @ self.lora_A[name].weight * self.scaling[name]",
+        "return self.lora_B[name].weight @ self.lora_A[name].weight",
+        "merged delta without its scaling",
+        LORA,
+    ),
+    m(
+        "methods",
+        "methods/lora.py",
+        "dropping = self.training and name in self.lora_dropout",
+        "dropping = name in self.lora_dropout",
+        "LoRA dropout also in eval mode",
+        LORA,
+    ),
+    m(
+        "methods",
+        "methods/dora.py",
+        "torch.linalg.norm(weight + scaling * lora_weight, dim=1)",
+        "torch.linalg.norm(weight + scaling * lora_weight, dim=0)",
+        "DoRA norm over the wrong axis",
+        ("tests/test_dora.py",),
+    ),
+    m(
+        "methods",
+        "methods/adapter.py",
+        "return h + z.to(h.dtype)",
+        "return z.to(h.dtype)",
+        "bottleneck adapter without its residual",
+        ("tests/test_adapter.py",),
+    ),
+    m(
+        "methods",
+        "methods/adapter.py",
+        "self.adapter_up[name](self.adapter_act[name](down(h.to(down.weight.dtype))))",
+        "self.adapter_up[name](down(h.to(down.weight.dtype)))",
+        "bottleneck adapter without its non-linearity",
+        ("tests/test_adapter.py",),
+    ),
+    m(
+        "methods",
+        "methods/llama_adapter.py",
+        "probs = self.adaption_gate[name] * F.softmax(",
+        "probs = F.softmax(",
+        "LLaMA-Adapter's zero gate ignored",
+        ("tests/test_llama_adapter.py",),
+    ),
+    m(
+        "methods",
+        "methods/llama_adapter.py",
+        "scores = query @ key.transpose(2, 3).to(query.dtype) / math.sqrt(head_dim)",
+        "scores = query @ key.transpose(2, 3).to(query.dtype)",
+        "LLaMA-Adapter scores not scaled by sqrt(d)",
+        ("tests/test_llama_adapter.py",),
+    ),
+    m(
+        "methods",
+        "methods/bitfit.py",
+        "return out + self.bias_delta[name].to(out.dtype)",
+        "return out",
+        "BitFit's bias delta not added",
+        ("tests/test_bitfit.py",),
+    ),
+    m(
+        "methods",
+        "methods/bitfit.py",
+        "base.bias -= self.bias_delta[self.merged_adapter].detach().to(base.bias.dtype)",
+        "base.bias += self.bias_delta[self.merged_adapter].detach().to(base.bias.dtype)",
+        "BitFit unmerge adds the delta again",
+        ("tests/test_bitfit.py",),
+    ),
+    # --- attention -------------------------------------------------------------------------------------
+    m(
+        "attention",
+        "attention/blockwise.py",
+        ("    blocks = -(-n // block)\n", "    q_idx = chunk_positions(n, block)\n"),
+        ("    shift, blocks = 0, -(-n // block)\n", "    shift, q_idx = 0, chunk_positions(n, block)\n"),
+        "blockwise ignores its block shifts (rule and tables)",
+        ATTENTION,
+    ),
+    m(
+        "attention",
+        "attention/s2.py",
+        ("(slice(h // 2, h), True)", "head >= heads // 2), n, n, causal)"),
+        ("(slice(h // 2, h), False)", "False), n, n, causal)"),
+        "S2 shifts no head (kernel and mask)",
+        ATTENTION,
+    ),
+    m(
+        "attention",
+        "attention/s2.py",
+        ("((slice(0, h // 2), False), (slice(h // 2, h), True))", "head >= heads // 2), n, n, causal)"),
+        ("((slice(0, h // 2), True), (slice(h // 2, h), False))", "head < heads // 2), n, n, causal)"),
+        "S2 shifts the first half of the heads instead of the second",
+        ATTENTION,
+    ),
+    m(
+        "attention",
+        "attention/s2.py",
+        "return idx.roll(-(group // 2) if shifted else 0)",
+        "return idx.roll(-(group // 3) if shifted else 0)",
+        "S2 shift by a third of a group (tables only)",
+        ATTENTION,
+    ),
+    m(
+        "attention",
+        "attention/sliding_window.py",
+        "span = (options.window - 1 if causal else options.window // 2) * dilation",
+        "span = (options.window - 1) * dilation",
+        "encoder window w-1 on each side instead of w/2",
+        ATTENTION,
+    ),
+    m(
+        "attention",
+        "attention/sliding_window.py",
+        "if opts.global_tokens and not call.causal:",
+        "if False:",
+        "global tokens' queries do not see every key (encoder)",
+        ATTENTION,
+    ),
+    m(
+        "attention",
+        "attention/sliding_window.py",
+        "members = torch.arange(r, n, dilation)",
+        "members = torch.arange(r, n, 1)",
+        "dilated heads run as plain windows (tables only)",
+        ATTENTION,
+    ),
+    m(
+        "attention",
+        "attention/lsh.py",
+        "    if counts is not None:",
+        "    if False:",
+        "LSH counts a key met in several rounds several times",
+        ATTENTION,
+    ),
+    m(
+        "attention",
+        "attention/lsh.py",
+        "    if call.causal:\n        ok = ok & (kpos <= qpos)\n    self_ok",
+        "    self_ok",
+        "LSH ignores causality",
+        ATTENTION,
+    ),
+    m(
+        "attention",
+        "attention/linformer.py",
+        "e, f = fitted(self.E, n), fitted(self.F, n)",
+        "e, f = self.E[:, :n], self.F[:, :n]",
+        "Linformer cuts E/F to the first n columns",
+        ATTENTION,
+    ),
+    m(
+        "attention",
+        "attention/perceiver.py",
+        "latents = F.scaled_dot_product_attention(queries, hidden, hidden, attn_mask=mask)",
+        "latents = queries",
+        "Perceiver latents never attend to the tokens",
+        ATTENTION,
+    ),
+    m(
+        "attention",
+        "attention/perceiver.py",
+        "mask = None if keep is None else keep[:, None, :]",
+        "mask = None",
+        "Perceiver cross-attention reads padding",
+        ATTENTION,
+    ),
+    m(
+        "attention",
+        "attention/__init__.py",
+        "return None if bool(padding.all()) else padding[:, None, None, :]",
+        "return None",
+        "the padding mask never reaches the patterns",
+        ATTENTION,
+    ),
+    m(
+        "attention",
+        "attention/blocks.py",
+        "    if causal:\n        allowed = allowed & (kpos <= qpos)\n    allowed = allowed[None",
+        "    allowed = allowed[None",
+        "blocked kernel ignores causality",
+        ATTENTION,
+    ),
+    # --- quantization ----------------------------------------------------------------------------------
+    m(
+        "quantization",
+        "quantization/int8.py",
+        "codes = torch.round(w / scale[:, None])",
+        "codes = torch.trunc(w / scale[:, None])",
+        "int8 codes truncated instead of rounded",
+        QUANT,
+    ),
+    m(
+        "quantization",
+        "quantization/int8.py",
+        "return (self.weight_int8.float() * self.weight_scale[:, None])",
+        "return (self.weight_int8.float() * self.weight_scale.mean())",
+        "int8 dequantized with one scale for all rows",
+        QUANT,
+    ),
+    m(
+        "quantization",
+        "quantization/int8.py",
+        "_fbgemm(grad.float() * layer.weight_scale, layer.packed_transposed())",
+        "_fbgemm(grad.float(), layer.packed_transposed())",
+        "int8 input gradient without the row scales",
+        QUANT,
+    ),
+    m(
+        "quantization",
+        "quantization/int8.py",
+        "        self._caches.clear()\n",
+        "        pass\n",
+        "int8 keeps its stale packed weight after a merge",
+        QUANT,
+    ),
+    m(
+        "quantization",
+        "quantization/int8.py",
+        "norm = x.abs().amax(dim=-1, keepdim=True)",
+        "norm = x.abs().amax()",
+        "int8 activations scaled per tensor instead of per row",
+        QUANT,
+    ),
+    m(
+        "quantization",
+        "quantization/__init__.py",
+        "skip = set() if quantize_head else _head_names(model)",
+        "skip = set()",
+        "the output head is quantized although not asked",
+        QUANT,
+    ),
+    m(
+        "quantization",
+        "quantization/nf4.py",
+        'quant_type="nf4"',
+        'quant_type="fp4"',
+        "NF4 layers quantize to bitsandbytes' fp4",
+        QUANT,
+    ),
+    m(
+        "quantization",
+        "quantization/base.py",
+        "self.layer.requantize_(self.layer.dequantize() - delta.to(self.layer.compute_dtype))",
+        "self.layer.requantize_(self.layer.dequantize() + delta.to(self.layer.compute_dtype))",
+        "unmerge on a quantized weight adds the delta again",
+        QUANT,
+    ),
+    # --- serving ---------------------------------------------------------------------------------------
+    m(
+        "serving",
+        "serving/adapters.py",
+        "idle = next((n for n in self.recent if n not in busy), None)",
+        "idle = next((n for n in reversed(self.recent) if n not in busy), None)",
+        "evicts the most recently used adapter",
+        SERVING,
+    ),
+    m(
+        "serving",
+        "serving/adapters.py",
+        "            self.recent.move_to_end(name)\n",
+        "            pass\n",
+        "a use does not refresh an adapter's recency",
+        SERVING,
+    ),
+    m(
+        "serving",
+        "serving/adapters.py",
+        "idle = next((n for n in self.recent if n not in busy), None)",
+        "idle = next(iter(self.recent), None)",
+        "evicts an adapter that is in use",
+        SERVING,
+    ),
+    m(
+        "serving",
+        "serving/engine.py",
+        "if len(self.waiting) >= self.max_queue:",
+        "if len(self.waiting) > self.max_queue:",
+        "the queue holds one request more than max_queue",
+        SERVING,
+    ),
+    m(
+        "serving",
+        "serving/rows.py",
+        "elif len(ids) >= request.max_tokens:",
+        "elif len(ids) > request.max_tokens:",
+        "one token more than max_tokens",
+        SERVING,
+    ),
+    m(
+        "serving",
+        "serving/rows.py",
+        "        if token in self.eos:\n",
+        "        if False:\n",
+        "end-of-sequence token does not stop a row",
+        SERVING,
+    ),
+    m(
+        "serving",
+        "serving/rows.py",
+        "outside = ordered.cumsum(-1) - ordered > request.top_p",
+        "outside = ordered.cumsum(-1) > request.top_p",
+        "top_p drops the token that reaches p",
+        SERVING,
+    ),
+    m(
+        "serving",
+        "serving/rows.py",
+        'request.text, request.finish_reason = request.text[:cut], "stop"',
+        'request.finish_reason = "stop"',
+        "a stop string is left in the text",
+        SERVING,
+    ),
+]
