@@ -14,6 +14,7 @@ from deltatune.methods.prefix_tuning import PrefixTuningConfig
 from deltatune.methods.prompt_tuning import PromptTuningConfig
 from deltatune.model import BASE_ADAPTER, DeltaModel, wrap
 from deltatune.quantization import quantize_base
+from deltatune.training.loraplus import create_loraplus_optimizer
 
 __version__ = "0.1.0"
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "PartialConfig",
     "PrefixTuningConfig",
     "PromptTuningConfig",
+    "create_loraplus_optimizer",
     "load_base",
     "quantize_base",
     "set_attention",

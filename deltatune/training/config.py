@@ -82,6 +82,8 @@ class TrainConfig:
     """share of the steps spent warming up"""
     weight_decay: float = 0.0
     """AdamW weight decay"""
+    loraplus_lr_ratio: float | None = None
+    """LoRA+: train LoRA's B factors (and 1-D tensors) at this multiple of the learning rate (paper: ~16)"""
     max_grad_norm: float | None = 1.0
     """clip the gradient norm to this (0 or none: no clipping)"""
     batch_size: int = 8

@@ -358,9 +358,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.gradient_checkpointing:
         model.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     steps = total_steps(cfg, prepared.train)
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate, weight_decay=cfg.weight_decay
-    )
+    optimizer = _optimizer(model, cfg)
     warmup = cfg.warmup_steps or int(cfg.warmup_ratio * steps)
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
     position = Position()
@@ -423,6 +421,22 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             )
         return {"interrupted": True, "step": position.step}
     return _finish(prepared, cfg, out, position, main)
+
+
+def _optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; with --loraplus-lr-ratio, LoRA+'s groups (B faster)."""
+    if cfg.loraplus_lr_ratio:
+        from deltatune.training.loraplus import create_loraplus_optimizer
+
+        return create_loraplus_optimizer(
+            model,
+            torch.optim.AdamW,
+            lr=cfg.learning_rate,
+            loraplus_lr_ratio=cfg.loraplus_lr_ratio,
+            loraplus_weight_decay=cfg.weight_decay,
+        )
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
 
 def _optimizer_step(
