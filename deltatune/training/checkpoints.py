@@ -122,8 +122,16 @@ def verify_checkpoint(path: Path) -> str | None:
 
 
 def save_checkpoint(
-    output_dir: Path, model, optimizer, scheduler, position: Position, config: dict[str, Any], keep: int
+    output_dir: Path,
+    model,
+    optimizer,
+    scheduler,
+    position: Position,
+    config: dict[str, Any],
+    keep: int,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
+    """Write a checkpoint; ``optimizer_state`` replaces ``optimizer.state_dict()`` (a sharded run's, gathered)."""
     target = checkpoint_dir(output_dir, position.step)
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(output_dir)
@@ -133,7 +141,7 @@ def save_checkpoint(
         _move_adapter_to_top(tmp, model.active_adapter)
         state = {
             "position": asdict(position),
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state,
             "scheduler": scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "config": config,
@@ -163,9 +171,11 @@ def _move_adapter_to_top(directory: Path, adapter_name: str) -> None:
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> tuple[Position, dict[str, Any]]:
+    """Restore a run; ``optimizer`` None leaves its state to the caller (a sharded run loads it its own way)."""
     state = torch.load(path / STATE_NAME, weights_only=True)
     model.load_adapter_weights(path, model.active_adapter)
-    optimizer.load_state_dict(state["optimizer"])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
     return Position(**state["position"]), state["config"]

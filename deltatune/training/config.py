@@ -98,6 +98,9 @@ class TrainConfig:
     """batch examples of similar length together (less padding)"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass: less memory, more time"""
+    fsdp: bool = False
+    """under torchrun: shard the frozen base and the adapter across processes (FSDP2) instead of a whole copy
+    per process (DDP); for a base that does not fit one process's memory (see docs/distributed.md)"""
     seed: int = 0
     """random seed of the data order, the eval split and the adapter's initialisation"""
     output_dir: str = "runs/default"
@@ -259,6 +262,7 @@ FLAG_GROUPS: dict[str, tuple[str, ...]] = {
         "batch_size",
         "grad_accum",
         "gradient_checkpointing",
+        "fsdp",
         "seed",
         "threads",
     ),

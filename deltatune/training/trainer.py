@@ -41,7 +41,7 @@ from deltatune.loading.tasks import load_tokenizer, task_of
 from deltatune.loss import LossModule
 from deltatune.methods.prompt_learning import PromptLearningConfig
 from deltatune.model import DeltaModel, wrap
-from deltatune.training import demo
+from deltatune.training import demo, fsdp
 from deltatune.training.checkpoints import (
     Position,
     latest_checkpoint,
@@ -57,6 +57,7 @@ __all__ = ["TrainConfig", "load_tokenizer", "prepare", "task_of", "train"]
 
 DEMO_TRAIN, DEMO_EVAL = 400, 48
 # Options that must match for --resume to continue a run rather than mix two.
+# The global batch (--batch-size x processes) must match too; the number of processes need not.
 RESUME_KEYS = (
     "base",
     "task",
@@ -65,7 +66,6 @@ RESUME_KEYS = (
     "attention",
     "attention_options",
     "data",
-    "batch_size",
     "grad_accum",
     "seed",
     "packing",
@@ -85,15 +85,19 @@ class Prepared:
     # takes per row (None: the method takes none, so the tasks train one adapter on their union).
     eval_tasks: dict[str, tuple[list[Example], Batcher]] = field(default_factory=dict)
     task_ids: dict[str, int] | None = None
+    root: nn.Module | None = None  # --fsdp: the sharded loss module around ``model``
 
 
 # --- set-up -----------------------------------------------------------------------------------
-def init_distributed() -> tuple[int, int]:
-    """(rank, world size); starts the process group when launched by torchrun."""
+def init_distributed(sharded: bool = False) -> tuple[int, int]:
+    """(rank, world size); starts the process group when launched by torchrun (or alone, for --fsdp)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return (dist.get_rank() if world > 1 else 0), world
+        dist.init_process_group(backend)
+    elif sharded and not dist.is_initialized():  # one process: FSDP still needs a group (of one)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return (dist.get_rank() if dist.is_initialized() else 0), world
 
 
 def training_device() -> torch.device:
@@ -186,6 +190,8 @@ def check_packing(cfg: TrainConfig, task: str) -> None:
 
 def prepare(cfg: TrainConfig) -> Prepared:
     task = cfg.task or task_of(cfg.base)
+    if cfg.fsdp:
+        fsdp.check_supported(task, cfg.quantize)
     check_packing(cfg, task)
     train_examples, eval_examples = read_data(cfg, task)
     tasks = task_names(train_examples) if cfg.multi_task else []
@@ -205,7 +211,8 @@ def prepare(cfg: TrainConfig) -> Prepared:
     eval_features = tokenize_tasks(eval_examples, tokenizer, task, cfg.max_length, task_ids)
     if cfg.packing and task == "causal-lm":
         train_features = pack(train_features, cfg.max_length)
-    model, _ = load_base(cfg.base, task=task, num_labels=num_labels or 2, quantize=cfg.quantize)
+    if not cfg.fsdp:
+        model, _ = load_base(cfg.base, task=task, num_labels=num_labels or 2, quantize=cfg.quantize)
     _, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     pad = tokenizer.pad_token_id
     train = Batcher(
@@ -220,9 +227,22 @@ def prepare(cfg: TrainConfig) -> Prepared:
         ids = None if task_ids is None else {name: task_ids[name]}
         features = tokenize_tasks(part, tokenizer, task, cfg.max_length, ids)
         eval_tasks[name] = (part, Batcher(features, cfg.batch_size, pad_token_id=pad, seed=cfg.seed, shuffle=False))
-    set_attention(model, cfg.attention, **cfg.attention_options)
-    delta = wrap(model.to(training_device()), with_pattern_modules(method_config, model, cfg.attention))
-    return Prepared(delta, tokenizer, task, train, evaluation, eval_examples, num_labels, eval_tasks, task_ids)
+    root = None
+    if cfg.fsdp:
+        build = (cfg.base, task, method_config, cfg.attention, cfg.attention_options, tokenizer.pad_token_id)
+        delta, root = fsdp.build(*build)
+    else:
+        set_attention(model, cfg.attention, **cfg.attention_options)
+        delta = wrap(model.to(training_device()), with_pattern_modules(method_config, model, cfg.attention))
+    return Prepared(delta, tokenizer, task, train, evaluation, eval_examples, num_labels, eval_tasks, task_ids, root)
+
+
+def evaluate_everywhere(prepared: Prepared, cfg: TrainConfig) -> tuple:
+    """:func:`evaluate_all`; a sharded model needs every rank running it (with the root gathered)."""
+    if prepared.root is None:
+        return evaluate_all(prepared, cfg)
+    with fsdp.unsharded(prepared.root):
+        return evaluate_all(prepared, cfg)
 
 
 # --- evaluation -------------------------------------------------------------------------------
@@ -322,6 +342,21 @@ def total_steps(cfg: TrainConfig, batcher: Batcher) -> int:
     return cfg.max_steps or max(1, math.ceil(cfg.epochs * len(batcher) / cfg.grad_accum))
 
 
+def check_resume(saved: dict[str, Any], cfg: TrainConfig, world: int, out: Path) -> None:
+    """The options a resumed run must share with the saved one: the data, method, ... and the global batch
+    (per-process batch x processes), so that any number of processes, sharded or not, continues the run."""
+    current = cfg.to_dict()
+    changed = [k for k in RESUME_KEYS if saved.get(k) != current.get(k)]
+    saved_world = saved.get("world_size", world)  # checkpoints from before world_size was saved
+    if saved.get("batch_size", 0) * saved_world != cfg.batch_size * world:
+        changed.append(
+            f"the global batch (--batch-size x processes: {saved.get('batch_size')} x {saved_world} then, "
+            f"{cfg.batch_size} x {world} now)"
+        )
+    if changed:
+        raise ConfigError(f"--resume: {', '.join(changed)} differ from the run in {out}; use the same options")
+
+
 def find_resume_point(out: Path, main: bool) -> Path | None:
     """The newest intact checkpoint to resume from, checked before the model loads.
 
@@ -342,7 +377,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
-    rank, world = init_distributed()
+    rank, world = init_distributed(cfg.fsdp)
     main = rank == 0
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -358,31 +393,35 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.gradient_checkpointing:
         model.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     steps = total_steps(cfg, prepared.train)
+    root = prepared.root
     optimizer = _optimizer(model, cfg)
     warmup = cfg.warmup_steps or int(cfg.warmup_ratio * steps)
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
     position = Position()
     if resume_from is not None:
-        position, saved = load_checkpoint(resume_from, model, optimizer, scheduler)
-        changed = [k for k in RESUME_KEYS if saved.get(k) != cfg.to_dict().get(k)]
-        if changed:
-            raise ConfigError(f"--resume: {', '.join(changed)} differ from the run in {out}; use the same options")
-    elif main:
-        out.mkdir(parents=True, exist_ok=True)
-        if cfg.data is None:
+        if root is None:
+            position, saved = load_checkpoint(resume_from, model, optimizer, scheduler)
+        else:
+            position, saved = fsdp.load_sharded_checkpoint(resume_from, root, model, optimizer, scheduler)
+        check_resume(saved, cfg, world, out)
+    elif main or root is not None:
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
+        if main and cfg.data is None:
             print(
                 f"No --data given: training {cfg.method} on the built-in task ({len(prepared.train.features)} "
                 "sentences -> JSON records). Measuring the base model first..."
             )
-        position.before, position.before_sample, position.before_tasks = evaluate_all(prepared, cfg)
+        position.before, position.before_sample, position.before_tasks = evaluate_everywhere(prepared, cfg)
     if main:
         _trim_metrics(out / "metrics.jsonl", position.step)
         if position.step == 0:
             log_task_metrics(out / "metrics.jsonl", 0, position.before_tasks, "before")
         (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    module = LossModule(model, prepared.task)
-    device_ids = [training_device()] if torch.cuda.is_available() else None
-    runner = nn.parallel.DistributedDataParallel(module, device_ids=device_ids) if dist.is_initialized() else module
+    runner = root if root is not None else LossModule(model, prepared.task)
+    if root is None and dist.is_initialized():
+        device_ids = [training_device()] if torch.cuda.is_available() else None
+        runner = nn.parallel.DistributedDataParallel(runner, device_ids=device_ids)
     stop = StopRequest()
     feed = micro_batches(prepared.train, position.epoch, position.micro, rank, world)
     bar = tqdm(total=steps, initial=position.step, disable=not main, desc="training", unit="step", dynamic_ncols=True)
@@ -408,8 +447,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     f.write(json.dumps(record) + "\n")
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
             bar.update(1)
-            if main and (position.step % cfg.save_every == 0 or stop.requested):
-                save_checkpoint(out, model, optimizer, scheduler, position, cfg.to_dict(), cfg.keep_checkpoints)
+            if root is not None:  # a Ctrl-C seen by any rank: all save together, then stop
+                stop.requested = bool(all_reduce(torch.tensor(int(stop.requested))) > 0)
+            if position.step % cfg.save_every == 0 or stop.requested:
+                saved = {**cfg.to_dict(), "world_size": world}
+                if root is not None:
+                    fsdp.save_sharded_checkpoint(
+                        root, model, optimizer, scheduler, position, saved, out, cfg.keep_checkpoints
+                    )
+                elif main:
+                    save_checkpoint(out, model, optimizer, scheduler, position, saved, cfg.keep_checkpoints)
     finally:
         bar.close()
         stop.restore()
@@ -489,15 +536,21 @@ def _trim_metrics(path: Path, step: int) -> None:
 
 
 def _finish(prepared: Prepared, cfg: TrainConfig, out: Path, position: Position, main: bool) -> dict[str, Any]:
-    """Final evaluation, the adapter, the loss plot and the summary (rank 0 only)."""
+    """Final evaluation, the adapter, the loss plot and the summary (rank 0 only; a sharded model has every
+    rank evaluate and gather the adapter's whole tensors)."""
+    if prepared.root is not None:
+        after, after_sample, after_tasks = evaluate_everywhere(prepared, cfg)
+        whole = fsdp.gather_trainable(prepared.root)
     if not main:
         dist.barrier()
         return {}
     model = prepared.model
-    after, after_sample, after_tasks = evaluate_all(prepared, cfg)
+    if prepared.root is None:
+        after, after_sample, after_tasks = evaluate_all(prepared, cfg)
     log_task_metrics(out / "metrics.jsonl", position.step, after_tasks, "after")
     adapter_dir = out / "adapter"
-    model.save_pretrained(adapter_dir)
+    with fsdp.whole_trainable(prepared.root, whole) if prepared.root is not None else contextlib.nullcontext():
+        model.save_pretrained(adapter_dir)
     trainable, total = model.trainable_parameters()
     base_bytes = sum(
         p.numel() * p.element_size() for n, p in model.base_model.named_parameters() if not p.requires_grad
