@@ -621,6 +621,46 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_other_rows_decode(adapters_d
         engine.close()
 
 
+def test_short_requests_join_and_finish_while_a_long_prompt_is_prefilled(adapters_dir, smol_tokenizer, monkeypatch):
+    """Chunked prefill interleaves with admission: a short request that arrives during a long
+    prefill is prefilled and decoded at the next steps, not after the long prompt has joined."""
+    from deltatune.serving.rows import Request as Job
+
+    engine = small_engine(smol_tokenizer, adapters_dir, prefill_chunk=4)
+    forward = engine.base_model.forward
+
+    def slow(*args, **kwargs):  # 10 ms a step: the long prefill (30 chunks) outlasts the test's own steps
+        time.sleep(0.01)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(engine.base_model, "forward", slow)
+    try:
+        long, short = prompt_ids(engine, "word " * 120)[:120], prompt_ids(engine, "Hi there")
+        events: dict[str, list] = {"short": [], "long": [], "short_done_during_prefill": []}
+
+        def short_sink(event: tuple) -> None:
+            events["short"].append(event)
+            if event[0] == "done":
+                events["short_done_during_prefill"].append(engine.partial is not None)
+
+        engine.submit(Job("coder", long, 3, events["long"].append))
+        while engine.partial is None:
+            time.sleep(0.001)
+        with engine.lock:  # between two chunks of the long prompt
+            chunks_done = engine.partial[2]
+            engine.submit(Job("poet", short, 3, short_sink))
+        while not all(e and e[-1][0] == "done" for e in (events["short"], events["long"])):
+            time.sleep(0.01)
+        assert chunks_done < len(long) - 3 * 4  # the long prefill still had chunks to go
+        assert events["short_done_during_prefill"] == [True]
+        monkeypatch.undo()
+        for name, adapter, ids in (("short", "poet", short), ("long", "coder", long)):
+            text = "".join(e[1] for e in events[name] if e[0] == "text")
+            assert text == reference(engine, adapter, ids, 3)
+    finally:
+        engine.close()
+
+
 @pytest.mark.parametrize(
     "config",
     [lambda: dt.PromptTuningConfig(num_virtual_tokens=3), lambda: dt.PrefixTuningConfig(num_virtual_tokens=2)],

@@ -33,11 +33,32 @@ def name_problem(name: str, base_name: str) -> str | None:
     return None
 
 
-def found_adapters(directory: Path) -> list[Path]:
-    """``directory`` itself if it holds an adapter, else each sub-directory that does."""
+def locate(directory: Path, relative: str) -> Path:
+    """``relative`` under ``directory``, resolved (symlinks followed), the one rule every way in
+    uses (the start-up scan, ``POST /v1/adapters``, a request naming an adapter added since):
+    ValueError when it leaves the directory or holds no adapter."""
+    if "\x00" in relative:
+        raise ValueError(f"path {relative!r} contains a NUL byte")
+    path = (directory / relative).resolve()
+    if not path.is_relative_to(directory.resolve()):
+        raise ValueError(f"path {relative!r} leaves the adapters directory")
+    if not (path / "adapter_config.json").is_file():
+        raise ValueError(f"no adapter_config.json in {relative!r}")
+    return path
+
+
+def found_adapters(directory: Path) -> list[tuple[str, Path]]:
+    """``directory`` itself if it holds an adapter, else each sub-directory that does (resolved;
+    one that leaves ``directory`` through a symlink is left out, said in the log)."""
     if (directory / "adapter_config.json").is_file():
-        return [directory]
-    return sorted(p for p in directory.iterdir() if (p / "adapter_config.json").is_file())
+        return [(directory.name, directory.resolve())]
+    found = []
+    for entry in sorted(p for p in directory.iterdir() if (p / "adapter_config.json").is_file()):
+        try:
+            found.append((entry.name, locate(directory, entry.name)))
+        except ValueError as err:
+            log.warning("not serving %s: %s", entry, err)
+    return found
 
 
 def check_mixable(path: Path) -> None:
@@ -57,9 +78,10 @@ class Adapters:
         self.model: DeltaModel | None = None
         self.paths: dict[str, Path] = {}
         self.recent: OrderedDict[str, None] = OrderedDict()  # loaded, least recently used first
+        self.deleted: set[str] = set()  # deleted through the API: not found on disk again until re-added
         if directory is not None:
-            for path in found_adapters(directory):
-                self._add_found(path.name, path)
+            for name, path in found_adapters(directory):
+                self._add_found(name, path)
 
     @property
     def servable(self) -> list[str]:
@@ -73,12 +95,13 @@ class Adapters:
         """Whether ``name`` can be served; a folder added to the directory since start counts."""
         if name in self.paths:
             return True
-        if self.directory is None or name_problem(name, self.base_name) is not None:
+        if self.directory is None or name in self.deleted or name_problem(name, self.base_name) is not None:
             return False
-        path = self.directory / name
-        if (path / "adapter_config.json").is_file() and path.resolve().is_relative_to(self.directory):
-            return self._add_found(name, path.resolve())
-        return False
+        try:
+            path = locate(self.directory, name)
+        except ValueError:
+            return False
+        return self._add_found(name, path)
 
     def _add_found(self, name: str, path: Path) -> bool:
         """Serve an adapter found on disk, unless its name or method cannot be (said in the log)."""
@@ -97,6 +120,7 @@ class Adapters:
     def register(self, name: str, path: Path) -> None:
         check_mixable(path)
         self.paths[name] = path
+        self.deleted.discard(name)
 
     def ensure(self, name: str, busy: set[str]) -> bool:
         """Make ``name`` loaded (evicting the least recently used idle adapter if full); False
@@ -133,7 +157,10 @@ class Adapters:
             self.model.delete_adapter(name)
         log.info("unloaded adapter %s", name)
 
-    def forget(self, name: str) -> None:
-        """No longer serve ``name`` (and unload it)."""
+    def forget(self, name: str, deleted: bool = False) -> None:
+        """No longer serve ``name`` (and unload it); ``deleted`` (through the API): not even when
+        a request names it and its folder is still on disk, until it is added again."""
         self.paths.pop(name, None)
+        if deleted:
+            self.deleted.add(name)
         self.unload(name)

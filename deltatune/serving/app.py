@@ -2,8 +2,10 @@
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (``"stream": true`` for
 server-sent events), ``GET /v1/models``, and ``POST /v1/adapters`` / ``DELETE
-/v1/adapters/{name}`` to add and remove adapters at run time. The ``model`` field picks the
-adapter; the base model's own name means no adapter. Every error, unknown routes included, uses
+/v1/adapters/{name}`` to add and remove adapters at run time (a deleted adapter stays deleted,
+even with its folder still in ``--adapters``, until it is added again by ``POST``; a restart
+scans the folder afresh). The ``model`` field picks the adapter; the base model's own name
+means no adapter. Every error, unknown routes included, uses
 OpenAI's body, ``{"error": {"message", "type", "param", "code"}}``, so OpenAI clients show them
 as they are. Fields are checked strictly (``"5"`` is not a number) and options the server does
 not act on (``logprobs``, penalties...) are refused rather than ignored.
@@ -15,6 +17,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,11 +30,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
 from deltatune.constants import BASE_ADAPTER
-from deltatune.serving.adapters import name_problem
+from deltatune.serving.adapters import locate, name_problem
 from deltatune.serving.engine import Engine
 from deltatune.serving.reply import Reply
 from deltatune.serving.rows import SEED_LIMIT, QueueFull, asyncio_sink
 from deltatune.serving.rows import Request as Job
+
+log = logging.getLogger("deltatune.serve")
 
 
 @dataclass
@@ -241,15 +246,14 @@ async def parse(request: Request, model: type[BaseModel], limits: Limits) -> Any
 
 
 def inside(root: Path | None, relative: str) -> Path:
-    """``relative`` under ``root``, refusing anything that leaves it (``..``, absolute paths, symlinks)."""
+    """``relative`` under ``root``, refusing anything that leaves it (``..``, absolute paths,
+    symlinks), by the rule the start-up scan and on-demand loads use too (adapters.locate)."""
     if root is None:
         raise ApiError(400, "the server was started without --adapters, so it has no directory to load from", "path")
-    path = (root / relative).resolve()
-    if not path.is_relative_to(root):
-        raise ApiError(400, f"path {relative!r} leaves the adapters directory", "path")
-    if not (path / "adapter_config.json").is_file():
-        raise ApiError(400, f"no adapter_config.json in {relative!r}", "path")
-    return path
+    try:
+        return locate(root, relative)
+    except ValueError as err:
+        raise ApiError(400, str(err), "path") from None
 
 
 def stop_strings(stop: str | list[str] | None, limits: Limits) -> list[str]:
@@ -319,6 +323,7 @@ async def respond(
     try:
         await asyncio.wait({gone, whole}, return_when=asyncio.FIRST_COMPLETED)
         if not whole.done():  # the client went away: nobody reads an answer
+            log.info("a client went away before its answer: its request stops (%d tokens generated)", job.tokens)
             return Response(status_code=499)
         return whole.result()
     finally:

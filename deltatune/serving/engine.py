@@ -110,6 +110,11 @@ class Engine:
     def queued(self) -> int:
         return len(self.waiting)
 
+    @property
+    def open_requests(self) -> int:
+        """Requests taken and not yet answered: waiting, being prefilled, or generating."""
+        return len(self.waiting) + len(self.batch.rows) + (self.partial is not None)
+
     def busy(self) -> bool:
         return bool(self.waiting or self.batch.rows or self.partial or self.commands)
 
@@ -148,7 +153,7 @@ class Engine:
                 if request.adapter == name:
                     request.fail(message, 404, "model_not_found")
             self._drop_finished()
-            self.store.forget(name)
+            self.store.forget(name, deleted=True)
 
         return self.call(delete)
 
@@ -217,37 +222,39 @@ class Engine:
 
     # --- joining: adapters on demand, prefill ----------------------------------------------------------
     def _admit(self) -> None:
-        if self.partial is not None:
-            self._prefill_chunk()
-            return
+        """Waiting requests join within a token budget per step; a prompt longer than the budget
+        is prefilled a chunk per step, and short requests keep joining (and decoding) meanwhile."""
         if self.scheduler == "dynamic":
             if self.batch.rows:
                 return
             self._gather()
         self.loads_left = 1  # one adapter load per step: rows of loaded adapters wait at most one load
         budget, group = self.prefill_chunk if self.scheduler == "continuous" else float("inf"), []
-        free = self.max_batch - len(self.batch.rows)
+        free = self.max_batch - len(self.batch.rows) - (self.partial is not None)
         for request in list(self.waiting):
             if len(group) >= free or budget <= 0:
                 break
+            long = len(request.prompt_ids) > budget
+            if long and self.partial is not None:
+                continue  # one long prompt at a time: this one starts when it has joined
+            if long and group:
+                break  # prefill what fits now; the long prompt starts next step
             if not self._ready(request, {r.adapter for r in group}):
                 continue
             self._take(request)
             if self._alone(request):
                 self._prefill_alone(request)
                 free -= 1
-            elif len(request.prompt_ids) > budget and self.scheduler == "continuous":
-                if group:  # prefill what fits now; the long prompt starts next step
-                    self._put_back(request)
-                    break
+            elif long:
                 self.partial = (request, DynamicCache(config=self.base_model.config), 0)
-                self._prefill_chunk()
                 break
             else:
                 group.append(request)
                 budget -= len(request.prompt_ids)
         if group:
             self._prefill(group)
+        if self.partial is not None:
+            self._prefill_chunk()
 
     def _gather(self) -> None:
         """Dynamic batching: wait for requests that arrive close together before starting a batch."""
@@ -283,10 +290,6 @@ class Engine:
         with self.cond:
             if request in self.waiting:
                 self.waiting.remove(request)
-
-    def _put_back(self, request: Request) -> None:
-        with self.cond:
-            self.waiting.appendleft(request)
 
     def _alone(self, request: Request) -> bool:
         """Rows whose adapter adds virtual tokens or a prefix are prefilled on their own."""

@@ -1,5 +1,7 @@
 """Running the API under uvicorn with a graceful drain: SIGTERM (or Ctrl-C) stops taking requests
-(503 with Retry-After), lets the ones in flight finish within ``drain_timeout`` seconds, then exits."""
+(503 with Retry-After), lets the ones in flight finish within ``drain_timeout`` seconds, then
+answers those still open with the same 503 error (a JSON body, or an error event then ``[DONE]``
+on a stream) before it exits. A second signal stops at once."""
 
 from __future__ import annotations
 
@@ -37,13 +39,19 @@ class DrainingServer(uvicorn.Server):
         while self.engine.busy() and time.monotonic() < deadline:
             time.sleep(0.05)
         if self.engine.busy():
-            log.warning("drain timeout: %d requests still open are cut off", self.engine.queued)
-        time.sleep(0.2)  # the last answers leave the handlers
+            log.warning("drain timeout: %d requests still open get 503", self.engine.open_requests)
+            self.engine.close()  # stops the worker, then fails each open request with 503 shutting_down
+        time.sleep(0.2)  # the last answers leave the handlers (uvicorn then waits for them to be sent)
         self.should_exit = True
 
 
 def serve(engine: Engine, app: FastAPI, host: str, port: int, drain_timeout: float = 30.0) -> None:
     """Serve until drained; the engine's worker stops afterwards (open requests get 503)."""
+    if not log.handlers:  # uvicorn configures its own loggers only: ours would print warnings alone, bare
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
     config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=5)
     try:
         DrainingServer(config, app, engine, drain_timeout).run()
