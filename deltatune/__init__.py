@@ -6,7 +6,9 @@ from deltatune.loading import load_base
 from deltatune.methods.adapter import AdapterConfig
 from deltatune.methods.bitfit import BitFitConfig
 from deltatune.methods.hyperformer import HyperAdapterConfig
+from deltatune.methods.ia3 import IA3Config
 from deltatune.methods.llama_adapter import LlamaAdapterConfig
+from deltatune.methods.lokr import LoKrConfig
 from deltatune.methods.lora import LoraConfig
 from deltatune.methods.p_tuning import PTuningConfig
 from deltatune.methods.partial import PartialConfig
@@ -25,7 +27,9 @@ __all__ = [
     "DeltaConfig",
     "DeltaModel",
     "HyperAdapterConfig",
+    "IA3Config",
     "LlamaAdapterConfig",
+    "LoKrConfig",
     "LoraConfig",
     "PTuningConfig",
     "PartialConfig",

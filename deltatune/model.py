@@ -200,15 +200,29 @@ class DeltaModel(ForwardsAttributes, nn.Module):
             skip=lambda n, m: isinstance(m, DeltaLayer) and not isinstance(m, ModulesToSave),
         )
 
-    def set_adapter(self, adapter_name: str) -> None:
-        """Make ``adapter_name`` the one that runs and trains; all others are frozen."""
-        self.check_adapter(adapter_name)
-        self.active_adapter = adapter_name
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Make ``adapter_name`` the one that runs and trains; all others are frozen. A list makes
+        several active at once (peft's multi-active; LoRA, DoRA, LoKr: their deltas add, (IA)³: scales
+        multiply): all of them run and train; ``active_adapter`` is then the first."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for name in names or [""]:
+            self.check_adapter(name)
+        if len(names) > 1:
+            methods.check_several_active(self, names)
+        self.active_adapter = names[0]
         for _, layer in self.delta_layers():
-            layer.active_adapter = adapter_name
+            layer.active_adapter = names[0]
+            layer.active_adapters = tuple(names) if len(names) > 1 else ()
             for name in layer.adapter_names:
                 for p in layer.adapter_parameters(name):
-                    p.requires_grad_(name == adapter_name and not self.peft_config[name].inference_mode)
+                    p.requires_grad_(name in names and not self.peft_config[name].inference_mode)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """The adapters that run (several after ``set_adapter([...])``), as peft names it."""
+        layer = next((layer for _, layer in self.delta_layers()), None)
+        several = list(layer.active_adapters) if layer is not None else []
+        return several or ([self.active_adapter] if self.active_adapter is not None else [])
 
     def delete_adapter(self, adapter_name: str) -> None:
         self.check_adapter(adapter_name)
@@ -217,10 +231,11 @@ class DeltaModel(ForwardsAttributes, nn.Module):
             if not layer.adapter_names:
                 replace_module(self.base_model, name, layer.base_layer)
         del self.peft_config[adapter_name]
-        if self.active_adapter == adapter_name:
-            self.active_adapter = next(iter(self.peft_config), None)
+        active = [n for n in self.active_adapters if n != adapter_name]
+        if self.active_adapter == adapter_name or len(active) < len(self.active_adapters):
+            self.active_adapter = (active or [next(iter(self.peft_config), None)])[0]
             if self.active_adapter is not None:
-                self.set_adapter(self.active_adapter)
+                self.set_adapter(active or self.active_adapter)
 
     def check_adapter(self, adapter_name: str) -> None:
         """Raise KeyError, naming the adapters there are, unless ``adapter_name`` is one of them."""
@@ -412,7 +427,7 @@ class DeltaModel(ForwardsAttributes, nn.Module):
             )
         if problems:
             raise ConfigError(f"adapter at {path} does not fit this model:\n  " + "\n  ".join(problems))
-        self.set_adapter(self.active_adapter)
+        self.set_adapter(self.active_adapters)
 
 
 def _one_of(adapter_name: str | None, adapter_names: list[str]) -> None:

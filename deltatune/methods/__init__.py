@@ -24,6 +24,8 @@ from deltatune.methods import p_tuning  # noqa: F401
 from deltatune.methods import prefix_tuning  # noqa: F401
 from deltatune.methods import llama_adapter  # noqa: F401
 from deltatune.methods import hyperformer  # noqa: F401
+from deltatune.methods import ia3  # noqa: F401
+from deltatune.methods import lokr  # noqa: F401
 
 # isort: on
 from deltatune.methods.contract import (
@@ -43,6 +45,7 @@ __all__ = [
     "AdapterHost",
     "Method",
     "MixesRows",
+    "check_several_active",
     "config_class_for",
     "config_class_for_name",
     "describe",
@@ -64,6 +67,17 @@ def config_class_for_name(name: str) -> type[DeltaConfig]:
 
 def inject(model: nn.Module, adapter_name: str, config: DeltaConfig) -> list[str]:
     return method_for(config).inject(model, adapter_name, config)
+
+
+def check_several_active(host: AdapterHost, names: list[str]) -> None:
+    """Refuse ``set_adapter([...])`` unless every layer the adapters reach sums several of them."""
+    for layer_name, layer in host.delta_layers():
+        held = [n for n in names if n in layer.adapter_names]
+        if len(held) > 1 and not layer.sums_active:
+            raise ValueError(
+                f"adapters {', '.join(held)} cannot be active at once: {layer_name} ({type(layer).__name__}) runs one "
+                "adapter at a time (several active: lora, lokr, ia3); merge them with add_weighted_adapter instead"
+            )
 
 
 def finalize_merged(config: DeltaConfig, model: nn.Module) -> None:

@@ -29,6 +29,7 @@ class DeltaLayer(nn.Module):
 
     adapter_attrs: ClassVar[tuple[str, ...]] = ()
     top_level_keys: ClassVar[bool] = False  # True: checkpoint keys are bare names, not module paths
+    sums_active: ClassVar[bool] = False  # True: forward applies every adapter of adapters_active()
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -58,7 +59,7 @@ class DeltaLayer(nn.Module):
             or self.disabled
             or name is None
             or name == self.merged_adapter
-            or name not in getattr(self, self.adapter_attrs[0])
+            or not self.holds(name)
         ):
             return None
         return name
@@ -72,8 +73,11 @@ class DeltaLayer(nn.Module):
             return [] if name is None else [name]
         if routing.rows() is not None or self.disabled:
             return []
-        store = getattr(self, self.adapter_attrs[0])
-        return [n for n in self.active_adapters if n in store and n != self.merged_adapter]
+        return [n for n in self.active_adapters if self.holds(n) and n != self.merged_adapter]
+
+    def holds(self, name: str) -> bool:
+        """Whether this layer has adapter ``name`` (its first store has an entry for it)."""
+        return name in getattr(self, self.adapter_attrs[0])
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         params = []

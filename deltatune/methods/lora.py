@@ -93,6 +93,7 @@ class LoraConfig(DeltaConfig):
 class LoraLinear(dora.KeepsMergedDelta, DeltaLayer):
     """LoRA (and DoRA, see deltatune.methods.dora) around ``nn.Linear`` or ``Conv1D`` (weight stored in×out)."""
 
+    sums_active = True
     adapter_attrs = ("lora_A", "lora_B", "lora_dropout", "lora_magnitude_vector")
 
     def __init__(self, base_layer: nn.Module) -> None:

@@ -28,6 +28,7 @@ class LoraEmbedding(dora.KeepsMergedDelta, DeltaLayer):
     """LoRA on a token embedding: the update is a low-rank (num_embeddings × dim) table. With DoRA
     the magnitude is per embedding dimension and the norm runs over the vocabulary (as peft)."""
 
+    sums_active = True
     adapter_attrs = ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 
     def __init__(self, base_layer: nn.Embedding) -> None:

@@ -7,7 +7,8 @@ peft's function of the same name does, so a run is the same under either library
 * A factors and other matrices: ``lr``;
 * B factors and every 1-D tensor (DoRA magnitudes, biases): ``lr * loraplus_lr_ratio``, biases and
   layer-norm tensors without weight decay;
-* LoRA factors of an embedding layer (not its DoRA magnitude, which is 1-D): ``loraplus_lr_embedding`` (default 1e-6, as peft).
+* LoRA factors of an embedding layer (not its 1-D DoRA magnitude): ``loraplus_lr_embedding``
+  (default 1e-6, as peft).
 
 Weight decay is ``loraplus_weight_decay`` (default 0), again as peft.
 """
