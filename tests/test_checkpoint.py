@@ -134,3 +134,28 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
         model.save_pretrained(fresh)
     assert not (fresh / "adapter_model.safetensors").exists()  # no half-written file under the real name
     assert list(fresh.iterdir()) == []  # and no temporary file left
+
+
+@pytest.mark.parametrize(
+    "poison, message",
+    [
+        (lambda t: t.index_fill(0, torch.tensor([1]), float("nan")), "holds 4 NaN or infinite value.s. of 64"),
+        (lambda t: t.index_fill(0, torch.tensor([0, 2]), float("inf")), "NaN or infinite"),
+        (lambda t: t.round().to(torch.int64), "dtype torch.int64"),
+    ],
+    ids=["nan", "inf", "integer"],
+)
+def test_nan_inf_or_integer_tensors_are_refused_naming_the_tensor(tmp_path, poison, message):
+    trained("llama").save_pretrained(tmp_path)
+    file = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(file)
+    key = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+    tensors[key] = poison(tensors[key])
+    save_file(tensors, file)
+    with pytest.raises(dt.ConfigError, match=message) as err:
+        dt.DeltaModel.from_pretrained(tiny_llama(), tmp_path)
+    assert key in str(err.value)
+    model = dt.wrap(tiny_llama(), dt.LoraConfig(r=2))
+    with pytest.raises(dt.ConfigError, match=message):
+        model.load_adapter(tmp_path, "second")
+    assert list(model.peft_config) == ["default"]  # nothing half-loaded

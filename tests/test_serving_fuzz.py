@@ -4,8 +4,10 @@ and every refusal an OpenAI-style error body."""
 from __future__ import annotations
 
 import json
+import os
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -49,7 +51,11 @@ headers = st.fixed_dictionaries(
 
 
 @pytest.fixture(scope="module")
-def url(adapters_dir, smol_tokenizer):  # noqa: F811
+def url(adapters_dir, smol_tokenizer, tmp_path_factory):  # noqa: F811
+    outside = tmp_path_factory.mktemp("outside")
+    (outside / "poet").symlink_to(adapters_dir / "poet")
+    (adapters_dir / "escape").symlink_to(outside)  # leaves the directory
+    (adapters_dir / "inner").symlink_to(adapters_dir / "coder")  # stays inside
     engine = Engine(tiny_model(len(smol_tokenizer)), smol_tokenizer, "tiny", adapters_dir, max_queue=64)
     with running(engine, max_tokens_limit=8) as base:
         yield base
@@ -98,3 +104,38 @@ def test_fuzzed_routes_methods_and_raw_bodies(url, path, method, raw):
         assert json.loads(answer)
     else:
         check(status, answer, streamed=False)
+
+
+def expected_inside(root: Path, path: str) -> bool:
+    """The reference rule, computed with os.path: the path, symlinks followed, stays under root
+    and holds an adapter (a NUL byte is no path at all)."""
+    if "\x00" in path:
+        return False
+    real = os.path.realpath(os.path.join(root, path))
+    return os.path.commonpath([real, os.path.realpath(root)]) == os.path.realpath(root) and os.path.isfile(
+        os.path.join(real, "adapter_config.json")
+    )
+
+
+names = iter(f"fz{i}" for i in range(10**6))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    path=st.one_of(
+        st.text(max_size=30),
+        st.sampled_from(["poet", "./coder", "poet/../coder", "../poet", "/etc", "poet\x00", "\x00", "escape", "inner"]),
+        st.lists(st.sampled_from(["poet", "..", ".", "escape", "inner", "coder", "\x00"]), max_size=4).map("/".join),
+    )
+)
+def test_fuzzed_adapter_paths_load_only_inside_the_directory(url, adapters_dir, path):  # noqa: F811
+    sent = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    name = next(names)
+    status, answer = send(url, "/adapters", "POST", json.dumps({"name": name, "path": path}).encode(), sent)
+    if status != 200:
+        check(status, answer, streamed=False)
+    assert (status == 200) == expected_inside(adapters_dir, path), (path, answer)
+    if status == 200:  # and a deletion sticks: the name is no model any more
+        assert send(url, f"/adapters/{name}", "DELETE", None, sent)[0] == 200
+        body = json.dumps({"model": name, "prompt": "x", "max_tokens": 1}).encode()
+        assert send(url, "/completions", "POST", body, sent)[0] == 404

@@ -76,9 +76,29 @@ def _damaged(path: Path, err: Exception) -> ConfigError:
 
 def _load_file(path: Path) -> dict[str, torch.Tensor]:
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except SafetensorError as err:
         raise _damaged(path, err) from None
+    for key, tensor in tensors.items():
+        check_values(path, key, tensor)
+    return tensors
+
+
+def check_values(path: Path, key: str, tensor: torch.Tensor) -> None:
+    """Adapter tensors are finite floating-point numbers. An integer tensor would be cast without a
+    word into a float parameter, and a NaN or infinity poisons every output the adapter touches:
+    both are refused here, naming the tensor, rather than found later as garbage text or a NaN loss."""
+    if not tensor.is_floating_point():
+        raise ConfigError(
+            f"{path}: tensor {key!r} has dtype {tensor.dtype}, but adapter tensors are floating point; the file "
+            "was not written by save_pretrained (deltatune or peft) or was altered: save the adapter again"
+        )
+    bad = int((~torch.isfinite(tensor)).sum())
+    if bad:
+        raise ConfigError(
+            f"{path}: tensor {key!r} holds {bad} NaN or infinite value(s) of {tensor.numel()}; the training that "
+            "wrote it diverged: use an earlier checkpoint, or train again with a lower learning rate"
+        )
 
 
 def check_adapter_dir(directory: str | Path, flag: str = "--adapter") -> DeltaConfig:
