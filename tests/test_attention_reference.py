@@ -47,6 +47,26 @@ def _reference(q, k, v, allowed: torch.Tensor, keys: torch.Tensor | None):
     return out, ok.any(-1)
 
 
+# (kernel, padded): the CPU block tables with and without padding, and the CUDA path (FlexAttention from
+# the pattern's rule) run here through FlexAttention's eager reference, forward only, with padding.
+KERNELS = pytest.mark.parametrize(
+    ("kernel", "padded"), [("blocks", False), ("blocks", True), ("flex", True)], indirect=["kernel"]
+)
+
+
+@pytest.fixture
+def kernel(request, monkeypatch) -> str:
+    if request.param == "flex":
+        from deltatune.attention import blocks
+
+        def through_flex(q, k, v, q_idx, k_idx, rule, causal, scale, mask=None, dropout=0.0):
+            return blocks.flex_sdpa(q, k, v, rule, causal, scale, mask, compiled=False)
+
+        for module in (sliding_window, blockwise, s2):
+            monkeypatch.setattr(module, "block_sdpa", through_flex)
+    return request.param
+
+
 def _check(module, options, allowed_of_head, n: int, causal: bool, padded: bool) -> None:
     q, k, v = _qkv(n)
     keys = _padding(n) if padded else None
@@ -78,13 +98,13 @@ def longformer_mask(n: int, window: int, dilation: int, global_tokens: int, caus
     return m
 
 
-@pytest.mark.parametrize("padded", [False, True])
+@KERNELS
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize(
     ("n", "window", "dilations", "global_tokens"),
     [(37, 5, [1], 0), (37, 4, [1, 3], 0), (29, 3, [2, 1, 1, 4], 2), (23, 6, [1, 2], 3), (31, 1, [1], 0)],
 )
-def test_sliding_window_equals_longformer(n, window, dilations, global_tokens, causal, padded):
+def test_sliding_window_equals_longformer(n, window, dilations, global_tokens, causal, padded, kernel):
     options = sliding_window.SlidingWindowOptions(window=window, dilation=dilations, global_tokens=global_tokens)
 
     def of_head(head: int) -> torch.Tensor:
@@ -111,12 +131,12 @@ def blockwise_mask(n: int, block: int, shift: int, causal: bool) -> torch.Tensor
     return m
 
 
-@pytest.mark.parametrize("padded", [False, True])
+@KERNELS
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize(
     ("n", "block", "shifts"), [(37, 8, [0, 1]), (37, 5, [2, 1, 0, 3]), (33, 11, [1]), (41, 6, [2, 2])]
 )
-def test_blockwise_equals_blockbert(n, block, shifts, causal, padded):
+def test_blockwise_equals_blockbert(n, block, shifts, causal, padded, kernel):
     options = blockwise.BlockwiseOptions(block_size=block, block_shifts=shifts)
 
     def of_head(head: int) -> torch.Tensor:
@@ -142,10 +162,10 @@ def s2_mask(n: int, group: int, shifted: bool) -> torch.Tensor:
     return m
 
 
-@pytest.mark.parametrize("padded", [False, True])
+@KERNELS
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize(("n", "group"), [(32, 8), (37, 6), (36, None), (27, 5)])
-def test_s2_equals_longlora_shift(n, group, causal, padded):
+def test_s2_equals_longlora_shift(n, group, causal, padded, kernel):
     """Heads 0..h/2-1 plain groups, heads h/2..h-1 shifted by half a group (LongLoRA shifts the second
     half of the heads); the default group is n // 4 (LongLoRA's ratio)."""
     g = group or n // 4
