@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from deltatune import flags
+from deltatune.cli_loop import cmd_eval, cmd_generate
 from deltatune.config import ConfigError
 
 # Re-exported: the flag helpers live in the library (deltatune.flags).
@@ -99,74 +100,6 @@ def train_config(argv: list[str]) -> tuple[object, bool]:
 
 
 # --- eval / generate / merge / inspect ----------------------------------------------------------
-def cmd_eval(argv: list[str]) -> int:
-    from deltatune.evaluation import evaluate_file
-
-    parser = argparse.ArgumentParser(prog="deltatune eval", description="Evaluate a base model (+ adapter) on data.")
-    parser.add_argument("--base", default="smollm2-135m", help=BASE_HELP + " (default: %(default)s)")
-    parser.add_argument("--adapter", help="adapter directory (deltatune or peft); none: the base model alone")
-    parser.add_argument("--data", required=True, help="evaluation data file (.jsonl/.json/.csv/.tsv/.txt)")
-    parser.add_argument(
-        "--task", choices=["causal-lm", "classification"], help="the task (default: the base model's natural task)"
-    )
-    parser.add_argument("--num-labels", type=int, help="classification: number of classes (default: from the data)")
-    parser.add_argument("--max-length", type=int, default=512, help="most tokens per example (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=8, help="examples per batch (default: %(default)s)")
-    parser.add_argument(
-        "--max-examples", type=int, default=200, help="evaluate the first this many examples (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--max-new-tokens", type=int, default=48, help="most tokens generated per example (default: %(default)s)"
-    )
-    parser.add_argument("--no-generate", action="store_true", help="loss/perplexity only: no generations")
-    parser.add_argument(
-        "--task-name", help="the task of a multi-task (HyperFormer) adapter that the data is for, e.g. sst2"
-    )
-    parser.add_argument("--quantize", choices=["int8", "nf4"], help=QUANTIZE_HELP)
-    attention = _attention_flags(parser, argv)
-    args = parser.parse_args(argv)
-    metrics = evaluate_file(
-        args.base,
-        args.adapter,
-        args.data,
-        task=args.task,
-        num_labels=args.num_labels,
-        max_length=args.max_length,
-        batch_size=args.batch_size,
-        max_examples=args.max_examples,
-        max_new_tokens=None if args.no_generate else args.max_new_tokens,
-        task_name=args.task_name,
-        quantize=args.quantize,
-        attention=args.attention,
-        attention_options=_attention_options(args, attention),
-    )
-    print(json.dumps(metrics))
-    return 0
-
-
-def cmd_generate(argv: list[str]) -> int:
-    from deltatune.evaluation import adapter_task_id, generate_text
-
-    parser = argparse.ArgumentParser(prog="deltatune generate", description="Complete a prompt, greedy.")
-    parser.add_argument("--base", default="smollm2-135m", help=BASE_HELP + " (default: %(default)s)")
-    parser.add_argument("--adapter", help="adapter directory (deltatune or peft); none: the base model alone")
-    parser.add_argument("--prompt", required=True, help="the prompt text ('-' reads standard input)")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate (default: %(default)s)")
-    parser.add_argument("--task-name", help="the task of a multi-task (HyperFormer) adapter to generate for")
-    parser.add_argument("--quantize", choices=["int8", "nf4"], help=QUANTIZE_HELP)
-    attention = _attention_flags(parser, argv)
-    args = parser.parse_args(argv)
-    adapter_task_id(args.adapter, args.task_name)  # a bad adapter or task name before reading standard input
-    options = _attention_options(args, attention)
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    print(
-        generate_text(
-            args.base, args.adapter, prompt, args.max_new_tokens, args.task_name, args.quantize, args.attention, options
-        )
-    )
-    return 0
-
-
 def _attention_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
     """``--attention PATTERN`` and that pattern's options; returns the option names."""
     from deltatune.attention.flags import add_attention_flags, chosen_pattern
@@ -185,13 +118,27 @@ def _attention_options(args: argparse.Namespace, names: set[str]) -> dict[str, A
 
 
 def cmd_merge(argv: list[str]) -> int:
-    from deltatune.merging import PROBE_TEXTS, merge_adapter, merge_quantized
+    from deltatune.merging import PROBE_TEXTS, combine_adapters, merge_adapter, merge_quantized
+    from deltatune.methods.combine import COMBINATIONS
 
     parser = argparse.ArgumentParser(
-        prog="deltatune merge", description="Fold an adapter into the base weights; write a plain model."
+        prog="deltatune merge",
+        description="Fold an adapter into the base weights; write a plain model. With --combine: combine LoRA "
+        "adapters into one new adapter (written to --output).",
     )
     parser.add_argument("--base", default="smollm2-135m", help=BASE_HELP)
-    parser.add_argument("--adapter", required=True, help="adapter directory (deltatune or peft)")
+    parser.add_argument("--adapter", help="adapter directory (deltatune or peft); required unless --combine")
+    parser.add_argument(
+        "--combine",
+        nargs="+",
+        metavar=("TYPE", "ADAPTER"),
+        help=f"TYPE ADAPTER ADAPTER...: combine LoRA adapters; TYPE is one of {', '.join(COMBINATIONS)} "
+        "(linear and cat: the exact weighted sum of the deltas; svd: its best rank --svd-rank approximation)",
+    )
+    parser.add_argument("--weights", nargs="+", type=float, help="one weight per combined adapter (default: 1 each)")
+    parser.add_argument("--svd-rank", type=int, help="rank of an svd combination (default: the largest input rank)")
+    parser.add_argument("--density", type=float, help="share of entries kept by ties/dare/magnitude_prune")
+    parser.add_argument("--majority-sign-method", choices=["total", "frequency"], default="total")
     parser.add_argument("--output", required=True, help="new directory for the merged transformers model")
     parser.add_argument(
         "--task",
@@ -205,6 +152,17 @@ def cmd_merge(argv: list[str]) -> int:
         "introduces (the written model is float: dequantized base + the adapter's delta)",
     )
     args = parser.parse_args(argv)
+    if args.combine:
+        if len(args.combine) < 2:
+            parser.error("--combine TYPE ADAPTER [ADAPTER ...]: name the combination type and the adapters")
+        kind, *adapters = args.combine
+        options = {"svd_rank": args.svd_rank, "density": args.density, "majority_sign_method": args.majority_sign_method}
+        weights = args.weights or [1.0] * len(adapters)
+        output = combine_adapters(args.base, adapters, weights, kind, args.output, **options)
+        print(f"combined adapter ({kind} of {len(adapters)}) written to {output}")
+        return 0
+    if not args.adapter:
+        parser.error("--adapter is required (or --combine TYPE ADAPTER ...)")
     if args.quantize:
         output, errors = merge_quantized(args.base, args.adapter, args.output, args.quantize, args.task)
         for name, what in (

@@ -1,5 +1,6 @@
 """Evaluation: loss and perplexity, accuracy/F1 for classification, BLEU/ROUGE-L (and the demo's
-exact match) for greedy generations. BLEU and ROUGE come from sacrebleu and rouge-score."""
+exact match) for greedy generations, as the trainer reports them. ``deltatune eval``'s multi-reference
+scores, output files and side-by-side runs live in deltatune.eval_runs and deltatune.scoring."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from deltatune.data import Batcher, Example, prompt_ids
+from deltatune.data import Batcher, Example
 from deltatune.loss import LossModule, to_model_device
 
 
@@ -49,7 +50,6 @@ def binary_f1(predictions: Sequence[int], labels: Sequence[int]) -> float:
     return 2 * tp / (predicted + actual) if predicted + actual else 0.0
 
 
-@torch.no_grad()
 def generate(
     model: nn.Module,
     tokenizer: Any,
@@ -59,27 +59,11 @@ def generate(
     task_ids: Sequence[int] | None = None,
 ) -> list[str]:
     """Greedy completions of each example's prompt (left-padded batches, KV cache); ``task_ids``, one per
-    example, go to a method that takes a task per row (HyperFormer)."""
-    model.eval()
-    outputs = []
-    pad = tokenizer.pad_token_id
-    for start in range(0, len(examples), batch_size):
-        prompts = [prompt_ids(e, tokenizer) for e in examples[start : start + batch_size]]
-        width = max(map(len, prompts))
-        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        inputs = to_model_device({"input_ids": input_ids, "attention_mask": attention_mask}, model)
-        if task_ids is not None:
-            inputs["task_ids"] = torch.tensor(list(task_ids[start : start + batch_size]), device=input_ids.device)
-        generated = model.generate(
-            **inputs,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=pad,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        outputs += tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
-    return [o.strip() for o in outputs]
+    example, go to a method that takes a task per row (HyperFormer). Other decodings: deltatune.generation."""
+    from deltatune.generation import Decoding, generate_batches
+
+    decoding = Decoding(max_new_tokens=max_new_tokens)
+    return generate_batches(model, tokenizer, examples, decoding, batch_size, task_ids=task_ids).texts
 
 
 def generation_metrics(
@@ -131,55 +115,34 @@ def evaluate_file(
     adapter: str | None,
     data: str,
     *,
-    task: str | None = None,
-    num_labels: int | None = None,
-    max_length: int = 512,
-    batch_size: int = 8,
-    max_examples: int = 200,
     max_new_tokens: int | None = 48,
     task_name: str | None = None,
     quantize: str | None = None,
     attention: str = "sdpa",
     attention_options: dict | None = None,
+    **data_options: Any,
 ) -> dict[str, float]:
-    """``deltatune eval``: metrics of ``base`` (+ ``adapter``) on the first ``max_examples`` of ``data``.
+    """Metrics of ``base`` (+ ``adapter``) on ``data`` (greedy generations of ``max_new_tokens``; None: loss
+    only). ``data_options`` (task, num_labels, max_length, max_examples, limit, group_by, metrics, ...) go to
+    deltatune.eval_runs.prepare; several adapters, decoding options and output files: eval_runs.evaluate."""
+    from deltatune.eval_runs import evaluate
+    from deltatune.generation import Decoding
 
-    Data errors (a prompt over ``max_length``, a bad ``task_name``) come before the model weights load.
-    ``task_name`` picks the task of a multi-task adapter (HyperFormer's ``tasks``) for every example;
-    ``quantize`` (int8/nf4) evaluates on a quantized base; ``attention`` runs it with an attention pattern
-    (deltatune.attention; before the adapter loads, so a pattern's saved modules find their place).
-    """
-    from deltatune.attention import set_attention
-    from deltatune.data import read_examples, tag_tasks, tokenize_examples
-    from deltatune.loading import load_base
-    from deltatune.loading.tasks import load_tokenizer, task_of
-    from deltatune.model import DeltaModel
-
-    task_id = adapter_task_id(adapter, task_name)
-    task = task or task_of(base)
-    examples = read_examples(data, task, num_labels=num_labels)[:max_examples]
-    num_labels = num_labels or (max(e.label for e in examples) + 1 if task == "classification" else 2)
-    tokenizer = load_tokenizer(base)  # data errors (a prompt over max_length) before the weights load
-    features = tokenize_examples(examples, tokenizer, task, max_length)
-    if task_id is not None:
-        features = tag_tasks(features, task_id)
-    model, _ = load_base(base, task=task, num_labels=num_labels, quantize=quantize)
-    set_attention(model, attention, **(attention_options or {}))
-    if adapter:
-        model = DeltaModel.from_pretrained(model, adapter)
-    model.eval()
-    batcher = Batcher(features, batch_size, pad_token_id=tokenizer.pad_token_id, seed=0, shuffle=False)
-    metrics, _ = evaluate_model(
-        model,
-        tokenizer,
-        task,
-        examples,
-        batcher,
-        num_labels=num_labels,
-        max_new_tokens=max_new_tokens,
-        task_ids=None if task_id is None else [task_id] * len(examples),
+    decoding = None if not max_new_tokens else Decoding(max_new_tokens=max_new_tokens)
+    batch_size = data_options.pop("batch_size", 8)
+    results = evaluate(
+        base,
+        [adapter],
+        data,
+        decoding,
+        batch_size=batch_size,
+        task_name=task_name,
+        quantize=quantize,
+        attention=attention,
+        attention_options=attention_options,
+        **data_options,
     )
-    return metrics
+    return results[0].metrics
 
 
 def adapter_task_id(adapter: str | None, task_name: str | None) -> int | None:
@@ -211,9 +174,33 @@ def generate_text(
     attention: str = "sdpa",
     attention_options: dict | None = None,
 ) -> str:
-    """``deltatune generate``: the greedy completion of ``prompt`` by ``base`` (+ ``adapter``; ``task_name``
-    picks a multi-task adapter's task)."""
+    """The greedy completion of ``prompt`` by ``base`` (+ ``adapter``; ``task_name`` picks a multi-task
+    adapter's task)."""
+    from deltatune.generation import Decoding
+
+    example = Example(prompt=prompt, target=None)
+    options = {"quantize": quantize, "attention": attention, "attention_options": attention_options}
+    return generate_examples(base, adapter, [example], Decoding(max_new_tokens), task_name=task_name, **options)[0]
+
+
+def generate_examples(
+    base: str,
+    adapter: str | None,
+    examples: Sequence[Example],
+    decoding: Any,
+    *,
+    batch_size: int = 16,
+    raw: bool = False,
+    task_name: str | None = None,
+    quantize: str | None = None,
+    attention: str = "sdpa",
+    attention_options: dict | None = None,
+    progress: bool = False,
+) -> list[str]:
+    """``deltatune generate``: completions of ``examples`` by ``base`` (+ ``adapter``) with ``decoding``
+    (a deltatune.generation.Decoding), in batches; ``raw`` skips the chat template."""
     from deltatune.attention import set_attention
+    from deltatune.generation import generate_batches
     from deltatune.loading import load_base
     from deltatune.model import DeltaModel
 
@@ -222,5 +209,6 @@ def generate_text(
     set_attention(model, attention, **(attention_options or {}))
     if adapter:
         model = DeltaModel.from_pretrained(model, adapter)
-    ids = None if task_id is None else [task_id]
-    return generate(model.eval(), tokenizer, [Example(prompt=prompt, target=None)], max_new_tokens, task_ids=ids)[0]
+    ids = None if task_id is None else [task_id] * len(examples)
+    out = generate_batches(model, tokenizer, examples, decoding, batch_size, ids, raw, progress)
+    return out.texts
