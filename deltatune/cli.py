@@ -156,7 +156,8 @@ def cmd_merge(argv: list[str]) -> int:
         if len(args.combine) < 2:
             parser.error("--combine TYPE ADAPTER [ADAPTER ...]: name the combination type and the adapters")
         kind, *adapters = args.combine
-        options = {"svd_rank": args.svd_rank, "density": args.density, "majority_sign_method": args.majority_sign_method}
+        options = {"svd_rank": args.svd_rank, "density": args.density}
+        options["majority_sign_method"] = args.majority_sign_method
         weights = args.weights or [1.0] * len(adapters)
         output = combine_adapters(args.base, adapters, weights, kind, args.output, **options)
         print(f"combined adapter ({kind} of {len(adapters)}) written to {output}")

@@ -38,6 +38,33 @@ def merge_adapter(base: str, adapter: str | Path, output: str | Path, task: str 
     return output
 
 
+def combine_adapters(
+    base: str, adapters: list[str | Path], weights: list[float], combination_type: str, output: str | Path, **options
+) -> Path:
+    """Combine LoRA ``adapters`` (``DeltaModel.add_weighted_adapter``) and write the result to ``output``
+    (a new or empty directory) as one adapter for ``base``, in peft's format."""
+    from deltatune.loading import load_base
+    from deltatune.model import DeltaModel
+
+    output = Path(output)
+    if output.exists() and any(output.iterdir()):
+        raise ConfigError(f"--output {output} exists and is not empty; choose a new directory")
+    if len(weights) != len(adapters):
+        raise ConfigError(f"--weights: give one weight per adapter ({len(adapters)} adapters, {len(weights)} weights)")
+    config = check_adapter_dir(adapters[0])
+    task = "classification" if config.task_type == "SEQ_CLS" else None
+    model, _ = load_base(base, task=task, num_labels=head_size(adapters[0]))
+    model = DeltaModel.from_pretrained(model, adapters[0], "input0")
+    for i, path in enumerate(adapters[1:], start=1):
+        check_adapter_dir(path)
+        model.load_adapter(path, f"input{i}")
+    names = [f"input{i}" for i in range(len(adapters))]
+    model.add_weighted_adapter(names, weights, "default", combination_type=combination_type, **options)
+    with atomic_directory(output) as tmp:
+        model.save_pretrained(tmp, selected_adapters=["default"])
+    return output
+
+
 PROBE_TEXTS = (
     "The quick brown fox jumps over the lazy dog.",
     "name[The Eagle], eatType[coffee shop], food[French], priceRange[moderate], area[riverside]",

@@ -217,6 +217,13 @@ class DeltaModel(ForwardsAttributes, nn.Module):
                 for p in layer.adapter_parameters(name):
                     p.requires_grad_(name in names and not self.peft_config[name].inference_mode)
 
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str, **options: Any):
+        """Add ``adapter_name``, the LoRA ``adapters`` combined with ``weights`` (peft's options:
+        combination_type, svd_rank, density, majority_sign_method, ...; see deltatune.methods.combine)."""
+        from deltatune.methods.combine import add_weighted_adapter
+
+        add_weighted_adapter(self, adapters, weights, adapter_name, **options)
+
     @property
     def active_adapters(self) -> list[str]:
         """The adapters that run (several after ``set_adapter([...])``), as peft names it."""

@@ -52,10 +52,14 @@ class LoraEmbedding(dora.KeepsMergedDelta, DeltaLayer):
     ) -> None:
         num, dim = self.base_layer.weight.shape
         device = self.base_layer.weight.device
-        self.lora_embedding_A[name] = nn.Parameter(torch.zeros(r, num, device=device))
-        self.lora_embedding_B[name] = nn.Parameter(torch.zeros(dim, r, device=device))
-        if init is not False:  # zero A, random B: the update starts at zero, as in peft (for every init)
-            nn.init.normal_(self.lora_embedding_B[name])
+        # Drawn like peft's (same random stream on the same seed), then zero A, normal B: the update
+        # starts at zero for every init; False keeps the random draws (debugging).
+        self.lora_embedding_A[name] = nn.Parameter(torch.randn(r, num).to(device))
+        self.lora_embedding_B[name] = nn.Parameter(torch.randn(dim, r).to(device))
+        if init is not False:
+            with torch.no_grad():
+                nn.init.zeros_(self.lora_embedding_A[name])
+                nn.init.normal_(self.lora_embedding_B[name])
         self.scaling[name] = alpha / math.sqrt(r) if rslora else alpha / r
         if use_dora:
             self.lora_magnitude_vector[name] = nn.Parameter(self.dora_norm(name))
