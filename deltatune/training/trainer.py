@@ -35,6 +35,7 @@ from deltatune.data import (
     split_train_eval,
     tokenize_tasks,
 )
+from deltatune.data.positions import check_features
 from deltatune.evaluation import evaluate_loss, evaluate_model
 from deltatune.loading.base_models import load_base
 from deltatune.loading.tasks import load_tokenizer, task_of
@@ -234,6 +235,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
     else:
         set_attention(model, cfg.attention, **cfg.attention_options)
         delta = wrap(model.to(training_device()), with_pattern_modules(method_config, model, cfg.attention))
+    check_features(delta, train_features + eval_features, cfg.max_length)  # transformers would only warn
     return Prepared(delta, tokenizer, task, train, evaluation, eval_examples, num_labels, eval_tasks, task_ids, root)
 
 

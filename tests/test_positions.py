@@ -1,0 +1,43 @@
+"""Inputs longer than the model's position table are refused with a clear error (transformers
+only warns, then computes garbage or fails deep inside)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import tiny_gpt2, tiny_llama
+
+import deltatune as dt
+from deltatune.cli import main
+from deltatune.data.positions import check_features, check_prompts, max_positions
+
+
+def test_max_positions_reads_each_config_spelling():
+    assert max_positions(tiny_llama()) == 128  # max_position_embeddings
+    assert max_positions(tiny_gpt2()) == 128  # n_positions
+    assert max_positions(dt.wrap(tiny_llama(), dt.LoraConfig(r=2))) == 128  # through the wrapper
+    assert max_positions(object()) is None
+
+
+def test_prompts_and_rows_past_the_positions_are_refused():
+    model = tiny_llama()
+    check_prompts(model, [[1] * 100, [1] * 120], 8)  # 128: fits exactly
+    with pytest.raises(dt.ConfigError, match=r"prompt 1 has 121 tokens .*keep its last 120 tokens"):
+        check_prompts(model, [[1] * 100, [1] * 121], 8)
+    check_features(model, [{"input_ids": [1] * 128}], 256)
+    with pytest.raises(dt.ConfigError, match=r"training row 1 has 129 tokens .* --max-length 128 or less"):
+        check_features(model, [{"input_ids": [1] * 5}, {"input_ids": [1] * 129}], 256)
+
+
+def test_train_refuses_rows_past_the_positions(tiny_llama_dir: Path, tmp_path: Path, capsys):
+    """tiny_llama_dir has 512 positions; --max-length 1024 lets a 700-token example through."""
+    records = [{"instruction": f"Say {i}.", "input": "", "output": "word " * (700 if i == 3 else 2)} for i in range(8)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in records))
+    args = ["train", "--base", tiny_llama_dir, "--data", data, "--output-dir", tmp_path / "run", "--max-length", 1024]
+    args += ["--max-steps", 1, "--batch-size", 4, "--threads", 1, "--no-eval-generate"]
+    assert main([str(a) for a in args]) == 2
+    error = capsys.readouterr().err
+    assert "more than the 512 positions" in error and "--max-length 512" in error, error
