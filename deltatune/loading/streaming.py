@@ -88,7 +88,7 @@ def iter_checkpoint_tensors(path: str | Path) -> Iterator[tuple[str, torch.Tenso
             from safetensors import safe_open
 
             with safe_open(file, framework="pt") as reader:
-                for name in reader.keys():
+                for name in reader.keys():  # noqa: SIM118 (a safetensors reader, not a dict)
                     yield name, reader.get_tensor(name)
 
 
@@ -104,7 +104,7 @@ def checkpoint_tensor_bytes(path: str | Path) -> dict[str, tuple[tuple[int, ...]
         from safetensors import safe_open
 
         with safe_open(file, framework="pt") as reader:
-            for name in reader.keys():
+            for name in reader.keys():  # noqa: SIM118 (a safetensors reader, not a dict)
                 piece = reader.get_slice(name)
                 shape = tuple(piece.get_shape())
                 itemsize = torch.empty((), dtype=_SAFETENSORS_DTYPES[piece.get_dtype()]).element_size()
@@ -145,5 +145,6 @@ def _iter_gguf(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
     for name, (processor, tensor) in gguf_tensor_map(file).items():
         weights = dequantize(tensor.data, tensor.tensor_type)
-        weights = processor.process(weights=weights, name=tensor.name, tensor_key_mapping={}, parsed_parameters={}).weights
+        result = processor.process(weights=weights, name=tensor.name, tensor_key_mapping={}, parsed_parameters={})
+        weights = result.weights
         yield name, torch.from_numpy(weights.copy())
