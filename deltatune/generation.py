@@ -18,6 +18,7 @@ from torch import nn
 
 from deltatune.config import ConfigError
 from deltatune.data import Example
+from deltatune.data.positions import check_prompts
 from deltatune.data.tokenize import prompt_ids
 
 
@@ -112,6 +113,7 @@ def _generate_one_batch(model, tokenizer, chunk, decoding, pad, task_ids, raw) -
     from deltatune.loss import to_model_device
 
     prompts = [encode_prompt(e, tokenizer, raw) for e in chunk]
+    check_prompts(model, prompts, decoding.max_new_tokens)  # transformers would only warn
     width = max(map(len, prompts))
     input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
     attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])

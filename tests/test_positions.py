@@ -41,3 +41,11 @@ def test_train_refuses_rows_past_the_positions(tiny_llama_dir: Path, tmp_path: P
     assert main([str(a) for a in args]) == 2
     error = capsys.readouterr().err
     assert "more than the 512 positions" in error and "--max-length 512" in error, error
+
+
+def test_generate_refuses_a_prompt_past_the_positions(tiny_llama_dir: Path, capsys):
+    prompt = "word " * 600  # more than tiny_llama_dir's 512 positions
+    args = ["generate", "--base", tiny_llama_dir, "--prompt", prompt, "--raw", "--max-new-tokens", 4]
+    assert main([str(a) for a in args]) == 2
+    error = capsys.readouterr().err
+    assert "more than the 512 this model has" in error and "keep its last 508 tokens" in error, error
