@@ -2,6 +2,7 @@
 
 from deltatune.attention import set_attention
 from deltatune.config import ConfigError, DeltaConfig
+from deltatune.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
 from deltatune.loading import load_base
 from deltatune.methods.adapter import AdapterConfig
 from deltatune.methods.bitfit import BitFitConfig
@@ -36,7 +37,9 @@ __all__ = [
     "PrefixTuningConfig",
     "PromptTuningConfig",
     "create_loraplus_optimizer",
+    "hotswap_adapter",
     "load_base",
+    "prepare_model_for_compiled_hotswap",
     "quantize_base",
     "set_attention",
     "wrap",
