@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -96,10 +97,11 @@ def skeleton(directory: Path, task: str) -> tuple[nn.Module, dict[int, list[str]
     return model, names
 
 
-def check_adapter_init(model: nn.Module, method: str) -> None:
+def check_adapter_init(model: nn.Module, keys: dict[str, list[str]], method: str) -> None:
     """An adapter whose init reads the base weights (DoRA's magnitude, PiSSA, a prompt from vocabulary
-    text, a trained copy of a module) cannot be built before the weights load: say what to use instead."""
-    bad = [n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+    text) cannot be built before the weights load: say what to use instead. Trained copies of base
+    modules (modules_to_save) are fine: they load from the checkpoint like the base (``keys``)."""
+    bad = [n for n, p in model.named_parameters() if p.requires_grad and n not in keys and not torch.isfinite(p).all()]
     if bad:
         raise ConfigError(
             f"--fsdp: {method}'s initialisation reads the base weights ({bad[0]}{' ...' if len(bad) > 1 else ''}), "
@@ -109,8 +111,19 @@ def check_adapter_init(model: nn.Module, method: str) -> None:
 
 
 def checkpoint_keys(module: nn.Module, names: dict[int, list[str]]) -> dict[str, list[str]]:
-    """For each frozen parameter of ``module`` (by its name there), its names in the base's checkpoint."""
-    return {fqn: names[id(p)] for fqn, p in module.named_parameters() if id(p) in names}
+    """For each parameter of ``module`` that starts as base weights (by its name there), its names in the
+    base's checkpoint: the frozen base, and the trained copies of base modules (modules_to_save)."""
+    params = dict(module.named_parameters())
+    keys = {fqn: names[id(p)] for fqn, p in params.items() if id(p) in names}
+    for fqn in params:
+        copy = _COPY.fullmatch(fqn)
+        source = copy and f"{copy['module']}.base_layer.{copy['param']}"
+        if source in keys:
+            keys[fqn] = keys[source]
+    return keys
+
+
+_COPY = re.compile(r"(?P<module>.+)\.modules_to_save\.[^.]+\.(?P<param>.+)")
 
 
 def standins_to_meta(module: nn.Module, names: dict[int, list[str]]) -> None:
@@ -297,9 +310,9 @@ def build(base: str, task: str, method_config: Any, attention: str, attention_op
         model.config.pad_token_id = pad_id
     set_attention(model, attention, **attention_options)
     delta = wrap(model, with_pattern_modules(method_config, model, attention))
-    check_adapter_init(delta, type(method_config).__name__)
     root = LossModule(delta, task)
     keys = checkpoint_keys(root, names)
+    check_adapter_init(root, keys, type(method_config).__name__)
     standins_to_meta(root, names)
     shard(root, model)
     materialize(root)
