@@ -20,7 +20,7 @@ class Mutation(NamedTuple):
 LORA = ("tests/test_lora.py", "tests/test_peft_interop.py")
 ATTENTION = ("tests/test_attention.py", "tests/test_attention_reference.py")
 QUANT = ("tests/test_quantized.py",)
-SERVING = ("tests/test_serving_eviction.py", "tests/test_serving_continuous.py", "tests/test_server.py")
+SERVING = ("tests/test_serving_eviction.py", "tests/test_server.py")  # not the process-level tests: minutes each
 
 
 def m(area: str, file: str, old: str | tuple, new: str | tuple, description: str, tests: tuple[str, ...]) -> Mutation:
