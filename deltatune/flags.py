@@ -62,6 +62,8 @@ def flag_kwargs(hint: Any) -> dict[str, Any]:
     """argparse settings for a dataclass field's type hint (``Literal`` choices are shown in the help, and checked
     by the config, whose error says more than argparse's)."""
     args = _members(hint)
+    if bool in args and str in args:  # e.g. init_lora_weights: true, false or a named init
+        return {"type": bool_or_str, "metavar": "VALUE"}
     if bool in args:
         return {"action": argparse.BooleanOptionalAction}
     if any(typing.get_origin(a) is list for a in args):
@@ -73,6 +75,11 @@ def flag_kwargs(hint: Any) -> dict[str, Any]:
         if simple in args:
             return {"type": simple}
     return {"type": str}
+
+
+def bool_or_str(text: str) -> bool | str:
+    """``true``/``false`` (any case) as booleans, anything else as the string itself."""
+    return {"true": True, "false": False}.get(text.lower(), text)
 
 
 def add_dataclass_flags(

@@ -93,3 +93,15 @@ def test_conversion_refuses_a_plain_init_and_bad_names(tmp_path):
         dt.LoraConfig(init_lora_weights="pissa_niter_x")
     with pytest.raises(ConfigError, match="init_lora_weights must be one of"):
         dt.LoraConfig(init_lora_weights="pisa")
+
+
+def test_init_flag_takes_a_name_or_a_boolean():
+    import argparse
+
+    from deltatune.flags import add_dataclass_flags
+
+    parser = argparse.ArgumentParser()
+    add_dataclass_flags(parser, dt.LoraConfig)
+    assert parser.parse_args(["--init-lora-weights", "pissa_niter_4"]).init_lora_weights == "pissa_niter_4"
+    assert parser.parse_args(["--init-lora-weights", "False"]).init_lora_weights is False
+    assert parser.parse_args(["--use-dora"]).use_dora is True
