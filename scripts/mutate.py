@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mutations import MUTATIONS, Mutation
 
 ROOT = Path(__file__).resolve().parent.parent
-MAX_CAUGHT = 3  # tests listed per killed mutation (pytest stops after this many failures)
+MAX_CAUGHT = 2  # tests listed per killed mutation (pytest stops after this many failures)
 
 
 def worktree(ref: str, where: Path) -> Path:
@@ -62,7 +62,8 @@ def apply(copy: Path, mutation: Mutation) -> str | None:
     return original
 
 
-def mutate(copy: Path, mutations: list[Mutation], timeout: float) -> list[dict]:
+def mutate(copy: Path, mutations: list[Mutation], timeout: float, report=None) -> list[dict]:
+    """Each mutation in turn; ``report(results)`` after each, so a stopped pass leaves its rows so far."""
     baseline: dict[tuple[str, ...], str] = {}
     results = []
     for mutation in mutations:
@@ -84,10 +85,12 @@ def mutate(copy: Path, mutations: list[Mutation], timeout: float) -> list[dict]:
             result = {"passed": "SURVIVED", "failed": "killed", "timeout": "killed (timeout)"}[status]
         print(f"{result:9} {mutation.area}: {mutation.description} ({secs:.0f} s) {failed}", file=sys.stderr)
         results.append({"mutation": mutation, "result": result, "caught": failed, "seconds": secs})
+        if report is not None:
+            report(results)
     return results
 
 
-def table(results: list[dict], commit: str, minutes: float) -> str:
+def table(results: list[dict], commit: str, minutes: float, planned: int) -> str:
     killed = sum(r["result"].startswith("killed") for r in results)
     survived = [r for r in results if r["result"] == "SURVIVED"]
     lines = [
@@ -98,7 +101,8 @@ def table(results: list[dict], commit: str, minutes: float) -> str:
         "files ran against it (tests marked `real_model` left out for time). *killed*: some test failed (the",
         "first ones are named); *SURVIVED*: every test passed, i.e. these tests cannot see this break.",
         "",
-        f"Commit `{commit}`; {len(results)} mutations, {killed} killed, {len(survived)} survived; {minutes:.1f} min.",
+        f"Commit `{commit}`; {len(results)} of {planned} mutations run, {killed} killed, {len(survived)} survived; "
+        f"{minutes:.1f} min.",
         "",
         "| area | file | break | result | caught by (first failing tests) |",
         "|---|---|---|---|---|",
@@ -128,18 +132,23 @@ def main(argv: list[str] | None = None) -> int:
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", args.ref], capture_output=True,
                             text=True, check=True).stdout.strip()  # fmt: skip
     start = time.monotonic()
+
+    def report(results: list[dict]) -> None:
+        text = table(results, commit, (time.monotonic() - start) / 60, len(chosen))
+        if args.out == "-":
+            return
+        tmp_out = Path(args.out).with_suffix(".md.tmp")
+        tmp_out.write_text(text)
+        tmp_out.replace(args.out)
+
     copy = worktree(args.ref, Path(args.workdir) / f"wt-mutate-{os.getpid()}")  # beside the checkout: shared/data
     try:
-        results = mutate(copy, chosen, args.timeout)
+        results = mutate(copy, chosen, args.timeout, report)
     finally:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(copy)], check=False)
-    report = table(results, commit, (time.monotonic() - start) / 60)
     if args.out == "-":
-        print(report, end="")
+        print(table(results, commit, (time.monotonic() - start) / 60, len(chosen)), end="")
     else:
-        tmp_out = Path(args.out).with_suffix(".md.tmp")
-        tmp_out.write_text(report)
-        tmp_out.replace(args.out)
         print(f"wrote {args.out}", file=sys.stderr)
     return 0
 

@@ -17,7 +17,7 @@ class Mutation(NamedTuple):
     tests: tuple[str, ...]
 
 
-LORA = ("tests/test_lora.py", "tests/test_peft_interop.py")
+LORA = ("tests/test_lora.py",)
 ATTENTION = ("tests/test_attention.py", "tests/test_attention_reference.py")
 QUANT = ("tests/test_quantized.py",)
 SERVING = ("tests/test_serving_eviction.py", "tests/test_server.py")  # not the process-level tests: minutes each
