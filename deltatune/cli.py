@@ -1,4 +1,4 @@
-"""``deltatune`` command line: train, eval, generate, merge, inspect. Thin over the library.
+"""``deltatune`` command line: train, eval, generate, export, merge, inspect. Thin over the library.
 
 Flags of ``train`` come from :class:`~deltatune.training.config.TrainConfig` and from the chosen
 method's config class (``--method lora --r 16 --target-modules q_proj v_proj``), so every library
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from deltatune import flags
-from deltatune.cli_loop import cmd_eval, cmd_generate
+from deltatune.cli_loop import cmd_eval, cmd_export, cmd_generate
 from deltatune.config import ConfigError
 
 # Re-exported: the flag helpers live in the library (deltatune.flags).
@@ -370,6 +370,7 @@ COMMANDS = {
     "train": cmd_train,
     "eval": cmd_eval,
     "generate": cmd_generate,
+    "export": cmd_export,
     "merge": cmd_merge,
     "inspect": cmd_inspect,
     "serve": cmd_serve,
