@@ -150,3 +150,17 @@ def test_mixed_batch_matches_each_adapter(case):
     for row, name in enumerate(names):
         one = {k: v[row : row + 1] for k, v in inputs.items()}
         torch.testing.assert_close(got[row : row + 1], output(model, {**one, "adapter_name": name}), atol=1e-5, rtol=0)
+
+
+def test_dora_on_an_int8_base_equals_its_dequantized_float_base():
+    """A quantized base: the norm and the merge use the dequantized weight."""
+    model = dt.wrap(
+        dt.quantize_base(tiny_llama(), "int8"), dt.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True)
+    )
+    randomize_adapters(model)
+    magnitudes_off_init(model)
+    expected = output(model, batch())
+    dt.quantization.dequantize_base(model.base_model)
+    torch.testing.assert_close(output(model, batch()), expected, atol=1e-4, rtol=1e-4)
+    model.merge_adapter()
+    torch.testing.assert_close(output(model, batch()), expected, atol=1e-4, rtol=1e-4)
