@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mutations import MUTATIONS, Mutation
+from mutations import EXTRA, MUTATIONS, Mutation
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_CAUGHT = 2  # tests listed per killed mutation (pytest stops after this many failures)
@@ -121,6 +121,7 @@ def table(results: list[dict], commit: str, minutes: float, planned: int) -> str
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--all", action="store_true", help="also the breaks left out of the default pass for time")
     parser.add_argument("--ref", default="HEAD", help="commit to mutate (default HEAD: commit your tests first)")
     parser.add_argument("--area", action="append", help="only these areas (methods, attention, quantization, serving)")
     parser.add_argument("--out", default=str(ROOT / "docs" / "mutation.md"), help="markdown report, '-' for stdout")
@@ -128,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default=str(ROOT.parent), help="where the temporary worktree goes (beside the "
                         "checkout by default, so that tests find shared/data)")  # fmt: skip
     args = parser.parse_args(argv)
-    chosen = [mu for mu in MUTATIONS if not args.area or mu.area in args.area]
+    chosen = [
+        mu for mu in MUTATIONS if (not args.area or mu.area in args.area) and (args.all or mu.description not in EXTRA)
+    ]
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", args.ref], capture_output=True,
                             text=True, check=True).stdout.strip()  # fmt: skip
     start = time.monotonic()
