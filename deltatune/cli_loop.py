@@ -101,6 +101,7 @@ def eval_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--output-dir", help="write predictions.jsonl and eval.json here")
     parser.add_argument("--no-generate", action="store_true", help="loss/perplexity only: no generations")
+    parser.add_argument("--no-loss", action="store_true", help="skip the loss (a forward pass over every row)")
     parser.add_argument(
         "--task-name", help="the task of a multi-task (HyperFormer) adapter that the data is for, e.g. sst2"
     )
@@ -116,6 +117,8 @@ def cmd_eval(argv: list[str]) -> int:
     attention = _attention(parser, argv)
     args = parser.parse_args(argv)
     decoding = None if args.no_generate else _decoding(args)  # bad decoding options before anything loads
+    if args.no_generate and args.no_loss:
+        raise ConfigError("--no-generate with --no-loss leaves nothing to evaluate")
     results = evaluate(
         args.base,
         args.adapter or [None],
@@ -128,6 +131,7 @@ def cmd_eval(argv: list[str]) -> int:
         attention_options=_attention_options(args, attention),
         output_dir=args.output_dir,
         progress=True,
+        loss=not args.no_loss,
         task=args.task,
         num_labels=args.num_labels,
         max_length=args.max_length,

@@ -128,14 +128,16 @@ def run_model(
     batch_size: int = 8,
     task_id: int | None = None,
     progress: bool = False,
+    loss: bool = True,
 ) -> RunResult:
-    """Loss (and perplexity), then the task's metrics, and one record per input with its own scores."""
+    """Loss (and perplexity; over every row, unless ``loss`` is off), then the task's metrics, and one record
+    per input with its own scores."""
     from deltatune.data import Batcher
     from deltatune.evaluation import evaluate_loss
 
     model.eval()
     batcher = Batcher(data.features, batch_size, pad_token_id=data.tokenizer.pad_token_id, seed=0, shuffle=False)
-    metrics = evaluate_loss(model, data.task, batcher)
+    metrics = evaluate_loss(model, data.task, batcher) if loss else {}
     if data.task == "classification":
         scores, records = _classify(model, data, batcher)
     elif data.groups:
@@ -249,11 +251,13 @@ def evaluate(
     attention_options: dict | None = None,
     output_dir: str | Path | None = None,
     progress: bool = False,
+    loss: bool = True,
     **data_options: Any,
 ) -> list[RunResult]:
     """Score ``base`` with each of ``adapters`` (None or ``"base"``: the base alone) on ``data``.
 
-    ``data_options`` go to :func:`prepare`; ``decoding=None`` skips generation (loss only). Every adapter
+    ``data_options`` go to :func:`prepare`; ``decoding=None`` skips generation (loss only), ``loss=False`` the
+    loss (a forward pass over every reference row). Every adapter
     folder, the task name, the metrics and the data are checked before the first model loads.
     """
     from deltatune.evaluation import adapter_task_id
@@ -275,6 +279,7 @@ def evaluate(
                 batch_size=batch_size,
                 task_id=task_id,
                 progress=progress,
+                loss=loss,
             )
         )
         del model

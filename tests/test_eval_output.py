@@ -144,7 +144,10 @@ def test_eval_writes_predictions_that_round_trip(tiny_llama_dir, tmp_path, capsy
 def test_eval_limit_group_by_and_beams(tiny_llama_dir, tmp_path, capsys):
     data, out = e2e_file(tmp_path / "dev.csv", inputs=4), tmp_path / "out"
     argv = ["eval", "--base", str(tiny_llama_dir), "--data", str(data), "--output-dir", str(out)]
-    assert main([*argv, "--limit", "2", "--group-by", "id", "--num-beams", "3", "--max-new-tokens", "5"]) == 0
+    assert (
+        main([*argv, "--limit", "2", "--group-by", "id", "--num-beams", "3", "--max-new-tokens", "5", "--no-loss"]) == 0
+    )
+    assert "loss" not in json.loads(capsys.readouterr().out)
     records = read_predictions(out / "predictions.jsonl")
     assert [len(r["references"]) for r in records] == [1, 2]
     base, tokenizer = dt.load_base(str(tiny_llama_dir))
