@@ -28,6 +28,7 @@ from torch import nn
 from deltatune.config import ConfigError
 
 FSDP_TASKS = ("causal-lm",)
+READ_BYTES = 64 << 20  # the most of a checkpoint tensor read at once
 
 
 def check_supported(task: str, quantize: str | None) -> None:
@@ -137,6 +138,10 @@ def standins_to_meta(module: nn.Module, names: dict[int, list[str]]) -> None:
                 sub._parameters[name] = meta[id(param)]
 
 
+def _all_modules(root: nn.Module) -> list[nn.Module]:
+    return [module for _, module in root.named_modules(remove_duplicate=False)]
+
+
 def materialize(root: nn.Module) -> None:
     """Give the sharded meta parameters memory (``to_empty``: this rank's shard only), keeping the values
     of everything already real (the adapter's shards, the buffers)."""
@@ -145,8 +150,16 @@ def materialize(root: nn.Module) -> None:
         return t.to_local() if hasattr(t, "to_local") else t
 
     real = {n: local(t).clone() for n, t in [*root.named_parameters(), *root.named_buffers()] if not t.is_meta}
+    places: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in _all_modules(root):
+        for name, param in module._parameters.items():
+            if param is not None:
+                places.setdefault(id(param), []).append((module, name))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     root.to_empty(device=device)
+    for (first, first_name), *others in places.values():  # to_empty gives each use of a tied weight its own
+        for module, name in others:
+            module._parameters[name] = first._parameters[first_name]
     with torch.no_grad():
         for name, tensor in [*root.named_parameters(), *root.named_buffers()]:
             if name in real:
@@ -154,9 +167,35 @@ def materialize(root: nn.Module) -> None:
 
 
 # --- sharding and loading -----------------------------------------------------------------------
+def _weight_modules(block: nn.Module) -> list[nn.Module]:
+    """The outermost modules of ``block`` that hold exactly one frozen matrix (a projection, with its
+    adapter if it has one): sharded on their own, the gathered tensors at any time are one projection's."""
+
+    def matrices(module: nn.Module) -> int:
+        return sum(1 for p in module.parameters() if p.dim() == 2 and not p.requires_grad)
+
+    found: list[nn.Module] = []
+
+    def visit(module: nn.Module) -> None:
+        for child in module.children():
+            count = matrices(child)
+            if count == 1:
+                found.append(child)
+            elif count > 1:
+                visit(child)
+
+    visit(block)
+    return found
+
+
 def shard(root: nn.Module, base: nn.Module) -> None:
-    """``fully_shard`` each decoder block (the classes transformers keeps whole: ``_no_split_modules``),
-    then ``root``, which gets every other parameter (embeddings, head, norms, prompt encoders)."""
+    """``fully_shard`` each projection of each decoder block (with its adapter), each block (the classes
+    transformers keeps whole: ``_no_split_modules``), then ``root``, which gets the other trainable
+    parameters (prompt encoders, trained head copies). Frozen and trainable tensors share their group.
+
+    The frozen parameters outside the blocks (embeddings, head, final norm) are left whole on every
+    rank: they are in use from the first layer to the loss, so sharding them would hold them gathered
+    through all of it anyway, plus the gather's buffers (twice their size at its peak)."""
     from torch.distributed.fsdp import fully_shard
 
     blocks = set(getattr(base, "_no_split_modules", None) or ())
@@ -165,8 +204,12 @@ def shard(root: nn.Module, base: nn.Module) -> None:
     if not layers:
         raise ConfigError(f"--fsdp: {type(base).__name__} names no decoder block class (_no_split_modules)")
     for layer in layers:
+        for module in _weight_modules(layer):
+            fully_shard(module, mesh=device_mesh)
         fully_shard(layer, mesh=device_mesh)
-    fully_shard(root, mesh=device_mesh)
+    in_layers = {id(p) for layer in layers for p in layer.parameters()}
+    replicated = {p for p in root.parameters() if not p.requires_grad and id(p) not in in_layers}
+    fully_shard(root, mesh=device_mesh, ignored_params=replicated)
 
 
 def _checkpoint_files(directory: Path) -> dict[str, Path]:
@@ -191,7 +234,9 @@ def _rows(full_rows: int, local_rows: int) -> slice:
 
 
 def load_shards(root: nn.Module, keys: dict[str, list[str]], directory: Path) -> None:
-    """Fill each sharded frozen parameter with its rows of the checkpoint, read one slice at a time."""
+    """Fill each parameter that starts as base weights with its rows of the checkpoint (all rows for one
+    kept whole), reading one slice at a time; the file is reopened per tensor so that the pages of the
+    memory map read so far leave the process (else they would add up to this rank's share of the file)."""
     from safetensors import safe_open
 
     files = _checkpoint_files(directory)
@@ -204,13 +249,21 @@ def load_shards(root: nn.Module, keys: dict[str, list[str]], directory: Path) ->
         key = next(k for k in aliases if k in files)
         by_file.setdefault(files[key], []).append((fqn, key))
     for file, entries in by_file.items():
-        with safe_open(file, "pt") as f:
-            for fqn, key in entries:
-                local = params[fqn].to_local() if hasattr(params[fqn], "to_local") else params[fqn]
-                part = f.get_slice(key)
-                rows = _rows(part.get_shape()[0], local.shape[0]) if local.dim() else slice(None)
-                with torch.no_grad():
-                    local.copy_(part[rows] if local.dim() else part[:])
+        for fqn, key in entries:
+            sharded = hasattr(params[fqn], "to_local")
+            local = params[fqn].to_local() if sharded else params[fqn]
+            if local.dim() == 0:
+                with safe_open(file, "pt") as f, torch.no_grad():
+                    local.copy_(f.get_slice(key)[:])
+                continue
+            with safe_open(file, "pt") as f:
+                rows = f.get_slice(key).get_shape()[0]
+            first = _rows(rows, local.shape[0]).start if sharded else 0
+            step = max(1, READ_BYTES // max(1, local[0].numel() * local.element_size()))
+            for start in range(0, local.shape[0], step):  # a block of rows per opening of the file
+                with safe_open(file, "pt") as f, torch.no_grad():
+                    block = f.get_slice(key)[first + start : first + min(start + step, local.shape[0])]
+                    local[start : start + len(block)].copy_(block)
 
 
 # --- whole tensors for saving and loading -------------------------------------------------------------
