@@ -166,3 +166,44 @@ def test_bad_exports_fail_before_the_model_loads(tiny_llama_dir, tiny_bert_dir, 
     assert main(["export", "--base", str(tiny_bert_dir), "--adapter", str(adapter), "--output", x]) == 2
     assert "GGUF export knows the model types" in one_line_error(capsys)
     assert loads == [] and not list(tmp_path.glob("*.gguf")) and not Path(bin_file).exists()
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_llama_cpp_runs_our_adapter_like_deltatune(tmp_path):
+    """Opt-in (llama-cpp-python): the base as an f32 GGUF plus our adapter GGUF, in llama.cpp, gives deltatune's
+    greedy tokens; so does our merged GGUF. (Not yet run: llama-cpp-python did not build here; see docs/export.md.)"""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    from deltatune.export import export_lora, export_merged
+
+    base, tokenizer = dt.load_base("smollm2-135m")
+    model = dt.wrap(base, dt.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    randomize_adapters(model, seed=3, std=0.05)
+    model.save_pretrained(tmp_path / "lora")
+    ids = tokenizer("The capital of France is a city where")["input_ids"]
+
+    def ours(m) -> list[int]:
+        with torch.no_grad():
+            out = m.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)
+        return out[0, len(ids) :].tolist()
+
+    def llama(path: Path, lora: Path | None = None) -> list[int]:
+        options = {"lora_path": str(lora)} if lora else {}
+        llm = llama_cpp.Llama(str(path), n_ctx=128, n_threads=2, verbose=False, **options)
+        tokens = []
+        for token in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0):
+            tokens.append(token)
+            if len(tokens) == 12:
+                break
+        return tokens
+
+    adapted = ours(model)
+    with model.disable_adapter():
+        plain = ours(model)
+    assert adapted != plain
+    export_merged("smollm2-135m", None, tmp_path / "base.gguf", "f32")
+    export_lora("smollm2-135m", tmp_path / "lora", tmp_path / "lora.gguf")
+    export_merged("smollm2-135m", tmp_path / "lora", tmp_path / "merged.gguf", "f32")
+    assert llama(tmp_path / "base.gguf") == plain
+    assert llama(tmp_path / "base.gguf", tmp_path / "lora.gguf") == adapted
+    assert llama(tmp_path / "merged.gguf") == adapted
