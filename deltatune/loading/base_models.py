@@ -120,42 +120,76 @@ def load_base(
 
     ``task`` is ``causal-lm``, ``classification`` (a freshly initialised head of ``num_labels``)
     or ``feature-extraction``; the built-in's natural task by default. ``quantize`` (``int8`` or
-    ``nf4``) stores the frozen linear layers quantized (see deltatune.quantization.quantize_base).
+    ``nf4``) stores the frozen linear layers quantized (see deltatune.quantization.quantize_base), read
+    and quantized one tensor at a time so the float model is never held; ``gguf`` keeps a GGUF file's own
+    blocks (Q4_0, Q4_1, Q8_0) as the frozen weights. A load that cannot fit in the memory available is
+    refused before it starts, naming a ``quantize`` that fits.
     """
     if quantize is not None:
-        from deltatune.quantization import KINDS
+        from deltatune.quantization import LOAD_KINDS
 
-        if quantize not in KINDS:  # before the weights load
+        if quantize not in LOAD_KINDS:  # before the weights load
             from deltatune.config import ConfigError
 
-            raise ConfigError(f"unknown quantize={quantize!r}: choose one of {', '.join(KINDS)}")
+            raise ConfigError(f"unknown quantize={quantize!r}: choose one of {', '.join(LOAD_KINDS)}")
     from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     directory, spec = resolve_model_dir(name_or_path)
     task = task or (spec.default_task if spec else "causal-lm")
+    checkpoint = directory
     if spec is not None and spec.gguf_file:
+        checkpoint = directory / spec.gguf_file
         directory = _dense_smollm2(directory, spec)
-    auto = _auto_class(task)
+        if quantize != "gguf":
+            checkpoint = directory
     if task == "classification":
         kwargs["num_labels"] = num_labels
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # a fresh classification head is expected, not a warning
-    try:
-        model = auto.from_pretrained(directory, **kwargs)
-    finally:
-        hf_logging.set_verbosity(verbosity)
+    _check_memory(checkpoint, quantize)
+    model = (
+        _load_float(directory, task, kwargs)
+        if quantize is None
+        else _load_quantized(checkpoint, directory, task, quantize, kwargs)
+    )
     tokenizer = AutoTokenizer.from_pretrained(directory)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    if quantize is not None:
-        from deltatune.quantization import quantize_base
-
-        quantize_base(model, quantize)
-        for tensor in [t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()]:
-            # Own copies of what stays float, so nothing holds the memory-mapped checkpoint, whose pages
-            # the quantization touched, and the float weights' pages leave the process's memory.
-            tensor.data = tensor.data.clone()
     return model, tokenizer
+
+
+def _check_memory(checkpoint: Path, quantize: str | None) -> None:
+    from deltatune.loading.quantized import check_memory
+
+    try:
+        check_memory(checkpoint, quantize)
+    except FileNotFoundError:  # a PyTorch .bin checkpoint: no headers to size it from; from_pretrained reads it
+        if quantize is not None:
+            raise
+
+
+def _load_float(directory: Path, task: str, kwargs: dict) -> nn.Module:
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # a fresh classification head is expected, not a warning
+    try:
+        return _auto_class(task).from_pretrained(directory, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def _load_quantized(checkpoint: Path, directory: Path, task: str, quantize: str, kwargs: dict) -> nn.Module:
+    """Streamed: the float model is never held (deltatune.loading.quantized)."""
+    from transformers import AutoConfig
+
+    from deltatune.loading.quantized import load_streamed
+
+    config = AutoConfig.from_pretrained(
+        directory, **({"num_labels": kwargs.pop("num_labels")} if "num_labels" in kwargs else {})
+    )
+    if quantize == "gguf":
+        from deltatune.quantization.gguf import load_gguf
+
+        return load_gguf(checkpoint, task, config, **kwargs)
+    return load_streamed(checkpoint, task, quantize, config=config, **kwargs)

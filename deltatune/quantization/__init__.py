@@ -17,11 +17,13 @@ from transformers.pytorch_utils import Conv1D
 from deltatune.config import ConfigError
 from deltatune.quantization.base import QuantizedLinear, QuantizedWeight
 
-KINDS = ("int8", "nf4")
+KINDS = ("int8", "nf4")  # what quantize_base makes from a float model
+LOAD_KINDS = (*KINDS, "gguf")  # what load_base can load: also a GGUF file's own blocks
 INSTALL = {"bitsandbytes": "pip install 'deltatune[quant]'  (or: pip install --no-deps bitsandbytes==0.50.2)"}
 
 __all__ = [
     "KINDS",
+    "LOAD_KINDS",
     "QuantizedLinear",
     "QuantizedWeight",
     "base_storage",

@@ -9,10 +9,49 @@ weight is never stored; its quantized form lives in the subclass's own parameter
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
+
+CHUNK_WEIGHTS = 1 << 22  # weights dequantized at once by chunked_matmul: a 16 MB float32 temporary at most
+
+
+def _row_chunks(layer: QuantizedLinear) -> list[tuple[int, int]]:
+    step = max(1, CHUNK_WEIGHTS // layer.in_features)
+    return [(i, min(i + step, layer.out_features)) for i in range(0, layer.out_features, step)]
+
+
+def _forward(x: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:
+    parts = [x @ layer.dequantize_rows(i, j).to(x.dtype).T for i, j in _row_chunks(layer)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+
+class _ChunkedMatmul(torch.autograd.Function):
+    """x·Wᵀ with W dequantized a block of output rows at a time, in the forward and in the input-gradient
+    backward: the stored form is the only copy of the weight, and each float block is a temporary."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:
+        ctx.layer = layer
+        return _forward(x, layer)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        layer, dx = ctx.layer, None
+        for i, j in _row_chunks(layer):
+            part = grad[..., i:j] @ layer.dequantize_rows(i, j).to(grad.dtype)
+            dx = part if dx is None else dx.add_(part)
+        return dx, None
+
+
+def chunked_matmul(x: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:
+    """``x @ layer.dequantize().T`` (no bias) without ever holding the whole float weight."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _ChunkedMatmul.apply(x, layer)
+    return _forward(x, layer)
 
 
 class QuantizedWeight:
@@ -82,6 +121,10 @@ class QuantizedLinear(nn.Linear):
         return next(iter(self.parameters())).device
 
     def dequantize(self) -> torch.Tensor:
+        return self.dequantize_rows(0, self.out_features)
+
+    def dequantize_rows(self, start: int, end: int) -> torch.Tensor:
+        """Rows ``start:end`` of the float weight (what chunked_matmul multiplies by)."""
         raise NotImplementedError
 
     def requantize_(self, weight: torch.Tensor) -> None:

@@ -1,0 +1,119 @@
+"""Streamed quantized loading: the same model as quantizing a float load, without ever holding the float model,
+and a load that cannot fit refused before it starts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import batch, tiny_llama
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import deltatune as dt
+from deltatune.loading import quantized as streamed
+from deltatune.loading.streaming import checkpoint_files, iter_checkpoint_tensors, meta_skeleton
+from deltatune.quantization import quantize_base
+
+HAS_BNB = __import__("importlib").util.find_spec("bitsandbytes") is not None
+KINDS = ["int8", pytest.param("nf4", marks=pytest.mark.skipif(not HAS_BNB, reason="needs the bitsandbytes package"))]
+
+
+@pytest.fixture(scope="module", params=["single", "sharded"])
+def saved_llama(request, tmp_path_factory):
+    directory = tmp_path_factory.mktemp(request.param)
+    tiny_llama().save_pretrained(directory, max_shard_size="20KB" if request.param == "sharded" else "1GB")
+    return directory
+
+
+def test_iter_checkpoint_tensors_reads_every_tensor_as_saved(saved_llama):
+    expected = tiny_llama().state_dict()
+    got = dict(iter_checkpoint_tensors(saved_llama))
+    sharded = (saved_llama / "model.safetensors.index.json").is_file()
+    assert len(checkpoint_files(saved_llama)) > 1 if sharded else len(checkpoint_files(saved_llama)) == 1
+    assert set(got) == set(expected) and all(torch.equal(got[n], expected[n]) for n in got)
+
+
+def test_meta_skeleton_holds_no_weights(saved_llama):
+    model = meta_skeleton(saved_llama)
+    assert all(p.is_meta for p in model.parameters())
+    assert not any(b.is_meta for b in model.buffers())  # rotary frequencies are computed, not loaded
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_streamed_load_equals_quantizing_the_float_model(kind, saved_llama):
+    model = streamed.load_streamed(saved_llama, "causal-lm", kind)
+    reference = quantize_base(tiny_llama(), kind)
+    assert not any(p.is_meta for p in model.parameters())
+    with torch.no_grad():
+        assert torch.equal(model(**batch()).logits, reference(**batch()).logits)
+
+
+def test_streamed_load_initialises_a_fresh_classification_head_and_refuses_a_missing_weight(tmp_path):
+    tiny_llama().save_pretrained(tmp_path)
+    model = streamed.load_streamed(tmp_path, "classification", "int8")
+    assert type(model.score).__name__ == "Int8Linear" and model.score.weight_int8.abs().sum() > 0
+    header_size = int.from_bytes((tmp_path / "model.safetensors").read_bytes()[:8], "little")
+    header = json.loads((tmp_path / "model.safetensors").read_bytes()[8 : 8 + header_size])
+    with pytest.raises(OSError, match="truncated"):
+        (tmp_path / "model.safetensors").write_bytes((tmp_path / "model.safetensors").read_bytes()[:-64])
+        streamed.load_streamed(tmp_path, "causal-lm", "int8")
+    assert "model.norm.weight" in header
+
+
+def test_a_load_that_cannot_fit_names_the_estimate_and_a_smaller_quantize(saved_llama, monkeypatch):
+    need = {k: streamed.estimate_bytes(saved_llama, k) for k in (None, "int8", "nf4")}
+    assert need[None] > need["int8"] > need["nf4"]
+    monkeypatch.setattr(streamed, "available_memory", lambda: (need["int8"] + need[None]) // 2)
+    with pytest.raises(MemoryError, match=r"in float32 needs about .* GiB.* use --quantize int8") as err:
+        dt.load_base(str(saved_llama))
+    assert f"{need[None] / 2**30:.1f} GiB" in str(err.value)
+    monkeypatch.setattr(streamed, "available_memory", lambda: need["nf4"] + 1)
+    with pytest.raises(MemoryError, match=r"with --quantize int8 needs .* use --quantize nf4"):
+        dt.load_base(str(saved_llama), quantize="int8")
+    monkeypatch.setattr(streamed, "available_memory", lambda: 1)
+    with pytest.raises(MemoryError, match="no quantization fits"):
+        dt.load_base(str(saved_llama), quantize="nf4")
+
+
+PEAK = textwrap.dedent(
+    """
+    import json, sys
+    import psutil, torch, transformers
+    from deltatune.loading.quantized import load_streamed
+    from deltatune.quantization import base_storage
+    baseline = psutil.Process().memory_info().rss
+    model = load_streamed(sys.argv[1], "causal-lm", sys.argv[2])
+    # VmHWM: this process's own peak (ru_maxrss survives exec and can be the forking parent's)
+    status = open("/proc/self/status").read()
+    peak = int(status.split("VmHWM:")[1].split()[0]) * 1024
+    print(json.dumps({"baseline": baseline, "peak": peak, "stored": base_storage(model)[0]}))
+    """
+)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="peak RSS is read from /proc/self/status (Linux)")
+def test_streamed_int8_load_peaks_near_the_quantized_model_not_the_float_one(tmp_path):
+    """A 105M-parameter model (420 MB float32) saved in shards; loading it int8 must cost about the int8
+    model (105 MB) plus one float tensor (11.5 MB), with 20% slack, in a fresh process."""
+    config = LlamaConfig(vocab_size=1024, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+                         num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=False)  # fmt: skip
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model = model.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    model.save_pretrained(tmp_path, max_shard_size="100MB")
+    float_bytes = sum(p.numel() * 4 for p in model.parameters())
+    largest = max(p.numel() * 4 for p in model.parameters())
+    del model
+    run = subprocess.run([sys.executable, "-c", PEAK, str(tmp_path), "int8"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    figures = json.loads(run.stdout.strip().splitlines()[-1])
+    used = figures["peak"] - figures["baseline"]
+    assert used <= 1.2 * (figures["stored"] + largest), (figures, largest)
+    assert used < 0.4 * float_bytes
