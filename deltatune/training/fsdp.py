@@ -318,16 +318,23 @@ def optimizer_state(root: nn.Module, optimizer: torch.optim.Optimizer) -> dict[s
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     state = get_optimizer_state_dict(root, optimizer, options=options)
-    index = {fqn: i for i, fqn in enumerate(trainable_names(root))}
+    order = _group_order(root, optimizer)  # numbered as Optimizer.state_dict() does: group after group
+    index = {fqn: i for i, fqn in enumerate(order)}
     groups = [{**g, "params": [index[f] for f in g["params"]]} for g in state.get("param_groups", [])]
     return {"state": {index[f]: v for f, v in state.get("state", {}).items()}, "param_groups": groups}
+
+
+def _group_order(root: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The optimizer's parameters by name, group after group (LoRA+ puts B factors in groups of their own)."""
+    name = {id(p): n for n, p in root.named_parameters()}
+    return [name[id(p)] for group in optimizer.param_groups for p in group["params"]]
 
 
 def load_optimizer_state(root: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
     """Load a numbered (one-process layout) optimizer state into the sharded optimizer."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    names = trainable_names(root)
+    names = _group_order(root, optimizer)
     groups = [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]
     named = {"state": {names[i]: v for i, v in state["state"].items()}, "param_groups": groups}
     set_optimizer_state_dict(root, optimizer, named, options=StateDictOptions(full_state_dict=True))
