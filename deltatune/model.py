@@ -28,6 +28,7 @@ from deltatune.checkpoint.adapter import (
 )
 from deltatune.config import ConfigError, DeltaConfig
 from deltatune.constants import BASE_ADAPTER, valid_name
+from deltatune.data.positions import check_prompts
 from deltatune.methods import lora_init
 from deltatune.methods.base import DeltaLayer, ModulesToSave, wrap_modules
 from deltatune.quantization import QuantizedLinear, base_storage, is_quantized
@@ -93,7 +94,9 @@ class DeltaModel(ForwardsAttributes, nn.Module):
         self, *args: Any, adapter_names: list[str] | None = None, adapter_name: str | None = None, **kwargs: Any
     ) -> Any:
         """transformers' generate with the active adapter, ``adapter_name`` for this call, or one
-        adapter per row (``adapter_names``)."""
+        adapter per row (``adapter_names``). Inputs that would run past the model's positions are
+        refused (transformers only warns, then computes garbage)."""
+        _check_generate_positions(self, args, kwargs)
         if adapter_names is not None:
             _one_of(adapter_name, adapter_names)
             return mixed.generate(self, adapter_names, *args, **kwargs)
@@ -458,3 +461,18 @@ def _saved_config(base_model: nn.Module, path: str | Path, is_trainable: bool) -
     if config.task_type is None and config.modules_to_save is None:
         config.modules_to_save = []
     return config
+
+
+def _check_generate_positions(model: DeltaModel, args: tuple, kwargs: dict[str, Any]) -> None:
+    """Each row's tokens (its attention mask's, when given) plus the tokens to generate must fit."""
+    input_ids = kwargs.get("input_ids", args[0] if args else None)
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        return
+    mask = kwargs.get("attention_mask")
+    lengths = mask.sum(-1).tolist() if isinstance(mask, torch.Tensor) else [input_ids.shape[-1]] * len(input_ids)
+    config = kwargs.get("generation_config") or getattr(model.base_model, "generation_config", None)
+    new = kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None))
+    if new is None:
+        total = kwargs.get("max_length", getattr(config, "max_length", None))
+        new = max(0, total - input_ids.shape[-1]) if isinstance(total, int) else 0
+    check_prompts(model, [range(int(n)) for n in lengths], int(new))

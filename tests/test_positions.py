@@ -49,3 +49,18 @@ def test_generate_refuses_a_prompt_past_the_positions(tiny_llama_dir: Path, caps
     assert main([str(a) for a in args]) == 2
     error = capsys.readouterr().err
     assert "more than the 512 this model has" in error and "keep its last 508 tokens" in error, error
+
+
+def test_delta_model_generate_refuses_inputs_past_the_positions():
+    """DeltaModel.generate checks like the CLI: the mask's tokens plus max_new_tokens must fit."""
+    import torch
+
+    model = dt.wrap(tiny_llama(), dt.LoraConfig(r=2))  # 128 positions
+    ids = torch.ones(2, 121, dtype=torch.long)
+    with pytest.raises(dt.ConfigError, match=r"prompt 0 has 121 tokens .*keep its last 120 tokens"):
+        model.generate(input_ids=ids, max_new_tokens=8, do_sample=False)
+    with pytest.raises(dt.ConfigError, match="more than the 128 this model has"):
+        model.generate(ids, adapter_names=["default", "default"], max_new_tokens=8, do_sample=False)
+    mask = torch.ones_like(ids)
+    mask[:, :5] = 0  # left padding: 116 real tokens + 8 fit
+    model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
