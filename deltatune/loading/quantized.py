@@ -83,44 +83,65 @@ def _resolve(model: nn.Module, name: str, prefix: str) -> tuple[nn.Module, str] 
     return None
 
 
-def _place(model: nn.Module, module: nn.Module, module_name: str, attr: str, tensor: torch.Tensor, layer_cls) -> None:
-    current = module._parameters.get(attr)
-    if current is None and attr in module._buffers:
-        module._buffers[attr] = tensor.to(module._buffers[attr].dtype)
-        return
-    value = nn.Parameter(tensor.to(current.dtype) if tensor.is_floating_point() else tensor, requires_grad=False)
-    if layer_cls is not None and attr == "weight":  # quantize now; the float tensor dies with this frame
-        from deltatune.quantization import _as_linear
+def _quantizer(layer_cls: Any) -> Any:
+    """make_layer for int8/nf4: the float weight put on the meta-device linear, then quantized."""
+    from deltatune.quantization import _as_linear
 
-        module._parameters["weight"] = value
+    def make(module: nn.Module, tensor: torch.Tensor) -> nn.Module:
+        current = module._parameters["weight"]
+        module._parameters["weight"] = nn.Parameter(tensor.to(current.dtype), requires_grad=False)
+        try:
+            return layer_cls(_as_linear(module))
+        finally:
+            module._parameters["weight"] = current  # the float tensor dies with the caller's frame
+
+    return make
+
+
+def _place(model: nn.Module, module: nn.Module, module_name: str, attr: str, item: Any, make_layer: Any) -> None:
+    """Put one checkpoint tensor in place; a target's weight becomes ``make_layer``'s quantized layer."""
+    layer = make_layer(module, item) if make_layer is not None and attr == "weight" else None
+    if layer is not None:
         parent_name, _, child = module_name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer_cls(_as_linear(module)))
-        module._parameters["weight"] = current
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
         return
-    module._parameters[attr] = value
+    if attr in module._buffers:
+        module._buffers[attr] = item.to(module._buffers[attr].dtype)
+        return
+    current = module._parameters[attr]
+    module._parameters[attr] = nn.Parameter(item.to(current.dtype) if item.is_floating_point() else item, False)
 
 
 def load_streamed(
-    path: str | Path, task: str, quantize: str, config: Any = None, layer_cls: Any = None, **kwargs: Any
+    path: str | Path,
+    task: str,
+    quantize: str,
+    config: Any = None,
+    layer_cls: Any = None,
+    tensors: Any = None,
+    **kwargs: Any,
 ) -> nn.Module:
     """The model at ``path`` with its linear layers quantized as each is read (``layer_cls`` builds a
-    quantized layer from a float ``nn.Linear``; ``quantize_base``'s class for ``quantize`` by default)."""
+    quantized layer from a float ``nn.Linear``; ``quantize_base``'s class for ``quantize`` by default).
+    ``tensors`` replaces the checkpoint reader (GGUF blocks: deltatune.quantization.gguf)."""
     from deltatune.quantization import _layer_class
 
-    layer_cls = layer_cls or _layer_class(quantize)
+    if quantize == "gguf":
+        from deltatune.quantization.gguf import make_layer
+    else:
+        make_layer = _quantizer(layer_cls or _layer_class(quantize))
     model = meta_skeleton(config if config is not None else path, task, **kwargs)
     targets = {id(m) for m in quantize_targets(model).values()}
     prefix = getattr(model, "base_model_prefix", "")
-    for name, tensor in iter_checkpoint_tensors(path):
+    for name, item in tensors if tensors is not None else iter_checkpoint_tensors(path):
         found = _resolve(model, name, prefix)
         if found is None:
             continue
         module, module_name = found
-        attr = name.rpartition(".")[2]
-        _place(model, module, module_name, attr, tensor, layer_cls if id(module) in targets else None)
-        del tensor
+        _place(model, module, module_name, name.rpartition(".")[2], item, make_layer if id(module) in targets else None)
+        del item
         _release_freed_memory()
-    _finish(model, quantize, layer_cls)
+    _finish(model, quantize)
     return model
 
 
@@ -146,7 +167,7 @@ def _libc() -> Any:
 _LIBC = _libc()
 
 
-def _finish(model: nn.Module, quantize: str, layer_cls: Any) -> None:
+def _finish(model: nn.Module, quantize: str) -> None:
     """Tie shared weights, initialise what the checkpoint does not hold (a fresh classification head,
     as from_pretrained does), quantize it, freeze everything."""
     if hasattr(model, "tie_weights"):

@@ -12,6 +12,7 @@ time from safetensors (one file or shards listed by ``model.safetensors.index.js
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -99,12 +100,18 @@ def _iter_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
         for name, info in header.items():
             if name == "__metadata__":
                 continue
-            begin, end = info["data_offsets"]
-            data = torch.empty(end - begin, dtype=torch.uint8)
-            handle.seek(start + begin)
-            if handle.readinto(data.numpy()) != end - begin:
-                raise OSError(f"{file} is truncated: tensor {name!r} ends past the end of the file")
-            yield name, data.view(_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+            yield name, _read_tensor(handle, file, start, name, info)
+
+
+def _read_tensor(handle: Any, file: Path, start: int, name: str, info: dict) -> torch.Tensor:
+    """One tensor into fresh memory (a function of its own, so that no generator frame keeps it alive
+    after the caller has dropped it)."""
+    begin, end = info["data_offsets"]
+    data = torch.empty(end - begin, dtype=torch.uint8)
+    handle.seek(start + begin)
+    if handle.readinto(data.numpy()) != end - begin:
+        raise OSError(f"{file} is truncated: tensor {name!r} ends past the end of the file")
+    return data.view(_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
 def checkpoint_tensor_bytes(path: str | Path) -> dict[str, tuple[tuple[int, ...], int]]:
@@ -137,20 +144,29 @@ _SAFETENSORS_DTYPES = {
 # --- GGUF -----------------------------------------------------------------------------------------
 def gguf_config(file: Path) -> Any:
     """The transformers config of a GGUF file, read from its metadata (no weights)."""
-    from transformers import AutoConfig
+    return _gguf_names(str(file), file.stat().st_mtime_ns)[0]
 
-    return AutoConfig.from_pretrained(file.parent, gguf_file=file.name)
+
+@functools.lru_cache(maxsize=4)
+def _gguf_names(file: str, mtime: int) -> tuple[Any, dict[str, str]]:
+    """(config, gguf name -> transformers name): parsing them takes tens of seconds, so once per file."""
+    from transformers import AutoConfig
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
+
+    path = Path(file)
+    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    processor = TENSOR_PROCESSORS.get(config.model_type, TensorProcessor)(config=config.to_dict())
+    return config, get_gguf_hf_weights_map(meta_skeleton(config), processor)
 
 
 def gguf_tensor_map(file: Path) -> dict[str, tuple[Any, Any]]:
     """transformers name -> (tensor processor, gguf ReaderTensor) for every tensor of ``file``; the
     reader memory-maps the file, so nothing is read until a tensor's ``data`` is touched."""
     from gguf import GGUFReader
-    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
-    config = gguf_config(file)
+    config, names = _gguf_names(str(file), file.stat().st_mtime_ns)
     processor = TENSOR_PROCESSORS.get(config.model_type, TensorProcessor)(config=config.to_dict())
-    names = get_gguf_hf_weights_map(meta_skeleton(config), processor)
     reader = GGUFReader(file)
     return {names[t.name]: (processor, t) for t in reader.tensors if t.name in names}
 
@@ -159,7 +175,10 @@ def _iter_gguf(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
     from gguf.quants import dequantize
 
     for name, (processor, tensor) in gguf_tensor_map(file).items():
-        weights = dequantize(tensor.data, tensor.tensor_type)
-        result = processor.process(weights=weights, name=tensor.name, tensor_key_mapping={}, parsed_parameters={})
-        weights = result.weights
-        yield name, torch.from_numpy(weights.copy())
+        yield name, _gguf_float(processor, tensor, dequantize)
+
+
+def _gguf_float(processor: Any, tensor: Any, dequantize: Any) -> torch.Tensor:
+    weights = dequantize(tensor.data, tensor.tensor_type)
+    result = processor.process(weights=weights, name=tensor.name, tensor_key_mapping={}, parsed_parameters={})
+    return torch.from_numpy(result.weights.copy())

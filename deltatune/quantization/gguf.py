@@ -1,0 +1,131 @@
+"""A GGUF file's own quantized blocks as the frozen base (``load_base(..., quantize="gguf")``).
+
+Each linear weight stored as Q4_0, Q4_1 or Q8_0 stays in those bytes (one uint8 row of blocks per output
+row: no dequantize-and-requantize round trip), so LoRA trains on exactly the weights llama.cpp serves.
+A block is 32 weights: Q8_0 = float16 scale d + 32 int8 (w = d·q); Q4_0 = d + 16 bytes of 4-bit codes
+(w = d·(q − 8)); Q4_1 = d, float16 minimum m + codes (w = d·q + m); low nibbles are the block's first 16
+weights, high nibbles its last 16 (ggml's layout). The arithmetic is float32, in the order of gguf's own
+``gguf.quants.dequantize``, so the two agree bit for bit. Other tensors (norms, the embedding) are
+dequantized to float as transformers does. Merging requantizes with gguf's own quantizer where it has one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from deltatune.config import ConfigError
+from deltatune.quantization.base import QuantizedLinear, chunked_matmul
+
+BLOCK = 32
+BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+SUPPORTED = tuple(BLOCK_BYTES)
+FLOAT_TYPES = ("F32", "F16", "BF16")  # linear weights stored unquantized stay float
+
+
+def _half(blocks: torch.Tensor, offset: int) -> torch.Tensor:
+    return blocks[..., offset : offset + 2].contiguous().view(torch.float16).float()
+
+
+def _nibbles(codes: torch.Tensor) -> torch.Tensor:
+    return torch.cat([codes & 0x0F, codes >> 4], dim=-1).float()
+
+
+def dequantize_blocks(raw: torch.Tensor, qtype: str) -> torch.Tensor:
+    """float32 weights of ``raw`` (rows × bytes of blocks) in ``qtype``: rows × (blocks · 32)."""
+    blocks = raw.reshape(raw.shape[0], -1, BLOCK_BYTES[qtype])
+    d = _half(blocks, 0)
+    if qtype == "Q8_0":
+        values = d * blocks[..., 2:].contiguous().view(torch.int8).float()
+    elif qtype == "Q4_0":
+        values = d * (_nibbles(blocks[..., 2:]) - 8)
+    else:
+        values = d * _nibbles(blocks[..., 4:]) + _half(blocks, 2)
+    return values.reshape(raw.shape[0], -1)
+
+
+class GGUFLinear(QuantizedLinear):
+    """A frozen ``nn.Linear`` stored as a GGUF tensor's blocks (a frozen uint8 parameter), nothing else."""
+
+    kind = "gguf"
+    bits = 5.0  # Q4_1; storage_bytes counts the real bytes of each type
+
+    def __init__(self, linear: nn.Linear, raw: torch.Tensor, qtype: str) -> None:
+        super().__init__(linear)
+        self.qtype = qtype
+        self.weight_blocks = nn.Parameter(raw, requires_grad=False)
+
+    def quantized_tensors(self) -> list[torch.Tensor]:
+        return [self.weight_blocks]
+
+    def dequantize_rows(self, start: int, end: int) -> torch.Tensor:
+        return dequantize_blocks(self.weight_blocks[start:end], self.qtype).to(self.compute_dtype)
+
+    def requantize_(self, weight: torch.Tensor) -> None:
+        from gguf.quants import quantize
+
+        try:
+            raw = quantize(weight.detach().float().numpy(), _gguf_type(self.qtype))
+        except NotImplementedError as err:
+            raise ConfigError(f"gguf has no quantizer for {self.qtype}: merge into a float model instead") from err
+        with torch.no_grad():
+            self.weight_blocks.copy_(torch.from_numpy(np.ascontiguousarray(raw)).view(torch.uint8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = chunked_matmul(x, self)
+        return out if self.bias is None else out + self.bias.to(out.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, qtype={self.qtype}"
+
+
+def _gguf_type(name: str) -> Any:
+    from gguf import GGMLQuantizationType
+
+    return GGMLQuantizationType[name]
+
+
+def gguf_tensors(file: Path, targets: set[str]) -> Any:
+    """(name, float tensor) for every tensor, or (name, (raw blocks, type)) for a target linear weight in
+    a supported block type; a target in another block type is refused, naming the supported ones."""
+    from gguf.quants import dequantize
+
+    from deltatune.loading.streaming import gguf_tensor_map
+
+    for name, (processor, tensor) in gguf_tensor_map(file).items():
+        qtype = tensor.tensor_type.name
+        blocks = name in targets and qtype in SUPPORTED
+        if name in targets and not blocks and qtype not in FLOAT_TYPES:
+            raise ConfigError(
+                f"{file.name}: {name} is stored as {qtype}, which --quantize gguf cannot keep: supported block "
+                f"types are {', '.join(SUPPORTED)} (or use --quantize int8/nf4, which dequantize the file first)"
+            )
+        yield name, _item(processor, tensor, qtype if blocks else None, dequantize)
+
+
+def _item(processor: Any, tensor: Any, qtype: str | None, dequantize: Any) -> Any:
+    weights = dequantize(tensor.data, tensor.tensor_type) if qtype is None else np.asarray(tensor.data)
+    result = processor.process(weights=weights, name=tensor.name, tensor_key_mapping={}, parsed_parameters={})
+    data = torch.from_numpy(np.array(result.weights))  # a copy: the memory-mapped file's pages are not kept
+    return data if qtype is None else (data.view(torch.uint8), qtype)
+
+
+def load_gguf(file: Path, task: str, config: Any, **kwargs: Any) -> nn.Module:
+    """The model of ``file`` with its Q4_0/Q4_1/Q8_0 linear weights kept as GGUF blocks."""
+    from deltatune.loading.quantized import load_streamed, quantize_targets
+    from deltatune.loading.streaming import meta_skeleton
+
+    names = {f"{n}.weight" for n in quantize_targets(meta_skeleton(config, task))}
+    return load_streamed(file, task, "gguf", config=config, tensors=gguf_tensors(Path(file), names), **kwargs)
+
+
+def make_layer(module: nn.Module, item: Any) -> nn.Module | None:
+    """A GGUFLinear for a (blocks, type) item; None (keep the float layer) for a float tensor."""
+    if isinstance(item, torch.Tensor):
+        return None
+    raw, qtype = item
+    return GGUFLinear(module, raw, qtype)

