@@ -148,8 +148,10 @@ class TrainConfig:
             options_for(self.attention, **self.attention_options)  # an unknown pattern or option: a clear error
         elif self.attention_options:
             raise ConfigError(f"attention options {sorted(self.attention_options)} need --attention PATTERN")
-        if self.quantize not in (None, "int8", "nf4"):
-            raise ConfigError(f"quantize must be 'int8' or 'nf4' (or unset for a float base), got {self.quantize!r}")
+        if self.quantize not in (None, "int8", "nf4", "gguf"):
+            raise ConfigError(
+                f"quantize must be 'int8', 'nf4' or 'gguf' (or unset for a float base), got {self.quantize!r}"
+            )
         for name in ("data", "eval_data"):
             setattr(self, name, _data_files(getattr(self, name), name))
         if isinstance(self.eval_data, dict):
@@ -277,7 +279,10 @@ FLAG_GROUPS: dict[str, tuple[str, ...]] = {
     ),
 }
 # Flags with a fixed set of values (argparse checks them); --method's come from deltatune.methods.CONFIGS.
-FLAG_CHOICES: dict[str, tuple[str, ...]] = {"task": ("causal-lm", "classification"), "quantize": ("int8", "nf4")}
+FLAG_CHOICES: dict[str, tuple[str, ...]] = {
+    "task": ("causal-lm", "classification"),
+    "quantize": ("int8", "nf4", "gguf"),
+}
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
