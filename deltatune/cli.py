@@ -23,7 +23,10 @@ add_dataclass_flags = flags.add_dataclass_flags
 _flag_kwargs = flags.flag_kwargs
 _normalise_targets = flags.normalise_targets
 BASE_HELP = "base model: a built-in name (smollm2-135m, ...) or a local transformers model directory"
-QUANTIZE_HELP = "store the frozen base quantized: int8 (fbgemm int8 matmuls) or nf4 (4-bit, needs bitsandbytes)"
+QUANTIZE_HELP = (
+    "store the frozen base quantized: int8 (weight-only), nf4 (4-bit, needs bitsandbytes) or gguf (a GGUF file's "
+    "own Q4_0/Q4_1/Q8_0 blocks)"
+)
 
 
 # --- train ------------------------------------------------------------------------------------
@@ -147,7 +150,7 @@ def cmd_merge(argv: list[str]) -> int:
     )
     parser.add_argument(
         "--quantize",
-        choices=["int8", "nf4"],
+        choices=["int8", "nf4", "gguf"],
         help="the adapter was trained on a base quantized this way: merge onto it and report the error merging "
         "introduces (the written model is float: dequantized base + the adapter's delta)",
     )
@@ -198,7 +201,7 @@ def cmd_inspect(argv: list[str]) -> int:
         help="the model head to load (default: the model's own)",
     )
     parser.add_argument("--method", default="lora", help=f"the PEFT method, one of: {', '.join(methods.CONFIGS)}")
-    parser.add_argument("--quantize", choices=["int8", "nf4"], help=QUANTIZE_HELP)
+    parser.add_argument("--quantize", choices=["int8", "nf4", "gguf"], help=QUANTIZE_HELP)
     known, rest = parser.parse_known_args(argv)
     config_cls = methods.config_class_for_name(known.method)
     method_parser = argparse.ArgumentParser(prog=f"deltatune inspect --method {known.method}")
@@ -218,7 +221,7 @@ def cmd_serve(argv: list[str]) -> int:
         "share one batch, joining and leaving it at every decoding step (continuous batching).",
     )
     parser.add_argument("--base", default="smollm2-135m", help="base model: smollm2-135m or a local model dir")
-    parser.add_argument("--quantize", choices=["int8", "nf4"], help=QUANTIZE_HELP)
+    parser.add_argument("--quantize", choices=["int8", "nf4", "gguf"], help=QUANTIZE_HELP)
     parser.add_argument("--adapters", help="a directory of adapters (each sub-directory with adapter_config.json)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
