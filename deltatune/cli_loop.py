@@ -105,7 +105,7 @@ def eval_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--task-name", help="the task of a multi-task (HyperFormer) adapter that the data is for, e.g. sst2"
     )
-    parser.add_argument("--quantize", choices=["int8", "nf4"], help=QUANTIZE_HELP)
+    parser.add_argument("--quantize", choices=["int8", "nf4", "gguf"], help=QUANTIZE_HELP)
     _decoding_flags(parser, 48, sampling=False)
     return parser
 
@@ -167,7 +167,7 @@ def cmd_generate(argv: list[str]) -> int:
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per batch (default: %(default)s)")
     parser.add_argument("--raw", action="store_true", help="feed prompts as they are, without the chat template")
     parser.add_argument("--task-name", help="the task of a multi-task (HyperFormer) adapter to generate for")
-    parser.add_argument("--quantize", choices=["int8", "nf4"], help=QUANTIZE_HELP)
+    parser.add_argument("--quantize", choices=["int8", "nf4", "gguf"], help=QUANTIZE_HELP)
     _decoding_flags(parser, 64, sampling=True)
     attention = _attention(parser, argv)
     args = parser.parse_args(argv)
