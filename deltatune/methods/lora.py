@@ -124,7 +124,11 @@ class LoraLinear(dora.KeepsMergedDelta, DeltaLayer):
         if dropout > 0:
             self.lora_dropout[name] = nn.Dropout(dropout)
         self.scaling[name] = alpha / math.sqrt(r) if rslora else alpha / r
-        self.to(self.base_layer.weight.device)
+        device = self.base_layer.weight.device
+        if device.type != "cpu":  # created on the CPU as peft does (the same random draws), then moved
+            for store in (self.lora_A, self.lora_B, self.lora_dropout):
+                if name in store:
+                    store[name].to(device)
         lora_init.initialize(self, name, init, config)
         if use_dora:  # after the init: a residual init changes W0, and m starts at ‖W0 + s·B·A‖
             self.lora_magnitude_vector[name] = nn.Parameter(self.dora_norm(name, self.base_weight()))

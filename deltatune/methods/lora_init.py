@@ -92,13 +92,17 @@ def _float_weight(layer: Any) -> torch.Tensor:
 
 
 def _set_residual(layer: Any, name: str, a: torch.Tensor, b: torch.Tensor) -> None:
-    """A, B := a, b and W0 := W0 − s·b·a (in the base weight's dtype and layout)."""
+    """A, B := a, b and W0 := W0 − s·b·a, written into the base weight in place (one fused addmm
+    for a float32 base: no full-size temporary)."""
     base = layer.base_layer.weight
-    weight = _float_weight(layer) - layer.scaling[name] * (b @ a)
     with torch.no_grad():
         layer.lora_A[name].weight.data = a.to(layer.lora_A[name].weight.dtype).contiguous()
         layer.lora_B[name].weight.data = b.to(layer.lora_B[name].weight.dtype).contiguous()
-        base.data = (weight.T if layer.transposed else weight).to(base.dtype).contiguous()
+        left, right = (a.T, b.T) if layer.transposed else (b, a)  # Conv1D stores W0 as in×out
+        if base.dtype == torch.float32:
+            base.addmm_(left, right, alpha=-layer.scaling[name])
+        else:
+            base.copy_(torch.addmm(base.float(), left, right, alpha=-layer.scaling[name]))
 
 
 def pissa(layer: Any, name: str, init: str, config: Any) -> None:
