@@ -100,3 +100,19 @@ def test_refusals(tmp_path):
     compiled = torch.compile(model, backend=CountingBackend())
     with pytest.raises(ValueError, match=r"before torch\.compile"):
         prepare_model_for_compiled_hotswap(compiled, target_rank=8)
+
+
+def test_dora_adapters_swap_with_their_magnitudes(tmp_path):
+    def dora(name, seed):
+        model = dt.wrap(tiny_llama(), dt.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], use_dora=True))
+        randomize_adapters(model, seed=seed)  # magnitudes too
+        model.save_pretrained(tmp_path / name)
+        return tmp_path / name
+
+    first, second = dora("a", 1), dora("b", 2)
+    model = dt.DeltaModel.from_pretrained(tiny_llama(), first)
+    inputs = batch()
+    with torch.no_grad():
+        model(**inputs)  # fills the weight-norm cache, which the swap must invalidate
+        dt.hotswap_adapter(model, second, "default")
+        torch.testing.assert_close(model(**inputs).logits, fresh_logits(second, inputs), atol=1e-5, rtol=0)
