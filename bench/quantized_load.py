@@ -77,14 +77,15 @@ def worker_fidelity(kind: str) -> dict[str, Any]:
 
 def worker_load(model: str, kind: str, scratch: Path) -> dict[str, Any]:
     import deltatune as dt
-    from deltatune.quantization import base_storage
+    from deltatune.quantization import QuantizedLinear, base_storage
 
     baseline = vm_rss()
     base, _ = dt.load_base(base_name(model, scratch), quantize=None if kind == "f32" else kind)
     peak = vm_hwm()
     stored, _ = base_storage(base)
     largest = max(p.numel() * 4 for p in base.parameters())
-    largest = max(largest, *(m.in_features * m.out_features * 4 for m in base.modules() if hasattr(m, "dequantize")))
+    quantized = [m.in_features * m.out_features * 4 for m in base.modules() if isinstance(m, QuantizedLinear)]
+    largest = max([largest, *quantized])
     return {
         "part": "load",
         "model": model,
