@@ -17,6 +17,7 @@ from deltatune.config import DeltaConfig
 from deltatune.constants import ADAPTER_NAME, BASE_ADAPTER
 from deltatune.mixed import mixable
 from deltatune.model import DeltaModel
+from deltatune.serving.mixes import build
 
 log = logging.getLogger("deltatune.serve")
 RESERVED = frozenset(n for n in dir(nn.ModuleDict) if not n.startswith("__"))  # names layers' dicts already use
@@ -79,6 +80,7 @@ class Adapters:
         self.paths: dict[str, Path] = {}
         self.recent: OrderedDict[str, None] = OrderedDict()  # loaded, least recently used first
         self.deleted: set[str] = set()  # deleted through the API: not found on disk again until re-added
+        self.loads = self.evictions = 0  # so far, for the metrics
         if directory is not None:
             for name, path in found_adapters(directory):
                 self._add_found(name, path)
@@ -128,12 +130,44 @@ class Adapters:
         if name in self.recent:
             self.recent.move_to_end(name)
             return True
-        if self.max_loaded is not None and len(self.recent) >= self.max_loaded:
-            idle = next((n for n in self.recent if n not in busy), None)
-            if idle is None:
-                return False
-            self.unload(idle)
+        if not self._make_room(busy):
+            return False
         self._load(name, self.paths[name])
+        return True
+
+    def _make_room(self, busy: set[str]) -> bool:
+        """Evict the least recently used idle adapter if every slot is taken; False if none can go."""
+        if self.max_loaded is None or len(self.recent) < self.max_loaded:
+            return True
+        idle = next((n for n in self.recent if n not in busy), None)
+        if idle is None:
+            return False
+        self.unload(idle)
+        self.evictions += 1
+        return True
+
+    def ensure_mix(self, name: str, spec: dict, busy: set[str]) -> bool:
+        """Make the mix ``name`` loaded: its parts first, then their combination (serving/mixes.py);
+        False while the slots it needs are all in use."""
+        if name in self.recent:
+            self.recent.move_to_end(name)
+            return True
+        parts = list(spec["ids"])
+        if self.max_loaded is not None and len(parts) >= self.max_loaded:
+            raise ValueError(
+                f"a mix of {len(parts)} adapters needs {len(parts) + 1} slots; the server has "
+                f"--max-loaded-adapters {self.max_loaded}"
+            )
+        for part in parts:
+            if not self.ensure(part, busy | set(parts)):
+                return False
+        if not self._make_room(busy | set(parts)):
+            return False
+        build(self.model, name, spec)
+        self.model.eval()
+        self.recent[name] = None
+        self.loads += 1
+        log.info("mixed adapter %s from %s", name, spec)
         return True
 
     def _load(self, name: str, path: Path) -> None:
@@ -144,6 +178,7 @@ class Adapters:
             self.model.load_adapter(path, name)
         self.model.eval()
         self.recent[name] = None
+        self.loads += 1
         log.info("loaded adapter %s from %s", name, path)
 
     def unload(self, name: str) -> None:

@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP API of ``deltatune serve`` (FastAPI), over :class:`Engine`.
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (``"stream": true`` for
-server-sent events), ``GET /v1/models``, and ``POST /v1/adapters`` / ``DELETE
+server-sent events), ``GET /v1/models``, ``GET /metrics`` (Prometheus, serving/metrics.py), vLLM's
+``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` (serving/vllm_api.py), and ``POST /v1/adapters`` / ``DELETE
 /v1/adapters/{name}`` to add and remove adapters at run time (a deleted adapter stays deleted,
 even with its folder still in ``--adapters``, until it is added again by ``POST``; a restart
 scans the folder afresh). The ``model`` field picks the adapter; the base model's own name
@@ -32,9 +33,12 @@ from starlette.exceptions import HTTPException
 from deltatune.constants import BASE_ADAPTER
 from deltatune.serving.adapters import locate, name_problem
 from deltatune.serving.engine import Engine
+from deltatune.serving.metrics import CONTENT_TYPE
+from deltatune.serving.mixes import MergedAdapters, mix_name
 from deltatune.serving.reply import Reply
 from deltatune.serving.rows import SEED_LIMIT, QueueFull, asyncio_sink
 from deltatune.serving.rows import Request as Job
+from deltatune.serving.vllm_api import model_cards, vllm_routes
 
 log = logging.getLogger("deltatune.serve")
 
@@ -57,14 +61,16 @@ class ApiError(Exception):
         status: int,
         message: str,
         param: str | None = None,
-        code: str | None = None,
+        code: str | int | None = None,
         headers: dict[str, str] | None = None,
+        kind: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+        self.kind = kind  # the error's type (None: OpenAI's, by status)
 
     def response(self) -> JSONResponse:
-        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        kind = self.kind or ("invalid_request_error" if self.status < 500 else "server_error")
         body = {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
         return JSONResponse(body, status_code=self.status, headers=self.headers)
 
@@ -102,6 +108,7 @@ class Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     seed: int | None = Field(None, ge=0, lt=SEED_LIMIT)
     user: str | None = None
+    merged_adapters: MergedAdapters | None = None  # LoRAX's per-request mix (serving/mixes.py)
 
 
 class CompletionBody(Sampling):
@@ -139,7 +146,8 @@ def create_app(
                 503, "the server is shutting down; retry shortly", code="shutting_down", headers={"Retry-After": "5"}
             ).response()
         given = request.headers.get("authorization", "")
-        if api_key and not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+        scrape = request.url.path == "/metrics"  # Prometheus scrapes without a key, as from vLLM
+        if api_key and not scrape and not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
             return ApiError(
                 401, "missing or wrong API key (send 'Authorization: Bearer KEY')", code="invalid_api_key"
             ).response()
@@ -164,11 +172,11 @@ def create_app(
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        names = [engine.base_name, *engine.adapters]
-        return {
-            "object": "list",
-            "data": [{"id": n, "object": "model", "created": 0, "owned_by": "deltatune"} for n in names],
-        }
+        return {"object": "list", "data": model_cards(engine)}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(engine.metrics.render(), media_type=CONTENT_TYPE)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
@@ -207,6 +215,7 @@ def create_app(
         await asyncio.wrap_future(engine.delete_adapter(name))
         return {"id": name, "object": "model", "deleted": True}
 
+    vllm_routes(app, engine, lambda request, model: parse(request, model, limits))
     return app
 
 
@@ -268,8 +277,10 @@ def stop_strings(stop: str | list[str] | None, limits: Limits) -> list[str]:
 
 def checked(engine: Engine, body: Sampling, prompt: str, chat: bool, limits: Limits) -> Job:
     """The request as the engine takes it, after every check that needs no model run."""
-    adapter = BASE_ADAPTER if body.model == engine.base_name else body.model
-    if body.model != engine.base_name and not engine.servable(body.model):  # '__base__' is no model name
+    adapter, mix = BASE_ADAPTER if body.model == engine.base_name else body.model, None
+    if body.merged_adapters is not None:
+        adapter, mix = checked_mix(engine, body)
+    elif body.model != engine.base_name and not engine.servable(body.model):  # '__base__' is no model name
         names = ", ".join([engine.base_name, *engine.adapters][:20])
         raise ApiError(
             404, f"the model {body.model!r} does not exist; this server has: {names}", "model", "model_not_found"
@@ -293,7 +304,24 @@ def checked(engine: Engine, body: Sampling, prompt: str, chat: bool, limits: Lim
             param,
             "context_length_exceeded",
         )
-    return Job(adapter, ids, max_tokens, lambda _: None, stop, body.temperature, body.top_p, body.seed)
+    job = Job(adapter, ids, max_tokens, lambda _: None, stop, body.temperature, body.top_p, body.seed)
+    job.mix = mix
+    return job
+
+
+def checked_mix(engine: Engine, body: Sampling) -> tuple[str, dict[str, Any]]:
+    """The name and spec of the request's mix; it goes with the base model's name, of served adapters."""
+    given = body.merged_adapters
+    if body.model != engine.base_name:
+        raise ApiError(400, f"merged_adapters goes with the base model's name {engine.base_name!r} as model", "model")
+    problem = given.problem()
+    if problem:
+        raise ApiError(400, *problem)
+    for name in given.ids:
+        if not engine.servable(name):
+            raise ApiError(404, f"the adapter {name!r} does not exist", "merged_adapters.ids", "model_not_found")
+    spec = given.spec()
+    return mix_name(spec), spec
 
 
 async def respond(

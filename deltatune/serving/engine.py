@@ -45,6 +45,7 @@ from deltatune.methods.contract import INPUT_WISE
 from deltatune.mixed import check, mixes, prepare_inputs
 from deltatune.serving.adapters import Adapters
 from deltatune.serving.kv import Batch
+from deltatune.serving.metrics import Metrics
 from deltatune.serving.rows import Detokenizer, QueueFull, Request, pick
 
 log = logging.getLogger("deltatune.serve")
@@ -77,7 +78,8 @@ class Engine:
         self.prefill_chunk, self.batch_window_s, self.arrival_gap_s = prefill_chunk, batch_window_s, arrival_gap_s
         self.context_length = getattr(base_model.config, "max_position_embeddings", None) or 2048
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.detokenizer = Detokenizer(tokenizer)
+        self.metrics = Metrics(self)
+        self.detokenizer = Detokenizer(tokenizer, self.metrics.token)
         self.waiting: collections.deque[Request] = collections.deque()
         self.commands: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future]] = collections.deque()
         self.cond = threading.Condition()
@@ -109,6 +111,10 @@ class Engine:
     @property
     def queued(self) -> int:
         return len(self.waiting)
+
+    def running_requests(self) -> list[Request]:
+        """Requests in the batch, and the long prompt being prefilled."""
+        return [*self.batch.rows, *([self.partial[0]] if self.partial else [])]
 
     @property
     def open_requests(self) -> int:
@@ -270,6 +276,8 @@ class Engine:
         """Whether the request's adapter is loaded (loading it now if a slot is free)."""
         if request.adapter == BASE_ADAPTER:
             return True
+        if request.mix is not None:
+            return self._ready_mix(request, joining)
         if not self.store.find(request.adapter):
             self._take(request)
             request.fail(f"adapter {request.adapter!r} was deleted before this request ran", 404, "model_not_found")
@@ -284,6 +292,26 @@ class Engine:
             log.exception("loading adapter %s failed", request.adapter)
             self._take(request)
             request.fail(f"cannot load adapter {request.adapter!r}: {err}", 500, "adapter_load_failed")
+            return False
+
+    def _ready_mix(self, request: Request, joining: set[str]) -> bool:
+        """Whether the request's mix is loaded (its parts loaded and combined now, if slots are free)."""
+        missing = [p for p in request.mix["ids"] if not self.store.find(p)]
+        if missing:
+            self._take(request)
+            message = f"adapter {missing[0]!r} of the mix was deleted before this request ran"
+            request.fail(message, 404, "model_not_found")
+            return False
+        if request.adapter not in self.store.recent:
+            if not self.loads_left:
+                return False
+            self.loads_left -= 1
+        try:
+            return self.store.ensure_mix(request.adapter, request.mix, self._in_use() | joining)
+        except Exception as err:  # adapters that cannot combine (DoRA, ranks a strategy cannot mix, ...)
+            log.warning("mixing %s failed: %s", request.mix, err)
+            self._take(request)
+            request.fail(f"cannot mix these adapters: {err}", 400, "invalid_mix")
             return False
 
     def _take(self, request: Request) -> None:

@@ -35,6 +35,7 @@ class Request:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    mix: dict[str, Any] | None = None  # a per-request mix (serving/mixes.py); ``adapter`` is then its name
     cancelled: bool = False  # set by the client side (a dropped connection): the row leaves at the next step
     # filled while generating
     generated: list[int] = field(default_factory=list)
@@ -43,6 +44,8 @@ class Request:
     finish_reason: str | None = None
     length: int = 0  # positions this row holds in the KV cache (its next token's position)
     submitted: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None  # monotonic times, for the metrics
+    last_token_at: float | None = None
     generator: torch.Generator | None = None
 
     @property
@@ -91,8 +94,8 @@ class Detokenizer:
     """Turns each row's tokens into streamed text: stops the row at its max_tokens, at a stop
     string (cut from the text) or at end-of-sequence, and holds back what may still change."""
 
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer: Any, observe: Callable[[Request], None] | None = None) -> None:
+        self.tokenizer, self.observe = tokenizer, observe  # observe: each token, before the client hears of it
         eos = tokenizer.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
 
@@ -111,6 +114,8 @@ class Detokenizer:
                 request.text, request.finish_reason = request.text[:cut], "stop"
             elif len(ids) >= request.max_tokens:
                 request.finish_reason = "length"
+        if self.observe is not None:
+            self.observe(request)
         self._send(request)
 
     def _send(self, request: Request) -> None:
