@@ -13,7 +13,9 @@ failed" rather than killed.
 from __future__ import annotations
 
 import argparse
+import ast
 import os
+import re
 import subprocess
 import sys
 import time
@@ -62,15 +64,27 @@ def apply(copy: Path, mutation: Mutation) -> str | None:
     return original
 
 
+def classify(status: str, failed: list[str], base_status: str, base_failed: list[str]) -> tuple[str, list[str]]:
+    """(result, the tests that caught it). When the tests already fail unmutated, only failures beyond
+    the baseline's count as catching the break."""
+    if status == "timeout":
+        return "killed (timeout)", []
+    if base_status == "passed":
+        return ("killed", failed) if status == "failed" else ("SURVIVED", [])
+    new = [f for f in failed if f not in base_failed]
+    return ("killed", new) if new else (f"baseline failed ({len(base_failed)} tests fail unmutated)", [])
+
+
 def mutate(copy: Path, mutations: list[Mutation], timeout: float, report=None) -> list[dict]:
-    """Each mutation in turn; ``report(results)`` after each, so a stopped pass leaves its rows so far."""
-    baseline: dict[tuple[str, ...], str] = {}
+    """Each mutation in turn; ``report(results)`` after each, so a stopped pass leaves its rows so far.
+    The log lines on stderr are the raw record (``--from-log`` renders the report from them again)."""
+    baseline: dict[tuple[str, ...], tuple[str, list[str]]] = {}
     results = []
     for mutation in mutations:
         if mutation.tests not in baseline:
             status, failed, secs = run_tests(copy, mutation.tests, timeout)
-            baseline[mutation.tests] = status
-            print(f"baseline {' '.join(mutation.tests)}: {status} {failed[:3]} ({secs:.0f} s)", file=sys.stderr)
+            baseline[mutation.tests] = (status, failed)
+            print(f"baseline {' '.join(mutation.tests)}: {status} {failed} ({secs:.0f} s)", file=sys.stderr)
         original = apply(copy, mutation)
         if original is None:
             results.append({"mutation": mutation, "result": "stale (snippet not found once)", "caught": []})
@@ -79,14 +93,42 @@ def mutate(copy: Path, mutations: list[Mutation], timeout: float, report=None) -
             status, failed, secs = run_tests(copy, mutation.tests, timeout)
         finally:
             (copy / mutation.file).write_text(original)
-        if baseline[mutation.tests] != "passed":
-            result = "baseline failed"
-        else:
-            result = {"passed": "SURVIVED", "failed": "killed", "timeout": "killed (timeout)"}[status]
-        print(f"{result:9} {mutation.area}: {mutation.description} ({secs:.0f} s) {failed}", file=sys.stderr)
-        results.append({"mutation": mutation, "result": result, "caught": failed, "seconds": secs})
+        result, caught = classify(status, failed, *baseline[mutation.tests])
+        results_base = baseline[mutation.tests][1]
+        print(f"mutant {status} {mutation.area}: {mutation.description} ({secs:.0f} s) {failed}", file=sys.stderr)
+        results.append(
+            {"mutation": mutation, "result": result, "caught": caught, "seconds": secs, "base": results_base}
+        )
         if report is not None:
             report(results)
+    return results
+
+
+LOG_LINE = re.compile(r"^(?:mutant )?(\w+|baseline failed)\s+(\w+): (.*) \((\d+) s\) (\[.*\])$")
+STATUS_OF = {"killed": "failed", "SURVIVED": "passed", "baseline failed": "failed", "failed": "failed"}
+
+
+def from_log(log: Path, chosen: list[Mutation]) -> list[dict]:
+    """The results of a pass, re-classified from its log (a pass whose report rules changed afterwards)."""
+    by_description = {mu.description: mu for mu in chosen}
+    baseline: dict[str, tuple[str, list[str]]] = {}
+    results = []
+    for line in log.read_text().splitlines():
+        if line.startswith("baseline tests/"):
+            tests, rest = line[len("baseline ") :].split(": ", 1)
+            status, listed = rest.split(" ", 1)
+            baseline[tests] = (status, ast.literal_eval(listed[: listed.rindex("]") + 1]))
+            continue
+        match = LOG_LINE.match(line)
+        if match is None or match[3] not in by_description:
+            continue
+        mutation = by_description[match[3]]
+        status = STATUS_OF.get(match[1], match[1])
+        base = baseline[" ".join(mutation.tests)]
+        result, caught = classify(status, ast.literal_eval(match[5]), *base)
+        results.append(
+            {"mutation": mutation, "result": result, "caught": caught, "seconds": float(match[4]), "base": base[1]}
+        )
     return results
 
 
@@ -113,6 +155,15 @@ def table(results: list[dict], commit: str, minutes: float, planned: int) -> str
         lines.append(
             f"| {mu.area} | `{mu.file.removeprefix('deltatune/')}` | {mu.description} | {r['result']} | {caught} |"
         )
+    failing = sorted({f for r in results for f in r.get("base", [])})
+    if failing:
+        lines += [
+            "",
+            "Failing already without any break (so not counted as catching one; pytest stops after "
+            f"{MAX_CAUGHT} failures, so there may be more):",
+            "",
+        ]
+        lines += [f"- `{f}`" for f in failing]
     if survived:
         lines += ["", "Survivors (breaks no test sees):", ""]
         lines += [f"- {r['mutation'].area}: {r['mutation'].description} (`{r['mutation'].file}`)" for r in survived]
@@ -122,6 +173,7 @@ def table(results: list[dict], commit: str, minutes: float, planned: int) -> str
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--all", action="store_true", help="also the breaks left out of the default pass for time")
+    parser.add_argument("--from-log", help="render the report from a pass's log (stderr) instead of running one")
     parser.add_argument("--ref", default="HEAD", help="commit to mutate (default HEAD: commit your tests first)")
     parser.add_argument("--area", action="append", help="only these areas (methods, attention, quantization, serving)")
     parser.add_argument("--out", default=str(ROOT / "docs" / "mutation.md"), help="markdown report, '-' for stdout")
@@ -137,13 +189,18 @@ def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
 
     def report(results: list[dict]) -> None:
-        text = table(results, commit, (time.monotonic() - start) / 60, len(chosen))
+        minutes = sum(r.get("seconds", 0) for r in results) / 60 if args.from_log else (time.monotonic() - start) / 60
+        text = table(results, commit, minutes, len(chosen))
         if args.out == "-":
             return
         tmp_out = Path(args.out).with_suffix(".md.tmp")
         tmp_out.write_text(text)
         tmp_out.replace(args.out)
 
+    if args.from_log:
+        results = from_log(Path(args.from_log), chosen)
+        report(results)
+        return 0
     copy = worktree(args.ref, Path(args.workdir) / f"wt-mutate-{os.getpid()}")  # beside the checkout: shared/data
     try:
         results = mutate(copy, chosen, args.timeout, report)
