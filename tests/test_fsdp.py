@@ -1,5 +1,6 @@
 """`deltatune train --fsdp` with 2 gloo processes on a tiny Llama: equal to one process, whole saved
-tensors that peft loads, resume across numbers of processes, no hang when a rank is killed."""
+tensors that peft loads, resume across numbers of processes, no hang when a rank is killed. Every run
+accumulates 2 micro-batches with gradient checkpointing on."""
 
 from __future__ import annotations
 
@@ -57,6 +58,9 @@ def train_args(base: Path, data: Path, out: Path, *extra: str) -> list[str]:
         "4",
         "--save-every",
         "2",
+        "--grad-accum",  # both compose with sharding: every run here uses them
+        "2",
+        "--gradient-checkpointing",
         *extra,
     ]
 
