@@ -175,7 +175,7 @@ def materialize(root: nn.Module) -> None:
         for name, param in module._parameters.items():
             if param is not None:
                 places.setdefault(id(param), []).append((module, name))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
     root.to_empty(device=device)
     for (first, first_name), *others in places.values():  # to_empty gives each use of a tied weight its own
         for module, name in others:

@@ -94,6 +94,8 @@ def init_distributed(sharded: bool = False) -> tuple[int, int]:
     """(rank, world size); starts the process group when launched by torchrun (or alone, for --fsdp)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(training_device())  # this rank's GPU, which NCCL and FSDP's mesh use
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend)
     elif sharded and not dist.is_initialized():  # one process: FSDP still needs a group (of one)
