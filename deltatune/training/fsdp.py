@@ -74,36 +74,13 @@ def mesh() -> Any:
 
 
 # --- the base without its weights -----------------------------------------------------------------
-@contextlib.contextmanager
-def _parameters_on_meta() -> Iterator[None]:
-    """Parameters created inside go to the meta device (no memory, no random draws); buffers stay real,
-    since some are computed in ``__init__`` (rotary frequencies) and are in no checkpoint."""
-    register = nn.Module.register_parameter
-
-    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        if param is not None and param.device.type != "meta":
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        register(module, name, param)
-
-    nn.Module.register_parameter = on_meta
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register
-
-
 def skeleton(directory: Path, task: str) -> tuple[nn.Module, dict[int, list[str]]]:
     """The model of ``directory`` with zero-memory stand-ins (NaN, one element, expanded) as weights,
     and each stand-in's names (a tied weight has several). An adapter init that reads base weights
     yields NaN, which :func:`check_adapter_init` turns into an error."""
-    from transformers import AutoConfig
+    from deltatune.loading.streaming import meta_skeleton
 
-    from deltatune.loading.base_models import _auto_class
-
-    config = AutoConfig.from_pretrained(directory)
-    dtype = getattr(config, "dtype", None) or torch.float32
-    with torch.random.fork_rng(), _parameters_on_meta():
-        model = _auto_class(task).from_config(config, dtype=dtype)
+    model = meta_skeleton(directory, task)
     names: dict[int, list[str]] = {}
     standins: dict[int, nn.Parameter] = {}
     for module_name, module in model.named_modules(remove_duplicate=False):
