@@ -132,7 +132,7 @@ def from_log(log: Path, chosen: list[Mutation]) -> list[dict]:
     return results
 
 
-def table(results: list[dict], commit: str, minutes: float, planned: int) -> str:
+def table(results: list[dict], commit: str, minutes: float, planned: int, source: str = "") -> str:
     killed = sum(r["result"].startswith("killed") for r in results)
     survived = [r for r in results if r["result"] == "SURVIVED"]
     lines = [
@@ -144,7 +144,7 @@ def table(results: list[dict], commit: str, minutes: float, planned: int) -> str
         "first ones are named); *SURVIVED*: every test passed, i.e. these tests cannot see this break.",
         "",
         f"Commit `{commit}`; {len(results)} of {planned} mutations run, {killed} killed, {len(survived)} survived; "
-        f"{minutes:.1f} min.",
+        f"{minutes:.1f} min of mutant runs.{source}",
         "",
         "| area | file | break | result | caught by (first failing tests) |",
         "|---|---|---|---|---|",
@@ -190,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def report(results: list[dict]) -> None:
         minutes = sum(r.get("seconds", 0) for r in results) / 60 if args.from_log else (time.monotonic() - start) / 60
-        text = table(results, commit, minutes, len(chosen))
+        source = f" Rendered from the pass's log, `{args.from_log}` (`--from-log`)." if args.from_log else ""
+        text = table(results, commit, minutes, len(chosen), source)
         if args.out == "-":
             return
         tmp_out = Path(args.out).with_suffix(".md.tmp")
