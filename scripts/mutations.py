@@ -61,8 +61,8 @@ MUTATIONS = [
     m(
         "methods",
         "methods/lora.py",
-        "dropping = self.training and name in self.lora_dropout",
-        "dropping = name in self.lora_dropout",
+        "dropped = self.lora_dropout[name](x) if dropping else x",
+        "dropped = F.dropout(x, self.lora_dropout[name].p, True) if name in self.lora_dropout else x",
         "LoRA dropout also in eval mode",
         LORA,
     ),

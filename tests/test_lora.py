@@ -203,3 +203,19 @@ def test_default_targets_follow_peft_and_are_recorded(tmp_path):
     weird.config.model_type = "mystery"
     with pytest.raises(dt.ConfigError, match="set target_modules"):
         dt.wrap(weird, dt.LoraConfig())
+
+
+def test_dropout_drops_only_while_training():
+    """Eval mode is the exact low-rank update (no dropout); training mode drops entries of the branch's input."""
+    torch.manual_seed(0)
+    layer = LoraLinear(nn.Linear(16, 8))
+    layer.add("a", r=4, alpha=4, dropout=0.5, rslora=False, init=True)
+    layer.active_adapter = "a"
+    nn.init.normal_(layer.lora_B["a"].weight)
+    x = torch.randn(32, 16)
+    w = layer.base_layer.weight + layer.lora_B["a"].weight @ layer.lora_A["a"].weight
+    exact = F.linear(x, w, layer.base_layer.bias)
+    layer.eval()
+    torch.testing.assert_close(layer(x), exact)
+    layer.train()
+    assert not torch.allclose(layer(x), exact, atol=1e-3)
