@@ -8,6 +8,9 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)  # read once at import: mkstemp/mkdtemp create 0600/0700, a plain open() would honour the umask
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -18,6 +21,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # after the write: some writers (safetensors) replace the file with a 0600 one
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -45,6 +49,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp.chmod(0o777 & ~_UMASK)
     try:
         yield tmp
         for file in tmp.rglob("*"):

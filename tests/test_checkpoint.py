@@ -159,3 +159,21 @@ def test_nan_inf_or_integer_tensors_are_refused_naming_the_tensor(tmp_path, pois
     with pytest.raises(dt.ConfigError, match=message):
         model.load_adapter(tmp_path, "second")
     assert list(model.peft_config) == ["default"]  # nothing half-loaded
+
+
+def test_saved_files_get_the_permissions_of_any_new_file(tmp_path):
+    """Atomic writes go through mkstemp (0600); the saved adapter must still be readable as the umask allows."""
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        model = dt.wrap(tiny_llama(), dt.LoraConfig(r=2, target_modules=["q_proj"]))
+        model.save_pretrained(tmp_path / "out")
+        reference = tmp_path / "plain"
+        reference.write_text("x")
+    finally:
+        os.umask(umask)
+    expected = reference.stat().st_mode & 0o777
+    for file in (tmp_path / "out").iterdir():
+        assert file.stat().st_mode & 0o777 == expected, file.name
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
