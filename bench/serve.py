@@ -80,10 +80,10 @@ def free_port() -> int:
 class Server:
     """``deltatune serve`` in a child process, ready once /v1/models answers."""
 
-    def __init__(self, base: str, adapters: Path | None, max_batch: int) -> None:
+    def __init__(self, base: str, adapters: Path | None, max_batch: int, extra: list[str] | None = None) -> None:
         self.port = free_port()
         cmd = [sys.executable, "-m", "deltatune", "serve", "--base", base, "--port", str(self.port)]
-        cmd += ["--max-batch", str(max_batch)] + (["--adapters", str(adapters)] if adapters else [])
+        cmd += ["--max-batch", str(max_batch)] + (["--adapters", str(adapters)] if adapters else []) + (extra or [])
         self.process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.url = f"http://127.0.0.1:{self.port}/v1"
         deadline = time.time() + 300
@@ -186,6 +186,53 @@ def run_direct(library: str, adapters: Path, jobs: list[tuple[str, str]], batch:
     return summary(time.perf_counter() - start, latencies, tokens)
 
 
+SLOTS = ["--max-loaded-adapters", str(len(ADAPTERS)), "--max-lora-rank", "8"]
+
+
+def compare_slots(args: argparse.Namespace, jobs: list[tuple[str, str]]) -> None:
+    """``--slots-runs N``: the eight adapters mixed with adapter slots, without them (the general
+    mixed path), and one merged adapter; N rounds, each server a fresh process, the order rotated
+    every round; one raw line per round in bench/results/serve_slots.jsonl, medians (min-max) printed."""
+    from _common import RunMeter, append_result
+
+    rounds: list[dict[str, float]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        adapters, merged = Path(tmp) / "adapters", Path(tmp) / "merged"
+        make_adapters(adapters, args.seed)
+        make_merged(adapters, merged)
+        ways = {
+            "mixed_slots": (BASE, adapters, SLOTS),
+            "mixed_no_slots": (BASE, adapters, []),
+            "merged": (str(merged), None, []),
+        }
+        for i in range(args.slots_runs):
+            order = list(ways)[i % 3 :] + list(ways)[: i % 3]
+            meter, figures = RunMeter(), {}
+            for way in order:
+                base, folder, extra = ways[way]
+                with Server(base, folder, args.concurrency, extra) as server:
+                    sent = [(server.models[0] if folder is None else name, text) for name, text in jobs]
+                    load(server.url, sent[: args.concurrency], args.concurrency, 4)  # warm-up
+                    log(f"round {i + 1}: {way} ...")
+                    figures[way] = load(server.url, sent, args.concurrency, args.max_tokens)["tokens_per_s"]
+            figures |= {
+                f"{w}_vs_merged": round(figures[w] / figures["merged"], 3) for w in ("mixed_slots", "mixed_no_slots")
+            }
+            append_result("serve_slots", figures, meter, settings=vars(args), order=order)
+            rounds.append(figures)
+    emit(
+        {
+            "bench": "serve_slots",
+            "rounds": len(rounds),
+            "median (min-max)": {
+                key: [median([r[key] for r in rounds]), min(r[key] for r in rounds), max(r[key] for r in rounds)]
+                for key in rounds[0]
+            },
+            "goal": {"mixed_slots_vs_merged": 0.95},
+        }
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--requests", type=int, default=64)
@@ -193,9 +240,14 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-peft", action="store_true")
+    parser.add_argument("--slots-runs", type=int, help="compare adapter slots / no slots / merged, N rounds")
+    parser.add_argument("--allow-dirty", action="store_true", help="record figures from uncommitted code")
     args = parser.parse_args()
     instructions = [row["instruction"] for row in json.loads(ALPACA.read_text())]
     jobs = [(ADAPTERS[i % len(ADAPTERS)], instructions[i % len(instructions)]) for i in range(args.requests)]
+    if args.slots_runs:
+        compare_slots(args, jobs)
+        return
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         adapters, merged = Path(tmp) / "adapters", Path(tmp) / "merged"

@@ -240,6 +240,12 @@ def cmd_serve(argv: list[str]) -> int:
         "(default: load every adapter at start)",
     )
     parser.add_argument(
+        "--max-lora-rank",
+        type=int,
+        help="with --max-loaded-adapters: keep LoRA factors in preallocated slots padded to this rank (a step "
+        "gathers by slot id); adapters of a higher rank are refused (default: no slots)",
+    )
+    parser.add_argument(
         "--scheduler",
         choices=["continuous", "dynamic"],
         default="continuous",
@@ -257,9 +263,11 @@ def cmd_serve(argv: list[str]) -> int:
 
     if args.adapters and not Path(args.adapters).is_dir():
         raise ConfigError(f"--adapters {args.adapters} is not a directory")
-    for flag in ("max_batch", "max_queue", "max_tokens_limit", "max_loaded_adapters", "prefill_chunk"):
+    for flag in ("max_batch", "max_queue", "max_tokens_limit", "max_loaded_adapters", "max_lora_rank", "prefill_chunk"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if args.max_lora_rank is not None and args.max_loaded_adapters is None:
+        raise ConfigError("--max-lora-rank sizes the adapter slots: give --max-loaded-adapters (the slots) too")
     model, tokenizer = load_base(args.base, quantize=args.quantize)
     name = Path(args.base).name if Path(args.base).is_dir() else args.base
     engine = Engine(
@@ -270,6 +278,7 @@ def cmd_serve(argv: list[str]) -> int:
         max_batch=args.max_batch,
         max_queue=args.max_queue,
         max_loaded=args.max_loaded_adapters,
+        max_lora_rank=args.max_lora_rank,
         scheduler=args.scheduler,
         prefill_chunk=args.prefill_chunk,
     )

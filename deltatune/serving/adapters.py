@@ -18,6 +18,7 @@ from deltatune.constants import ADAPTER_NAME, BASE_ADAPTER
 from deltatune.mixed import mixable
 from deltatune.model import DeltaModel
 from deltatune.serving.mixes import build
+from deltatune.serving.slots import SlotTable
 
 log = logging.getLogger("deltatune.serve")
 RESERVED = frozenset(n for n in dir(nn.ModuleDict) if not n.startswith("__"))  # names layers' dicts already use
@@ -73,9 +74,16 @@ def check_mixable(path: Path) -> None:
 class Adapters:
     """Servable adapters by name (their paths), and the loaded ones in least-recently-used order."""
 
-    def __init__(self, base_model: nn.Module, base_name: str, directory: Path | None, max_loaded: int | None) -> None:
+    def __init__(
+        self,
+        base_model: nn.Module,
+        base_name: str,
+        directory: Path | None,
+        max_loaded: int | None,
+        slots: SlotTable | None = None,
+    ) -> None:
         self.base_model, self.base_name, self.directory = base_model, base_name, directory
-        self.max_loaded = max_loaded
+        self.max_loaded, self.slots = max_loaded, slots
         self.model: DeltaModel | None = None
         self.paths: dict[str, Path] = {}
         self.recent: OrderedDict[str, None] = OrderedDict()  # loaded, least recently used first
@@ -165,6 +173,7 @@ class Adapters:
             return False
         build(self.model, name, spec)
         self.model.eval()
+        self._write_slot(name)
         self.recent[name] = None
         self.loads += 1
         log.info("mixed adapter %s from %s", name, spec)
@@ -177,19 +186,37 @@ class Adapters:
         else:
             self.model.load_adapter(path, name)
         self.model.eval()
+        self._write_slot(name)
         self.recent[name] = None
         self.loads += 1
         log.info("loaded adapter %s from %s", name, path)
+
+    def _write_slot(self, name: str) -> None:
+        """Copy a loaded adapter into its slot; one the slots cannot hold is taken out again."""
+        if self.slots is None:
+            return
+        try:
+            self.slots.write(self.model, name)
+        except Exception:
+            self._remove(name)
+            raise
 
     def unload(self, name: str) -> None:
         if name not in self.recent:
             return
         del self.recent[name]
+        self._remove(name)
+
+    def _remove(self, name: str) -> None:
+        if self.slots is not None:
+            self.slots.reset(name)
         if len(self.model.peft_config) == 1:  # the last one: back to the plain base, ready for any next load
             self.model.unload()
             self.model = None
         else:
             self.model.delete_adapter(name)
+        if self.slots is not None:
+            self.slots.sync(self.model)  # layers unwrapped with it drop their tables
         log.info("unloaded adapter %s", name)
 
     def forget(self, name: str, deleted: bool = False) -> None:

@@ -47,6 +47,7 @@ from deltatune.serving.adapters import Adapters
 from deltatune.serving.kv import Batch
 from deltatune.serving.metrics import Metrics
 from deltatune.serving.rows import Detokenizer, QueueFull, Request, pick
+from deltatune.serving.slots import SlotTable
 
 log = logging.getLogger("deltatune.serve")
 
@@ -63,6 +64,7 @@ class Engine:
         max_batch: int = 16,
         max_queue: int = 256,
         max_loaded: int | None = None,
+        max_lora_rank: int | None = None,
         scheduler: Literal["continuous", "dynamic"] = "continuous",
         prefill_chunk: int = 512,
         batch_window_s: float = 0.5,
@@ -73,7 +75,8 @@ class Engine:
         self.base_model = base_model.eval()
         self.tokenizer, self.base_name = tokenizer, base_name
         self.adapters_dir = Path(adapters_dir).resolve() if adapters_dir else None
-        self.store = Adapters(self.base_model, base_name, self.adapters_dir, max_loaded)
+        slots = SlotTable(max_loaded, max_lora_rank) if max_loaded and max_lora_rank else None
+        self.store = Adapters(self.base_model, base_name, self.adapters_dir, max_loaded, slots)
         self.max_batch, self.max_queue, self.scheduler = max_batch, max_queue, scheduler
         self.prefill_chunk, self.batch_window_s, self.arrival_gap_s = prefill_chunk, batch_window_s, arrival_gap_s
         self.context_length = getattr(base_model.config, "max_position_embeddings", None) or 2048
@@ -331,7 +334,9 @@ class Engine:
         if model is None or all(n == BASE_ADAPTER for n in names):
             scope = routing.scope(adapter=BASE_ADAPTER, rows=None) if model is not None else contextlib.nullcontext()
         else:
-            scope = routing.scope(adapter=None, rows=routing.RowAdapters(check(model, names)))
+            slots, names = self.store.slots, check(model, names)
+            rows = slots.rows(names) if slots is not None else routing.RowAdapters(names)
+            scope = routing.scope(adapter=None, rows=rows)
         set_cache(inputs, self.base_model, cache)
         with scope:
             out = self.base_model(**inputs, use_cache=True, logits_to_keep=1)
@@ -413,7 +418,7 @@ class Engine:
 
     def _join(self, group: list[Request], logits: torch.Tensor, cache: DynamicCache, mask: torch.Tensor) -> None:
         self._advance(group, logits)
-        keep = [i for i, r in enumerate(group) if r.finish_reason is None]
+        keep = [i for i, r in enumerate(group) if r.finish_reason is None and not r.cancelled]  # cancelled: no token
         if not keep:
             return
         if len(keep) < len(group):

@@ -1,0 +1,97 @@
+"""Adapter slots (serving/slots.py): loads write a slot, evictions reset it, and a batch of rows
+gathered from the slots computes what each adapter computes alone."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from test_server import adapters_dir, tiny_model  # noqa: F401 (adapters_dir: a fixture)
+
+from deltatune import routing
+from deltatune.constants import BASE_ADAPTER
+from deltatune.serving.adapters import Adapters
+from deltatune.serving.slots import SlotTable, plain
+
+
+def lora_layers(model):
+    return [layer for _, layer in model.delta_layers() if plain(layer)]
+
+
+def test_a_load_writes_its_slot_and_an_eviction_resets_it(adapters_dir, smol_tokenizer):  # noqa: F811
+    store = Adapters(tiny_model(len(smol_tokenizer)), "tiny", adapters_dir, 1, SlotTable(slots=1, max_rank=8))
+    table = store.slots
+    assert store.ensure("poet", set())
+    slot = table.slot_of["poet"]
+    assert slot == 1 and len(table.tables) == len(lora_layers(store.model))
+    for layer in lora_layers(store.model):
+        _, a, b = table.tables[id(layer)]
+        assert a.shape[0] == b.shape[0] == 2 and a.shape[-1] == b.shape[1] == 8
+        assert torch.equal(a[slot, :, :4], layer.lora_A["poet"].weight.T) and not a[slot, :, 4:].any()
+        assert torch.equal(b[slot, :4], (layer.lora_B["poet"].weight * layer.scaling["poet"]).T)
+        assert not b[slot, 4:].any() and not a[0].any() and not b[0].any()
+    assert store.ensure("coder", set())  # evicts poet: its slot is coder's now
+    assert table.slot_of == {"coder": 1} and store.evictions == 1
+    for layer in lora_layers(store.model):  # coder's layers only (poet's were unwrapped)
+        _, a, b = table.tables[id(layer)]
+        assert torch.equal(a[1, :, :2], layer.lora_A["coder"].weight.T) and not a[1, :, 2:].any()
+    store.unload("coder")
+    assert table.slot_of == {} and not table.tables
+
+
+def test_rows_over_slots_equal_each_adapter_alone(adapters_dir, smol_tokenizer):  # noqa: F811
+    store = Adapters(tiny_model(len(smol_tokenizer)), "tiny", adapters_dir, 4, SlotTable(slots=4, max_rank=8))
+    for name in ("poet", "coder"):
+        store.ensure(name, set())
+    model, names = store.model, ["coder", BASE_ADAPTER, "poet", "coder"]
+    ids = torch.randint(0, len(smol_tokenizer), (4, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        with routing.scope(adapter=None, rows=store.slots.rows(names)):
+            mixed = model.base_model(input_ids=ids).logits
+        for i, name in enumerate(names):
+            alone = model(input_ids=ids[i : i + 1], adapter_name=name).logits
+            torch.testing.assert_close(mixed[i : i + 1], alone, rtol=1e-5, atol=1e-5)
+    assert store.slots.rows(names).ids == [2, 0, 1, 2]
+    store.unload("poet")  # its slot is reset: zeros in every layer that is left
+    assert store.slots.slot_of == {"coder": 2}
+    assert all(not a[1].any() and not b[1].any() for _, a, b in store.slots.tables.values())
+
+
+def test_ranks_past_the_slots_are_refused_clearly(adapters_dir, smol_tokenizer):  # noqa: F811
+    store = Adapters(tiny_model(len(smol_tokenizer)), "tiny", adapters_dir, 2, SlotTable(slots=2, max_rank=2))
+    store.ensure("coder", set())  # r=2 fits
+    try:
+        store.ensure("poet", set())
+    except ValueError as err:
+        assert "rank 4, more than --max-lora-rank 2" in str(err)
+    else:
+        raise AssertionError("a rank-4 adapter loaded into rank-2 slots")
+    assert "poet" not in store.recent and "poet" not in store.slots.slot_of
+    assert "poet" not in store.model.peft_config  # the failed load left nothing behind
+
+
+def test_a_server_with_slots_answers_each_row_as_alone(adapters_dir, smol_tokenizer):  # noqa: F811
+    """Through the engine: rows of two adapters and the base decode together from the slots."""
+    import json
+    from concurrent.futures import ThreadPoolExecutor
+
+    from test_server import reference, running
+    from test_serving_vllm import call
+
+    from deltatune.serving import Engine
+
+    engine = Engine(
+        tiny_model(len(smol_tokenizer)), smol_tokenizer, "tiny", adapters_dir, max_loaded=3, max_lora_rank=4
+    )
+    with running(engine) as url:
+        jobs = [("poet", "Once upon"), ("coder", "def main"), ("tiny", "Hello there"), ("poet", "The sea")]
+        body = {"max_tokens": 6, "temperature": 0}
+        with ThreadPoolExecutor(4) as pool, engine.lock:  # held: all four join the same first step
+            futures = [pool.submit(call, url, "/completions", {"model": m, "prompt": p} | body) for m, p in jobs]
+            while engine.queued < 4:
+                time.sleep(0.01)
+        texts = [json.loads(f.result()[2])["choices"][0]["text"] for f in futures]
+        assert set(engine.store.slots.slot_of) == {"poet", "coder"}
+        for (model, prompt), text in zip(jobs, texts, strict=True):
+            adapter = BASE_ADAPTER if model == "tiny" else model
+            assert text == reference(engine, adapter, smol_tokenizer(prompt)["input_ids"], 6), model
