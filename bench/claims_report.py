@@ -1,5 +1,5 @@
-"""Print the README's claims table (markdown) from ``bench/results/claims.jsonl``: what the seed says, what we
-measured (mean ± std over seeds), whether it holds here, with the exact command. Never typed by hand.
+"""Print the claims table of docs/benchmarks.md (markdown) from ``bench/results/claims.jsonl``: what the seed says,
+what we measured (mean ± std over seeds), whether it holds here, with the exact command. Never typed by hand.
 
 For each claim the lines used are those run with the latest line's settings (the options that choose ranks, seeds,
 k values or methods may differ between invocations: they add runs, they do not change them).
@@ -319,23 +319,15 @@ def table() -> str:
     return "\n".join(out)
 
 
-START, END = "<!-- claims table: python bench/claims_report.py --write README.md -->", "<!-- end of claims table -->"
+def write(path: Path) -> None:
+    """Regenerate every generated table of ``path`` (the claims table among them), leaving the rest as it is."""
+    from docs_tables import write as write_tables
 
-
-def write(readme: Path) -> None:
-    """Replace the text between the README's claims-table markers with the table, leaving the rest as it is."""
-    text = readme.read_text(encoding="utf-8")
-    if text.count(START) != 1 or text.count(END) != 1:
-        sys.exit(f"{readme}: needs exactly one '{START}' line and one '{END}' line")
-    head, rest = text.split(START)
-    _, tail = rest.split(END)
-    from deltatune.atomic import atomic_write_text
-
-    atomic_write_text(readme, f"{head}{START}\n{table()}\n{END}{tail}")
+    write_tables(path)
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--write"] and len(sys.argv) == 3:
-        write(Path(sys.argv[2]))
+    if sys.argv[1:2] == ["--write"] and len(sys.argv) <= 3:
+        write(Path(sys.argv[2] if len(sys.argv) == 3 else Path(__file__).resolve().parents[1] / "docs/benchmarks.md"))
     else:
         print(table())

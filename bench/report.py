@@ -1,8 +1,10 @@
-"""Print the README's benchmark tables (markdown) from the raw results in ``bench/results/*.jsonl``.
+"""Print the benchmark tables (markdown) of docs/benchmarks.md from the raw results in ``bench/results/*.jsonl``.
 
 Tables are generated from the committed raw lines, never typed: ``python bench/report.py glue`` (or
-``train_throughput``, ``methods``, ``lora_train_step``, ``lora_inference``, or no argument for all). Each table says
-which file, campaign and lines it shows. ``--campaign`` picks a campaign; the default is the file's latest one.
+``train_throughput``, ``methods``, ``lora_train_step``, ``lora_inference``, ``dora``, or no argument for all). Each
+table says which file, campaign and lines it shows. ``--campaign`` picks a campaign; the default is the file's latest
+one. ``python bench/report.py --write docs/benchmarks.md`` regenerates every table between that file's markers
+(``bench/docs_tables.py``), each headed by what it measured and when.
 """
 
 from __future__ import annotations
@@ -271,6 +273,50 @@ def lora_inference(campaign: str | None, last: int = 3) -> str:
     return "\n".join(out) + "\n\n" + "\n".join(notes) + "\n"
 
 
+def _dora_summary(part: str, campaign: str | None) -> tuple[int, dict] | None:
+    lines = [(n, r) for n, r in load("dora") if r.get("kind") == "summary" and r["figures"]["part"] == part]
+    if campaign:
+        lines = [(n, r) for n, r in lines if r.get("campaign") == campaign]
+    return lines[-1] if lines else None
+
+
+def _verdict(ratio: float, goal: str, met: bool) -> str:
+    return f"{ratio:.2f} ({goal.replace('<=', '≤')}: {'met' if met else '**NOT MET**'})"
+
+
+def dora(campaign: str | None) -> str:
+    """DoRA's training step and unmerged forward against LoRA and peft's DoRA, and PiSSA's init time."""
+    labels = {"train": "training step, 4 × 128 tokens, s", "infer": "unmerged forward, 1 × 128 tokens, s"}
+    out = ["| figure | deltatune LoRA | deltatune DoRA | peft DoRA | DoRA / LoRA (goal) |", "|---|---|---|---|---|"]
+    notes = []
+    for part, label in labels.items():
+        found = _dora_summary(part, campaign)
+        if not found:
+            continue
+        n, rec = found
+        w = rec["figures"]["workers"]
+        cells = [fmt_spread({k[:-2]: v for k, v in w[s].items() if k.endswith("_s")}, 2) for s in ("lora", "dora")]
+        cells.append(fmt_spread({k[:-2]: v for k, v in w["peft_dora"].items() if k.endswith("_s")}, 2))
+        verdict = _verdict(rec["figures"]["dora/lora"], rec["figures"]["goal"], rec["figures"]["goal_met"])
+        out.append(f"| {label} | {' | '.join(cells)} | {verdict} |")
+        notes.append(f"{part}: campaign `{rec['campaign']}`, summary line {n}")
+    found = _dora_summary("pissa", campaign)
+    if found:
+        n, rec = found
+        w = rec["figures"]["workers"]
+        spread = {s: fmt_spread({k[:-2]: v for k, v in w[s].items() if k.endswith("_s")}, 2) for s in w}
+        out += [
+            "",
+            "| figure | deltatune | peft | goal |",
+            "|---|---|---|---|",
+            f"| PiSSA init, all linear layers, r=16, `pissa_niter_4`, s | {spread['pissa']} | {spread['peft_pissa']} "
+            f"| {rec['figures']['goal'].replace('<=', '≤')}: {'met' if rec['figures']['goal_met'] else '**NOT MET**'} "
+            f"(median {w['pissa']['median_s']:.2f}) |",
+        ]
+        notes.append(f"pissa: campaign `{rec['campaign']}`, summary line {n}")
+    return "\n".join(out) + "\n\nSource: `bench/results/dora.jsonl`; " + "; ".join(notes) + ".\n"
+
+
 def simple(bench: str, campaign: str | None) -> str:
     """Benches that append one summary line per invocation: the median over the latest invocations."""
     lines = [(n, r) for n, r in load(bench) if r.get("kind") == "summary"]
@@ -279,16 +325,23 @@ def simple(bench: str, campaign: str | None) -> str:
     return "\n".join(f"line {n} ({r['date']}): {json.dumps(r['figures'])[:400]}" for n, r in lines) + "\n"
 
 
+TABLES = ("glue", "train_throughput", "methods", "lora_train_step", "lora_inference", "dora")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument(
-        "bench", nargs="*", default=["glue", "train_throughput", "methods", "lora_train_step", "lora_inference"]
-    )
+    parser.add_argument("bench", nargs="*", default=list(TABLES))
     parser.add_argument("--campaign")
+    parser.add_argument("--write", type=Path, metavar="MD", help="regenerate the tables between MD's markers")
     args = parser.parse_args()
+    if args.write:
+        from docs_tables import write
+
+        write(args.write)
+        return
     for bench in args.bench:
         print(f"### {bench}\n")
-        if bench in ("glue", "train_throughput", "methods", "lora_train_step", "lora_inference"):
+        if bench in TABLES:
             print(globals()[bench](args.campaign))
         else:
             print(simple(bench, args.campaign))
