@@ -193,3 +193,20 @@ def test_killed_rank_stops_the_others_and_the_run_resumes(tiny_llama_dir, tmp_pa
     saved = max(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*"))
     run([*args, "--max-steps", str(saved + 2), "--resume"], processes=2)
     assert json.loads((out / "summary.json").read_text())["steps"] == saved + 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--quantize", "int8"], "--fsdp cannot shard a --quantize int8 base"),
+        (["--use-dora"], "LoraConfig's initialisation reads the base weights"),
+    ],
+)
+def test_what_cannot_be_sharded_is_a_clear_error(tiny_llama_dir, tmp_path, flags, message):
+    """One process under --fsdp (a group of one); the error names what to use instead."""
+    data = alpaca_file(tmp_path / "train.jsonl")
+    proc = launch(train_args(tiny_llama_dir, data, tmp_path / "run", "--fsdp", *flags), 0, text=True)
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 2, output[-3000:]
+    assert message in output and "without --fsdp" in output
