@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import batch, tiny_llama
 from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
 
 import deltatune as dt
 from deltatune.cli import main
@@ -164,8 +165,9 @@ def test_lora_training_steps_on_a_quantized_base_follow_float_training(kind):
     assert drops["float"] > 0.01 and drops[kind] == pytest.approx(drops["float"], rel=0.1)
 
 
-def trained_adapter(kind: str, path) -> tuple[dt.DeltaModel, torch.Tensor]:
-    model = dt.wrap(quantize_base(tiny_llama(), kind), dt.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+def trained_adapter(kind: str, path, base=None) -> tuple[dt.DeltaModel, torch.Tensor]:
+    base = base if base is not None else tiny_llama()
+    model = dt.wrap(quantize_base(base, kind), dt.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -312,12 +314,17 @@ def test_nf4_adapter_loads_into_peft_on_a_bitsandbytes_base(tmp_path):
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    tiny_llama().save_pretrained(tmp_path / "base")
-    _, logits = trained_adapter("nf4", tmp_path / "adapter")
+    # Wider than tiny_llama: bitsandbytes' CPU path on AVX-512 machines repacks weights in blocks of 64 inputs.
+    wide = lambda: LlamaForCausalLM(LlamaConfig(**{**tiny_llama().config.to_dict(), "hidden_size": 128,  # noqa: E731
+                                                   "intermediate_size": 256, "head_dim": 32}))
+    torch.manual_seed(0)
+    wide().save_pretrained(tmp_path / "base")
+    _, logits = trained_adapter("nf4", tmp_path / "adapter", LlamaForCausalLM.from_pretrained(tmp_path / "base"))
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=bnb, device_map="cpu")
     theirs = peft.PeftModel.from_pretrained(base, tmp_path / "adapter")
     with torch.no_grad():
-        torch.testing.assert_close(theirs(**batch()).logits, logits, atol=1e-4, rtol=0)
+        # bitsandbytes computes in bfloat16 on AVX-512 CPUs (float32 elsewhere): a bfloat16-sized tolerance
+        torch.testing.assert_close(theirs(**batch()).logits, logits, atol=1e-2, rtol=0)
         with theirs.disable_adapter():
-            assert (theirs(**batch()).logits - logits).abs().max() > 1e-2  # the adapter is what matches
+            assert (theirs(**batch()).logits - logits).abs().max() > 1e-1  # the adapter is what matches
