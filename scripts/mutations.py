@@ -347,7 +347,7 @@ MUTATIONS = [
         "        if token in self.eos:\n",
         "        if False:\n",
         "end-of-sequence token does not stop a row",
-        GENERATION,
+        ("tests/test_serving_eos.py", *GENERATION),
     ),
     m(
         "serving",
