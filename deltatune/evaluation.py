@@ -148,18 +148,20 @@ def evaluate_file(
 def adapter_task_id(adapter: str | None, task_name: str | None) -> int | None:
     """The index of ``task_name`` in a multi-task adapter's ``tasks`` (None without a name); the adapter
     directory is checked first, so a damaged one is a clear error before any model loads."""
+    from deltatune import methods
     from deltatune.checkpoint.adapter import check_adapter_dir
     from deltatune.config import ConfigError
 
     config = check_adapter_dir(adapter) if adapter else None
     if task_name is None:
         return None
-    tasks = list(getattr(config, "tasks", None) or [])
+    tasks = methods.method_for(config).tasks_of(config) if config is not None else []
     if task_name not in tasks:
+        multi = methods.describe([m for m in methods.registered() if m.takes_task_ids])
         raise ConfigError(
             f"--task-name {task_name!r}: the adapter's tasks are {tasks}"
             if tasks
-            else "--task-name needs a multi-task adapter (HyperFormer, with tasks)"
+            else f"--task-name needs a multi-task adapter ({multi}, with tasks)"
         )
     return tasks.index(task_name)
 

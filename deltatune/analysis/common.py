@@ -7,26 +7,24 @@ from pathlib import Path
 
 import torch
 
+from deltatune import methods
 from deltatune.checkpoint.adapter import KEY_PREFIX, check_adapter_dir, load_tensors
 from deltatune.config import ConfigError, DeltaConfig
 from deltatune.targeting import layer_index
 
-A_SUFFIXES = (".lora_A.weight", ".lora_embedding_A")
-
 
 def lora_factors(adapter: str | Path, flag: str = "ADAPTER") -> tuple[DeltaConfig, dict[str, torch.Tensor]]:
-    """The adapter's config and its A matrices ``{module name: A (r x in)}``, read from the folder alone."""
+    """The adapter's config and its A matrices ``{module name: A (r x in)}``, read from the folder alone
+    (the method's ``low_rank_factors`` says which of its tensors they are)."""
     config = check_adapter_dir(adapter, flag)
-    if config.peft_type != "LORA":
+    read = methods.method_for(config).low_rank_factors
+    if read is None:
+        low_rank = methods.describe([m for m in methods.registered() if m.low_rank_factors is not None])
         raise ConfigError(
-            f"{flag} {adapter} is a {config.peft_type} adapter; subspace analysis compares the A matrices of LoRA "
-            "adapters (use `deltatune analyze delta` for the weight delta of other methods)"
+            f"{flag} {adapter} is a {config.peft_type} adapter; subspace analysis compares the A matrices of "
+            f"low-rank adapters ({low_rank}; use `deltatune analyze delta` for the weight delta of other methods)"
         )
-    factors = {}
-    for key, value in load_tensors(adapter).items():
-        suffix = next((s for s in A_SUFFIXES if key.endswith(s)), None)
-        if suffix is not None:
-            factors[key.removeprefix(KEY_PREFIX)[: -len(suffix)]] = value.float()
+    factors = read({key.removeprefix(KEY_PREFIX): value for key, value in load_tensors(adapter).items()})
     if not factors:
         raise ConfigError(f"{flag} {adapter} holds no LoRA A matrices; save the adapter again")
     return config, factors

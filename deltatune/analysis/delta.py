@@ -67,7 +67,7 @@ def analyze_delta(
     config = None if merged_model else _adapter_config(adapter)
     base = _resolve_base(adapter, base, config)
     before, after, exact = _weights(adapter, base, config, merged_model)
-    r = rank or getattr(config, "r", None) or 8
+    r = rank or _rank_of(config) or 8
     generator = torch.Generator().manual_seed(seed)
     modules: dict[str, dict[str, Any]] = {}
     for name, new in after.items():
@@ -263,3 +263,10 @@ def plot_delta(result: dict[str, Any], directory: str | Path) -> Path:
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
     return path
+
+
+def _rank_of(config: Any) -> int | None:
+    """The adapter's own rank (its method's ``rank_option``), None for a method without one or no adapter."""
+    from deltatune import methods
+
+    return None if config is None else methods.method_for(config).rank_of(config)

@@ -26,9 +26,9 @@ def plan(cfg: Any, ranks: list[int] | None, seeds: list[int] | None) -> list[tup
     from deltatune import methods
 
     if ranks:
-        fields = {f.name for f in dataclasses.fields(methods.config_class_for_name(cfg.method))}
-        if "r" not in fields:
-            raise ConfigError(f"--ranks needs a method with a rank r (lora); --method {cfg.method} has none")
+        if methods.method_named(cfg.method).rank_option is None:
+            ranked = methods.describe([m for m in methods.registered() if m.rank_option is not None])
+            raise ConfigError(f"--ranks needs a method with a rank ({ranked}); --method {cfg.method} has none")
         bad = [r for r in ranks if r < 1]
         if bad:
             raise ConfigError(f"--ranks must be positive integers, got {bad}")
@@ -50,13 +50,15 @@ def sweep(
     continues where it stopped. ``on_run(row, trained)`` is called after each run (``trained``: False for a
     kept one), for callers that record results as they come. Returns (and writes to ``sweep.json``) the runs.
     """
+    from deltatune import methods
     from deltatune.training.trainer import train
 
     out = Path(output_dir)
     runs = []
+    rank_option = methods.method_named(cfg.method).rank_option
     for rank, seed in plan(cfg, ranks, seeds):
         folder = out / run_name(rank, seed)
-        options = dict(cfg.method_options) | ({"r": rank} if rank is not None else {})
+        options = dict(cfg.method_options) | ({rank_option: rank} if rank is not None else {})
         run_cfg = dataclasses.replace(cfg, seed=seed, output_dir=str(folder), method_options=options)
         done = folder / "summary.json"
         kept = done.is_file()

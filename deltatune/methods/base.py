@@ -30,6 +30,9 @@ class DeltaLayer(nn.Module):
     adapter_attrs: ClassVar[tuple[str, ...]] = ()
     top_level_keys: ClassVar[bool] = False  # True: checkpoint keys are bare names, not module paths
     sums_active: ClassVar[bool] = False  # True: forward applies every adapter of adapters_active()
+    # Stores LoRA+ trains at another learning rate (deltatune.training.loraplus): "B" (lr x ratio) or
+    # "embedding" (an embedding's factors, their own lr); a store not named here is grouped by its shape.
+    loraplus_roles: ClassVar[dict[str, str]] = {}
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()

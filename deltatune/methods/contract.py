@@ -2,7 +2,8 @@
 method's own file with one ``register(Method(...))`` line, and the interfaces the record names.
 
     Method(name, config_class, inject, layer_classes, merges, mixes,
-           prepare_inputs, generate, finalize_merged, input_keys)
+           prepare_inputs, generate, finalize_merged, input_keys,
+           task_option, packable, rank_option, low_rank_factors, hotswap)
 
 * ``inject(model, adapter_name, config) -> list[str]`` adds the adapter to the modules it selects
   (through deltatune.targeting and :func:`~deltatune.methods.base.wrap_modules`) and returns their names.
@@ -19,6 +20,13 @@ method's own file with one ``register(Method(...))`` line, and the interfaces th
   (virtual tokens, prefix caches, task ids); ``input_keys``: forward arguments only this method
   understands, dropped while adapters are disabled. ``finalize_merged(model)`` runs on the plain
   model that ``merge_and_unload`` returns.
+* Capabilities the rest of deltatune asks about (so that no module outside deltatune.methods names a
+  method's config class or tensors): ``task_option``, the config option listing the tasks whose ids
+  the forward takes per row (HyperFormer's ``tasks``); ``packable``, whether packed examples (restarted
+  positions, no mask) stay apart under it (not so for virtual tokens); ``rank_option``, the option that
+  sets a rank (``r``); ``low_rank_factors(tensors) -> {module: A}``, the A (r×in) factors in a saved
+  adapter's tensors, for subspace analysis; ``hotswap``, how its weights are swapped in place under
+  ``torch.compile`` (:class:`HotSwap`). ``mergeable`` and ``mixable`` read ``merges`` and ``mixes``.
 
 Hooks see the model through :class:`AdapterHost`, the few things of a DeltaModel they may use.
 """
@@ -77,6 +85,16 @@ class Generate(Protocol):
 
 
 FinalizeMerged = Callable[[nn.Module], object]
+# Saved tensors (keys without the ``base_model.model.`` prefix) -> {module name: A factor, r x in}.
+LowRankFactors = Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]
+
+
+class HotSwap(Protocol):
+    """In-place weight swaps that keep a ``torch.compile``d graph (deltatune.hotswap)."""
+
+    def prepare(self, host: AdapterHost, adapter_name: str, target_rank: int | None) -> None: ...
+
+    def swap(self, host: AdapterHost, adapter_name: str, path: Any, new_config: DeltaConfig) -> None: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,10 +111,38 @@ class Method:
     generate: Generate | None = None
     finalize_merged: FinalizeMerged | None = None
     input_keys: tuple[str, ...] = ()
+    task_option: str | None = None
+    packable: bool = True
+    rank_option: str | None = None
+    low_rank_factors: LowRankFactors | None = None
+    hotswap: HotSwap | None = None
 
     @property
     def peft_type(self) -> str:
         return self.config_class.peft_type
+
+    @property
+    def mergeable(self) -> bool:
+        return self.merges
+
+    @property
+    def mixable(self) -> bool:
+        return self.mixes is not None
+
+    @property
+    def takes_task_ids(self) -> bool:
+        return self.task_option is not None
+
+    def tasks_of(self, config: DeltaConfig) -> list[str]:
+        """The task names whose ids ``config``'s adapter takes per row ([] for a one-task method)."""
+        if self.task_option is None:
+            return []
+        tasks = getattr(config, self.task_option) or []
+        return [tasks] if isinstance(tasks, str) else list(tasks)
+
+    def rank_of(self, config: DeltaConfig) -> int | None:
+        """``config``'s rank (None for a method without one)."""
+        return None if self.rank_option is None else getattr(config, self.rank_option)
 
     def __post_init__(self) -> None:
         what = f"method {self.name!r}"
@@ -119,6 +165,10 @@ class Method:
                 )
         if self.mixes in INPUT_WISE and self.prepare_inputs is None:
             raise TypeError(f"{what} mixes by its inputs ({self.mixes!r}) but has no prepare_inputs hook")
+        options = {f.name for f in dataclasses.fields(self.config_class)}
+        for role, option in (("task_option", self.task_option), ("rank_option", self.rank_option)):
+            if option is not None and option not in options:
+                raise ConfigError(f"{what}: {role} {option!r} is no option of {self.config_class.__name__}")
         if self.merges:
             unmergeable = [c.__name__ for c in self.layer_classes if not _can_merge(c)]
             if unmergeable:

@@ -431,5 +431,6 @@ register(
         prepare_inputs=prepare_inputs,
         generate=generate,
         input_keys=INPUT_KEYS,
+        task_option="tasks",
     )
 )

@@ -194,4 +194,4 @@ def inject(model: nn.Module, adapter_name: str, config: LoKrConfig) -> list[str]
     return names
 
 
-register(Method("lokr", LoKrConfig, inject, (LoKrLinear,), merges=True, mixes="rows"))
+register(Method("lokr", LoKrConfig, inject, (LoKrLinear,), merges=True, mixes="rows", rank_option="r"))

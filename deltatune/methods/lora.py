@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,7 @@ from deltatune.methods import dora, lora_init
 from deltatune.methods.base import DeltaLayer, wrap_modules
 from deltatune.methods.contract import Method, register
 from deltatune.methods.lora_embedding import LoraEmbedding, stacked_factors
+from deltatune.methods.lora_hotswap import LoraHotSwap
 from deltatune.targeting import find_targets
 from deltatune.wrappers import base_of
 
@@ -95,6 +97,7 @@ class LoraLinear(dora.KeepsMergedDelta, DeltaLayer):
 
     sums_active = True
     adapter_attrs = ("lora_A", "lora_B", "lora_dropout", "lora_magnitude_vector")
+    loraplus_roles: ClassVar[dict[str, str]] = {"lora_B": "B"}
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -181,6 +184,15 @@ class LoraLinear(dora.KeepsMergedDelta, DeltaLayer):
                 [ones, *(self.dora_gain(n, weight) if n in self.lora_magnitude_vector else ones for n in names)]
             )[slots]
         return a_t[slots], b_t[slots], torch.tensor([0.0, *p], device=slots.device)[slots], gains
+
+    def slot_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A (r×in) and s·B (out×r) of adapter ``name`` for a server's adapter slots (deltatune.serving.slots),
+        None when this layer lacks it; a DoRA adapter's rows are no plain product, so slots refuse it."""
+        if name not in self.lora_A:
+            return None
+        if name in self.lora_magnitude_vector:
+            raise ValueError(f"adapter {name!r} uses DoRA, which adapter slots cannot hold")
+        return self.lora_A[name].weight, self.lora_B[name].weight * self.scaling[name]
 
     def dora_gain(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         """g = m / ‖W0 + s·B·A‖ (per output), the factor DoRA applies to the LoRA layer's output."""
@@ -291,6 +303,31 @@ def inject(model: nn.Module, adapter_name: str, config: LoraConfig) -> list[str]
     return names
 
 
-register(Method("lora", LoraConfig, inject, (LoraLinear, LoraEmbedding), merges=True, mixes="weights"))
+A_SUFFIXES = (".lora_A.weight", ".lora_embedding_A")
+
+
+def low_rank_factors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``{module: A (r x in)}`` from a saved adapter's tensors (keys without the model prefix)."""
+    out = {}
+    for key, value in tensors.items():
+        suffix = next((s for s in A_SUFFIXES if key.endswith(s)), None)
+        if suffix is not None:
+            out[key[: -len(suffix)]] = value.float()
+    return out
+
+
+register(
+    Method(
+        "lora",
+        LoraConfig,
+        inject,
+        (LoraLinear, LoraEmbedding),
+        merges=True,
+        mixes="weights",
+        rank_option="r",
+        low_rank_factors=low_rank_factors,
+        hotswap=LoraHotSwap((LoraLinear, LoraEmbedding)),
+    )
+)
 
 __all__ = ["LoraConfig", "LoraEmbedding", "LoraLinear", "inject", "stacked_factors"]

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,7 @@ class LoraEmbedding(dora.KeepsMergedDelta, DeltaLayer):
 
     sums_active = True
     adapter_attrs = ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+    loraplus_roles: ClassVar[dict[str, str]] = {"lora_embedding_A": "embedding", "lora_embedding_B": "embedding"}
 
     def __init__(self, base_layer: nn.Embedding) -> None:
         super().__init__(base_layer)

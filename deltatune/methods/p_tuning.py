@@ -106,5 +106,6 @@ register(
         mixes="virtual_tokens",
         prepare_inputs=prepare_inputs,
         generate=generate,
+        packable=False,  # virtual tokens take the positions that keep packed examples apart
     )
 )

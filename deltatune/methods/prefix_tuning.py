@@ -152,5 +152,6 @@ register(
         mixes="prefix",
         prepare_inputs=prepare_inputs,
         generate=generate,
+        packable=False,  # virtual tokens take the positions that keep packed examples apart
     )
 )

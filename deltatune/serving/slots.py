@@ -6,8 +6,9 @@ Bᵀ of every loaded adapter in preallocated stacked tensors, padded to ``max_ra
 Loading an adapter writes its slot (zeros in layers it does not adapt), evicting it resets the
 slot; a decoding step is one gather by slot id per layer and two batched matmuls, where the
 general mixed path (``routing.RowAdapters``) pads and stacks each adapter's factors per call.
-Layers whose factors the table cannot hold (DoRA, other LoRA forms, embeddings) take that general
-path, row for row the same.
+A layer the table can hold says so by defining ``slot_factors(name) -> (A, s·B) | None`` (a plain
+LoRA linear); layers whose factors the table cannot hold (DoRA, other LoRA forms, embeddings) take
+that general path, row for row the same.
 """
 
 from __future__ import annotations
@@ -18,12 +19,11 @@ import torch
 
 from deltatune import routing
 from deltatune.constants import BASE_ADAPTER
-from deltatune.methods.lora import LoraLinear
 
 
 def plain(layer: Any) -> bool:
-    """A LoRA linear whose rows the table can hold (its factors are exactly Aᵀ and s·Bᵀ)."""
-    return type(layer).row_factors is LoraLinear.row_factors and isinstance(layer, LoraLinear)
+    """A layer whose rows the table can hold (its factors are exactly Aᵀ and s·Bᵀ: it has ``slot_factors``)."""
+    return callable(getattr(type(layer), "slot_factors", None))
 
 
 class SlotTable:
@@ -72,8 +72,8 @@ class SlotTable:
             a[slot].zero_()
             b[slot].zero_()
 
-    def _new_table(self, layer: LoraLinear) -> tuple[Any, torch.Tensor, torch.Tensor]:
-        weight = next(iter(layer.lora_A.values())).weight
+    def _new_table(self, layer: Any) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        weight = layer.adapter_parameters(layer.adapter_names[0])[0]  # the first adapter's A: the factors' dtype
         size = (self.slots + 1, layer.in_features, self.max_rank)
         a = torch.zeros(size, dtype=weight.dtype, device=weight.device)
         b = torch.zeros(self.slots + 1, self.max_rank, layer.out_features, dtype=weight.dtype, device=weight.device)
@@ -82,21 +82,20 @@ class SlotTable:
             self._fill(table, layer, other, slot)
         return table
 
-    def _fill(self, table: tuple[Any, torch.Tensor, torch.Tensor], layer: LoraLinear, name: str, slot: int) -> None:
+    def _fill(self, table: tuple[Any, torch.Tensor, torch.Tensor], layer: Any, name: str, slot: int) -> None:
         _, a, b = table
         a[slot].zero_()
         b[slot].zero_()
-        if name not in layer.lora_A:
+        factors = layer.slot_factors(name)
+        if factors is None:
             return
-        if name in layer.lora_magnitude_vector:
-            raise ValueError(f"adapter {name!r} uses DoRA, which adapter slots cannot hold")
-        factor_a, factor_b = layer.lora_A[name].weight, layer.lora_B[name].weight
+        factor_a, scaled_b = factors
         rank = factor_a.shape[0]
         if rank > self.max_rank:
             raise ValueError(f"adapter {name!r} has rank {rank}, more than --max-lora-rank {self.max_rank}")
         with torch.no_grad():
             a[slot, :, :rank] = factor_a.T.to(a.dtype)
-            b[slot, :rank] = (factor_b * layer.scaling[name]).T.to(b.dtype)
+            b[slot, :rank] = scaled_b.T.to(b.dtype)
 
     def rows(self, names: list[str]) -> routing.RowAdapters:
         """The routing of one forward whose rows run ``names``: plain layers gather from the table."""

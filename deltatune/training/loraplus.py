@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from deltatune.methods.lora import LoraEmbedding
+from deltatune.methods.base import DeltaLayer
 
 
 def _no_decay(model: nn.Module) -> set[str]:
@@ -34,17 +34,28 @@ def _no_decay(model: nn.Module) -> set[str]:
     return norms | {n for n, _ in model.named_parameters() if "bias" in n}
 
 
+def _roles(model: nn.Module) -> dict[int, str]:
+    """id(parameter) -> its LoRA+ role, as each layer's ``loraplus_roles`` names its stores."""
+    roles = {}
+    for module in model.modules():
+        if isinstance(module, DeltaLayer):
+            for store, role in module.loraplus_roles.items():
+                roles.update(dict.fromkeys(map(id, getattr(module, store).parameters()), role))
+    return roles
+
+
 def loraplus_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     """Trainable parameters by LoRA+ group: ``A``, ``embedding``, ``B``, ``B_no_decay``."""
     no_decay = _no_decay(model)
+    roles = _roles(model)
     groups: dict[str, list[nn.Parameter]] = {"A": [], "embedding": [], "B": [], "B_no_decay": []}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        holder = ".".join(name.split(".")[:-2])  # <layer>.<store>.<adapter>: the layer
-        if holder and isinstance(model.get_submodule(holder), LoraEmbedding) and ".lora_embedding_" in name:
+        role = roles.get(id(param))
+        if role == "embedding":
             groups["embedding"].append(param)
-        elif "lora_B" in name or param.ndim == 1:
+        elif role == "B" or param.ndim == 1:
             groups["B_no_decay" if name in no_decay else "B"].append(param)
         else:
             groups["A"].append(param)

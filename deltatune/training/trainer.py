@@ -40,7 +40,6 @@ from deltatune.evaluation import evaluate_loss, evaluate_model
 from deltatune.loading.base_models import load_base
 from deltatune.loading.tasks import load_tokenizer, task_of
 from deltatune.loss import LossModule
-from deltatune.methods.prompt_learning import PromptLearningConfig
 from deltatune.model import DeltaModel, wrap
 from deltatune.training import demo, fsdp
 from deltatune.training.checkpoints import (
@@ -155,27 +154,22 @@ def task_names(examples: list[Example]) -> list[str]:
     return list(dict.fromkeys(e.task for e in examples if e.task is not None))
 
 
-def takes_task_ids(config_cls: type) -> bool:
-    """Whether a method's forward takes a task id per row (HyperFormer: a config with ``tasks``)."""
-    import dataclasses
-
-    return "tasks" in {f.name for f in dataclasses.fields(config_cls)}
-
-
 def method_options_for_tasks(cfg: TrainConfig, tasks: list[str]) -> tuple[dict[str, Any], dict[str, int] | None]:
     """The method's options and the task id of each task name: a method that takes task ids (HyperFormer) gets
-    the data's tasks as its ``tasks`` unless they are given (then the data's must be among them)."""
+    the data's tasks as its task option (``tasks``) unless they are given (then the data's must be among them)."""
     options = dict(cfg.method_options)
-    if not tasks or not takes_task_ids(methods.config_class_for_name(cfg.method)):
+    key = methods.method_named(cfg.method).task_option
+    if not tasks or key is None:
         return options, None
-    if not options.get("tasks"):
-        options["tasks"] = list(tasks)
-    declared = [options["tasks"]] if isinstance(options["tasks"], str) else list(options["tasks"])
+    if not options.get(key):
+        options[key] = list(tasks)
+    declared = [options[key]] if isinstance(options[key], str) else list(options[key])
     missing = [t for t in tasks if t not in declared]
     if missing:
+        flag = "--" + key.replace("_", "-")
         raise ConfigError(
-            f"the data has tasks {missing} that --tasks {' '.join(declared)} does not list; add them to --tasks "
-            "(or leave --tasks out to use the data's task names)"
+            f"the data has tasks {missing} that {flag} {' '.join(declared)} does not list; add them to {flag} "
+            f"(or leave {flag} out to use the data's task names)"
         )
     return options, {t: declared.index(t) for t in tasks}
 
@@ -183,8 +177,7 @@ def method_options_for_tasks(cfg: TrainConfig, tasks: list[str]) -> tuple[dict[s
 def check_packing(cfg: TrainConfig, task: str) -> None:
     """Packed examples are kept apart by restarting position ids with no attention mask; virtual-token methods
     drop or shift those positions and bring a mask or KV cache, so packed examples would attend to each other."""
-    virtual_tokens = issubclass(methods.config_class_for_name(cfg.method), PromptLearningConfig)
-    if cfg.packing and task == "causal-lm" and virtual_tokens:
+    if cfg.packing and task == "causal-lm" and not methods.method_named(cfg.method).packable:
         raise ConfigError(
             f"--packing cannot be used with {cfg.method}: its virtual tokens take the positions that keep packed "
             "examples apart, so they would attend to each other. Use --no-packing, or a method such as lora."
