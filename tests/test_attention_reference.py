@@ -32,11 +32,12 @@ def _padding(n: int) -> torch.Tensor:
 
 
 def _reference(q, k, v, allowed: torch.Tensor, keys: torch.Tensor | None):
-    """Softmax attention by hand: allowed (h, n, n) per head, keys (b, 1, 1, n). Returns the output
+    """Softmax attention by hand: allowed (h, n, n) per head, or (b, h, n, n) per row and head, keys
+    (b, 1, 1, n). Returns the output
     (b, h, n, d) and which queries have any key (the others are undefined on both sides)."""
     b, h, _, d = q.shape
     kv_of = [head * k.shape[1] // h for head in range(h)]  # grouped-query: consecutive heads share
-    ok = allowed[None].expand(b, *allowed.shape).clone()
+    ok = (allowed[None].expand(b, *allowed.shape) if allowed.dim() == 3 else allowed).clone()
     if keys is not None:
         ok &= keys[:, :, 0, None, :]
     out = torch.zeros_like(q)
@@ -73,6 +74,8 @@ def _check(module, options, allowed_of_head, n: int, causal: bool, padded: bool)
     with torch.no_grad():
         out = module.forward(Call(torch.nn.Module().train(), q, k, v, keys, causal, None, 0.0, options))
     allowed = torch.stack([allowed_of_head(head) for head in range(HEADS)])
+    if allowed.dim() == 4:  # (h, b, n, n): a mask per row
+        allowed = allowed.transpose(0, 1)
     if causal:
         allowed &= torch.ones(n, n, dtype=torch.bool).tril()
     ref, defined = _reference(q, k, v, allowed, keys)
@@ -131,16 +134,31 @@ def blockwise_mask(n: int, block: int, shift: int, causal: bool) -> torch.Tensor
     return m
 
 
+def on_real_tokens(mask: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """A (len, len) mask over a row's real tokens placed at their positions in the padded (n, n) one."""
+    positions = real.nonzero().squeeze(1)
+    placed = torch.zeros(len(real), len(real), dtype=torch.bool)
+    placed[positions[:, None], positions[None, :]] = mask
+    return placed
+
+
 @KERNELS
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize(
     ("n", "block", "shifts"), [(37, 8, [0, 1]), (37, 5, [2, 1, 0, 3]), (33, 11, [1]), (41, 6, [2, 2])]
 )
 def test_blockwise_equals_blockbert(n, block, shifts, causal, padded, kernel):
+    """Encoders: the paper's blocks over each row's own tokens (a padded row is its real tokens, as
+    alone). Causal (ours): blocks counted from position 0 of the padded row."""
     options = blockwise.BlockwiseOptions(block_size=block, block_shifts=shifts)
 
     def of_head(head: int) -> torch.Tensor:
-        return blockwise_mask(n, block, shifts[head * len(shifts) // HEADS], causal)
+        shift = shifts[head * len(shifts) // HEADS]
+        if causal or not padded:
+            return blockwise_mask(n, block, shift, causal)
+        return torch.stack(
+            [on_real_tokens(blockwise_mask(int(row.sum()), block, shift, False), row) for row in _padding(n)[:, 0, 0]]
+        )
 
     _check(blockwise, options, of_head, n, causal, padded)
 

@@ -6,9 +6,11 @@ lecture's permutations (1,2,3), (2,3,1), (3,1,2) are shifts 0, 1, 2). In causal 
 i sees its own block causally, and with s > 0 also all of block i - s (our extension: the paper is
 for encoders). Cost O(n * block_size).
 
-In a padded batch the encoder permutation is over the blocks of the padded length, as in BlockBERT
-(which pads every input to its fixed length): with a shift, a row's result depends on how far it is
-padded, and a block whose partner block is all padding has no key to see.
+Padding: the paper's sequence is a row's real tokens. In encoders each row's blocks and its
+permutation are counted over its own tokens (the key mask's kept positions, in order; m = its own
+block count), so a row comes out as when it runs alone, however and wherever it is padded. Rows of
+one length share one blocked call. Causal blocks are counted from position 0 of the padded row:
+exact with right padding; left padding moves the block boundaries by the padding's length.
 """
 
 from __future__ import annotations
@@ -74,6 +76,9 @@ def forward(call: Call) -> torch.Tensor:
         q, k, v, mask = head_slice(call, heads)
         n = k.shape[2]
         keep = rule(n, opts.block_size, shift, call.causal)
+        if not call.causal and mask is not None and mask.shape[1:3] == (1, 1) and not call.decoding:
+            outs.append(_encoder_rows(q, k, v, mask[:, 0, 0], opts.block_size, shift, call))
+            continue
         if call.decoding:
             allowed_ = dense_allowed(keep, q.shape[2], n, call.causal, q.device)
             outs.append(dense_sdpa(q, k, v, allowed_, mask, call.scale, call.dropout))
@@ -81,6 +86,33 @@ def forward(call: Call) -> torch.Tensor:
         q_idx, k_idx = (t.to(q.device) for t in _tables(n, opts.block_size, shift, call.causal))
         outs.append(block_sdpa(q, k, v, q_idx, k_idx, keep, call.causal, call.scale, mask, call.dropout))
     return torch.cat(outs, dim=1)
+
+
+def _encoder_rows(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, block: int, shift: int, call: Call
+) -> torch.Tensor:
+    """Encoder blocks over each row's own tokens: the kept positions of ``keys`` (b, n) gathered in
+    order to the front, rows of one token count blocked together with that count's tables, and the
+    results put back at their positions (padding positions get zeros, which nothing reads)."""
+    b, h, n, d = q.shape
+    counts = keys.sum(-1)
+    order = torch.argsort((~keys).to(torch.int8), dim=-1, stable=True)  # kept positions first, in order
+    out = q.new_zeros(b, h, n, d)
+    for count in counts.unique().tolist():
+        if count == 0:
+            continue
+        rows = (counts == count).nonzero().squeeze(1)
+        where = order[rows, :count][:, None, :, None]  # (r, 1, count, 1)
+
+        def take(x: torch.Tensor, where: torch.Tensor = where, rows: torch.Tensor = rows) -> torch.Tensor:
+            return x[rows].gather(2, where.expand(-1, x.shape[1], -1, d))
+
+        q_idx, k_idx = (t.to(q.device) for t in _tables(count, block, shift, False))
+        keep = rule(count, block, shift, False)
+        res = block_sdpa(take(q), take(k), take(v), q_idx, k_idx, keep, False, call.scale, None, call.dropout)
+        placed = q.new_zeros(len(rows), h, n, d).scatter(2, where.expand(-1, h, -1, d), res)
+        out = out.index_copy(0, rows, placed)
+    return out
 
 
 register(
