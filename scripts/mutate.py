@@ -203,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         report(results)
         return 0
     copy = worktree(args.ref, Path(args.workdir) / f"wt-mutate-{os.getpid()}")  # beside the checkout: shared/data
+    print(f"commit {commit}", file=sys.stderr)  # the log says which commit its rows were measured at
     try:
         results = mutate(copy, chosen, args.timeout, report)
     finally:

@@ -122,6 +122,22 @@ MUTATIONS = [
         "BitFit unmerge adds the delta again",
         ("tests/test_bitfit.py",),
     ),
+    m(
+        "methods",
+        "methods/ia3.py",
+        "return out if outputs is None else (out * outputs).to(out.dtype)",
+        "return out",
+        "(IA)³ output scales not applied",
+        ("tests/test_ia3.py",),
+    ),
+    m(
+        "methods",
+        "methods/lokr.py",
+        'torch.kron(self._factor(name, "w1"), self._factor(name, "w2"))',
+        'torch.kron(self._factor(name, "w2"), self._factor(name, "w1"))',
+        "LoKr's Kronecker factors in the wrong order",
+        ("tests/test_lokr.py",),
+    ),
     # --- attention -------------------------------------------------------------------------------------
     m(
         "attention",
@@ -129,6 +145,14 @@ MUTATIONS = [
         ("    blocks = -(-n // block)\n", "    q_idx = chunk_positions(n, block)\n"),
         ("    shift, blocks = 0, -(-n // block)\n", "    shift, q_idx = 0, chunk_positions(n, block)\n"),
         "blockwise ignores its block shifts (rule and tables)",
+        ATTENTION,
+    ),
+    m(
+        "attention",
+        "attention/blockwise.py",
+        "if not call.causal and mask is not None and mask.shape[1:3] == (1, 1) and not call.decoding:",
+        "if False:",
+        "blockwise encoders count blocks over the padded length, not the row's own tokens",
         ATTENTION,
     ),
     m(
@@ -312,8 +336,8 @@ MUTATIONS = [
     m(
         "serving",
         "serving/adapters.py",
-        "            self.recent.move_to_end(name)\n",
-        "            pass\n",
+        "            self.recent.move_to_end(name)\n            return True\n        if not self._make_room",
+        "            return True\n        if not self._make_room",
         "a use does not refresh an adapter's recency",
         EVICTION,
     ),
@@ -324,6 +348,22 @@ MUTATIONS = [
         "idle = next(iter(self.recent), None)",
         "evicts an adapter that is in use",
         EVICTION,
+    ),
+    m(
+        "serving",
+        "serving/slots.py",
+        "        for _, a, b in self.tables.values():\n            a[slot].zero_()\n            b[slot].zero_()\n",
+        "        for _, a, b in self.tables.values():\n            pass\n",
+        "an evicted adapter's slot keeps its factors",
+        ("tests/test_serving_slots.py",),
+    ),
+    m(
+        "serving",
+        "serving/slots.py",
+        "self.ids = [0 if n == BASE_ADAPTER else table.slot_of.get(n, -1) for n in names]",
+        "self.ids = [0 for n in names]",
+        "slot rows all read the base's empty slot",
+        ("tests/test_serving_slots.py",),
     ),
     m(
         "serving",
@@ -380,7 +420,6 @@ EXTRA = {
     "Perceiver cross-attention reads padding",
     "the padding mask never reaches the patterns",
     "blocked kernel ignores causality",
-    "int8 activations scaled per tensor instead of per row",
     "unmerge on a quantized weight adds the delta again",
     "top_p drops the token that reaches p",
 }
