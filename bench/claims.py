@@ -173,6 +173,108 @@ def cmd_peft_vs_full(args: argparse.Namespace) -> None:
             record("peft-vs-full", {"method": method, "lr": lr, "seed": seed, "select": scores, **figures}, meter, args)
 
 
+# --- LoRA family (issue 27): LoRA vs DoRA vs PiSSA vs LoRA+ vs IA3 vs LoKr at the budgets above ----------------
+FAMILY = ("lora", "dora", "pissa", "loraplus", "ia3", "lokr")
+LORAPLUS_RATIO = 16.0  # the LoRA+ paper's ηB/ηA
+
+
+def family_method(name: str, targets: list[str], alpha: int) -> tuple[str, dict[str, Any]]:
+    """(deltatune method, its options) of a family member at rank 8 on ``targets``; IA3 takes peft's default
+    targets (keys, values and the feed-forward output), it has no rank."""
+    lora = {"r": 8, "lora_alpha": alpha, "target_modules": targets}
+    return {
+        "lora": ("lora", lora),
+        "loraplus": ("lora", lora),
+        "dora": ("lora", {**lora, "use_dora": True}),
+        "pissa": ("lora", {**lora, "init_lora_weights": "pissa_niter_4"}),
+        "ia3": ("ia3", {}),
+        "lokr": ("lokr", {"r": 8, "alpha": alpha, "target_modules": targets}),
+    }[name]
+
+
+def family_train(model, batches: list[dict], lr: float, loraplus: bool) -> dict[str, Any]:
+    """bench/glue.py's loop (AdamW, 6% warm-up then linear decay, clipping 1.0), with LoRA+'s optimizer when asked
+    and every step's training loss kept (how fast each method converges)."""
+    import deltatune as dt
+    from deltatune.loss import LossModule
+
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if loraplus:
+        optimizer = dt.create_loraplus_optimizer(model, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=LORAPLUS_RATIO,
+                                                 loraplus_weight_decay=0.01)  # fmt: skip
+    else:
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    steps = len(batches)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / (0.06 * steps + 1)) * max(0.0, 1 - s / steps)
+    )
+    loss_module, losses = LossModule(model, "classification"), []
+    start = time.perf_counter()
+    for batch in batches:
+        loss_sum, count = loss_module(batch)
+        loss = loss_sum / count
+        loss.backward()
+        losses.append(round(loss.item(), 4))
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return {"train_s": round(time.perf_counter() - start, 1), "steps": steps, "losses": losses}
+
+
+def family_sst2(method: str, seed: int, data: dict, args: argparse.Namespace) -> dict[str, Any]:
+    import deltatune as dt
+    from deltatune import methods
+
+    name, options = family_method(method, ["query", "value"], 16)
+    torch.manual_seed(seed)
+    base, tokenizer = dt.load_base("minilm-l6", num_labels=2)
+    model = dt.wrap(base, methods.config_class_for_name(name)(**options))
+    train_data = {"sst2": glue.train_subsample(data["sst2"]["pool"], args.examples, seed)}
+    figures = family_train(model, glue.batches_for(train_data, tokenizer, glue_args(args), seed), args.lr,
+                           method == "loraplus")  # fmt: skip
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    figures["trainable_params"] = trainable
+    figures["accuracy"] = glue.accuracy_f1(model, tokenizer, data["sst2"]["report"], 64)
+    return figures
+
+
+def family_e2e(method: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    import dataclasses
+
+    from deltatune.analysis.sweep import sweep
+
+    name, options = family_method(method, ["q_proj", "v_proj"], 8)
+    cfg = dataclasses.replace(
+        e2e_config(args), method=name, method_options=options, log_every=1, learning_rate=args.e2e_lr,
+        loraplus_lr_ratio=LORAPLUS_RATIO if method == "loraplus" else None,
+    )  # fmt: skip
+    out = Path(args.work_dir) / "lora-family" / method
+    row = sweep(cfg, out, None, [seed])["runs"][-1]
+    metrics = [json.loads(x) for x in (out / f"seed{seed}" / "metrics.jsonl").read_text().splitlines()]
+    losses = [round(m["loss"], 4) for m in metrics if "loss" in m and "eval" not in m]  # the eval lines aside
+    return {
+        "steps": row["steps"], "trainable_params": row["trainable_params"], "train_s": row["train_seconds"],
+        "dev_loss_before": row["before"].get("loss"), "dev_loss": row["after"].get("loss"), "losses": losses,
+    }  # fmt: skip
+
+
+def cmd_lora_family(args: argparse.Namespace) -> None:
+    """Every task in ``--tasks`` order, seed by seed, every method per seed: a campaign cut short stays complete
+    per (task, seed)."""
+    set_threads(args.threads)
+    data = glue_data(["sst2"]) if "sst2" in args.tasks else {}
+    for task in args.tasks:
+        for seed in args.seeds:
+            for method in args.methods:
+                meter = RunMeter()
+                run = family_sst2 if task == "sst2" else lambda m, s, _, a: family_e2e(m, s, a)
+                figures = run(method, seed, data, args)
+                record("lora-family", {"task": task, "method": method, "seed": seed, **figures}, meter, args)
+                log(f"[lora-family {task} {method} seed {seed}] {json.dumps(figures)[:200]}")
+
+
 # --- claim 5: latency -----------------------------------------------------------------------------------------------
 LATENCY_CONFIGS = ("base", "lora", "lora_merged", "adapter")
 
@@ -319,6 +421,17 @@ def parser() -> argparse.ArgumentParser:
             g.add_argument("--select-tasks", nargs="+", default=["rte", "mrpc"], help="tasks whose select split "
                            "chooses the learning rate")  # fmt: skip
             g.add_argument("--select-seed", type=int, default=0, help="seed of the lr-selection runs")
+    fam = add("lora-family", cmd_lora_family, [0, 1, 2], "LoRA vs DoRA/PiSSA/LoRA+/IA3/LoKr on SST-2 and E2E")
+    fam.add_argument("--methods", nargs="+", default=list(FAMILY), choices=FAMILY)
+    fam.add_argument("--tasks", nargs="+", default=["sst2", "e2e"], choices=["sst2", "e2e"])
+    fam.add_argument("--examples", type=int, default=400, help="SST-2 training examples (rank-sst2's budget)")
+    fam.add_argument("--epochs", type=int, default=2, help="SST-2 passes (rank-sst2's budget)")
+    fam.add_argument("--lr", type=float, default=4e-3, help="SST-2 lr, every method (rank-sst2's LoRA lr)")
+    fam.add_argument("--e2e-lr", type=float, default=2e-3, help="E2E lr, every method (the e2e claim's)")
+    fam.add_argument("--steps", type=int, default=40, help="E2E optimizer steps (the e2e claim's)")
+    fam.add_argument("--batch-size", type=int, default=4, help="E2E examples per step")
+    fam.add_argument("--eval-examples", type=int, default=64, help="E2E devset examples for the dev loss")
+    fam.add_argument("--work-dir", default=str(ROOT / "runs" / "claims"), help="where the E2E runs' folders go")
     lat = add("latency", cmd_latency, [0], "claim 5: forward latency of adapters vs merged LoRA vs base")
     lat.add_argument("--worker", choices=LATENCY_CONFIGS, help=argparse.SUPPRESS)
     lat.add_argument("--configs", nargs="+", default=list(LATENCY_CONFIGS), choices=LATENCY_CONFIGS)
