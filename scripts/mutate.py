@@ -4,6 +4,9 @@ report which tests catch each break (killed) and which breaks pass every test (s
 
     nice -n 10 .venv/bin/python scripts/mutate.py                       # all areas -> docs/mutation.md
     .venv/bin/python scripts/mutate.py --area attention --out -         # one area, table on stdout
+    .venv/bin/python scripts/mutate.py --all 2> pass.log                 # also the breaks left out for time
+    .venv/bin/python scripts/mutate.py --only "EOS" 2> again.log         # re-run some breaks (a test was added)
+    .venv/bin/python scripts/mutate.py --all --from-log pass.log --from-log again.log   # one report, rows by commit
 
 Tests run from the copy's root with PYTHONPATH at the copy, so its deltatune wins over the editable
 install. The test files run unmutated first: a file that fails already makes its mutations "baseline
@@ -108,33 +111,53 @@ LOG_LINE = re.compile(r"^(?:mutant )?(\w+|baseline failed)\s+(\w+): (.*) \((\d+)
 STATUS_OF = {"killed": "failed", "SURVIVED": "passed", "baseline failed": "failed", "failed": "failed"}
 
 
-def from_log(log: Path, chosen: list[Mutation]) -> list[dict]:
-    """The results of a pass, re-classified from its log (a pass whose report rules changed afterwards)."""
+def from_log(log: Path, chosen: list[Mutation], commit: str = "?") -> list[dict]:
+    """The results of a pass, re-classified from its log (a pass whose report rules changed afterwards).
+    A ``commit X`` line in the log names the commit of the rows after it (else ``commit``)."""
     by_description = {mu.description: mu for mu in chosen}
     baseline: dict[str, tuple[str, list[str]]] = {}
+    last: tuple[str, list[str]] = ("passed", [])
     results = []
     for line in log.read_text().splitlines():
+        if line.startswith("commit "):
+            commit = line.split()[1]
+            continue
         if line.startswith("baseline tests/"):
             tests, rest = line[len("baseline ") :].split(": ", 1)
             status, listed = rest.split(" ", 1)
-            baseline[tests] = (status, ast.literal_eval(listed[: listed.rindex("]") + 1]))
+            baseline[tests] = last = (status, ast.literal_eval(listed[: listed.rindex("]") + 1]))
             continue
         match = LOG_LINE.match(line)
         if match is None or match[3] not in by_description:
             continue
         mutation = by_description[match[3]]
         status = STATUS_OF.get(match[1], match[1])
-        base = baseline[" ".join(mutation.tests)]
+        base = baseline.get(" ".join(mutation.tests), last)  # an older log: its tests were listed otherwise
         result, caught = classify(status, ast.literal_eval(match[5]), *base)
         results.append(
-            {"mutation": mutation, "result": result, "caught": caught, "seconds": float(match[4]), "base": base[1]}
-        )
+            {"mutation": mutation, "result": result, "caught": caught, "seconds": float(match[4]), "base": base[1],
+             "commit": commit}
+        )  # fmt: skip
     return results
+
+
+def from_logs(logs: list[Path], chosen: list[Mutation], commit: str) -> list[dict]:
+    """Several passes' logs: a later log's row replaces an earlier one's for the same break (a re-run after
+    a test was added); rows keep the order of scripts/mutations.py."""
+    latest: dict[str, dict] = {}
+    for log in logs:
+        for row in from_log(log, chosen, commit):
+            latest[row["mutation"].description] = row
+    return [latest[mu.description] for mu in chosen if mu.description in latest]
 
 
 def table(results: list[dict], commit: str, minutes: float, planned: int, source: str = "") -> str:
     killed = sum(r["result"].startswith("killed") for r in results)
     survived = [r for r in results if r["result"] == "SURVIVED"]
+    commits = sorted({r.get("commit", commit) for r in results}) or [commit]
+    several = len(commits) > 1
+    measured = f"Commit `{commits[0]}`" if not several else "Commits " + ", ".join(f"`{c}`" for c in commits)
+    measured += " (column *at*: the commit each row was measured at)" if several else ""
     lines = [
         "# Mutation pass",
         "",
@@ -143,17 +166,18 @@ def table(results: list[dict], commit: str, minutes: float, planned: int, source
         "files ran against it (tests marked `real_model` left out for time). *killed*: some test failed (the",
         "first ones are named); *SURVIVED*: every test passed, i.e. these tests cannot see this break.",
         "",
-        f"Commit `{commit}`; {len(results)} of {planned} mutations run, {killed} killed, {len(survived)} survived; "
+        f"{measured}; {len(results)} of {planned} mutations run, {killed} killed, {len(survived)} survived; "
         f"{minutes:.1f} min of mutant runs.{source}",
         "",
-        "| area | file | break | result | caught by (first failing tests) |",
-        "|---|---|---|---|---|",
+        "| area | file | break | result | caught by (first failing tests) |" + (" at |" if several else ""),
+        "|---|---|---|---|---|" + ("---|" if several else ""),
     ]
     for r in results:
         mu = r["mutation"]
         caught = "<br>".join(f"`{c}`" for c in r["caught"][:MAX_CAUGHT]) or "—"
+        at = f" `{r.get('commit', commit)}` |" if several else ""
         lines.append(
-            f"| {mu.area} | `{mu.file.removeprefix('deltatune/')}` | {mu.description} | {r['result']} | {caught} |"
+            f"| {mu.area} | `{mu.file.removeprefix('deltatune/')}` | {mu.description} | {r['result']} | {caught} |{at}"
         )
     failing = sorted({f for r in results for f in r.get("base", [])})
     if failing:
@@ -173,7 +197,9 @@ def table(results: list[dict], commit: str, minutes: float, planned: int, source
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--all", action="store_true", help="also the breaks left out of the default pass for time")
-    parser.add_argument("--from-log", help="render the report from a pass's log (stderr) instead of running one")
+    parser.add_argument("--from-log", action="append", help="render the report from passes' logs (stderr) "
+                        "instead of running one; repeat it: a later log's rows replace an earlier one's")  # fmt: skip
+    parser.add_argument("--only", action="append", help="only the breaks whose description contains this text")
     parser.add_argument("--ref", default="HEAD", help="commit to mutate (default HEAD: commit your tests first)")
     parser.add_argument("--area", action="append", help="only these areas (methods, attention, quantization, serving)")
     parser.add_argument("--out", default=str(ROOT / "docs" / "mutation.md"), help="markdown report, '-' for stdout")
@@ -182,7 +208,11 @@ def main(argv: list[str] | None = None) -> int:
                         "checkout by default, so that tests find shared/data)")  # fmt: skip
     args = parser.parse_args(argv)
     chosen = [
-        mu for mu in MUTATIONS if (not args.area or mu.area in args.area) and (args.all or mu.description not in EXTRA)
+        mu
+        for mu in MUTATIONS
+        if (not args.area or mu.area in args.area)
+        and (args.all or args.only or mu.description not in EXTRA)
+        and (not args.only or any(text in mu.description for text in args.only))
     ]
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", args.ref], capture_output=True,
                             text=True, check=True).stdout.strip()  # fmt: skip
@@ -190,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def report(results: list[dict]) -> None:
         minutes = sum(r.get("seconds", 0) for r in results) / 60 if args.from_log else (time.monotonic() - start) / 60
-        source = f" Rendered from the pass's log, `{args.from_log}` (`--from-log`)." if args.from_log else ""
+        logs = ", ".join(f"`{log}`" for log in args.from_log or [])
+        source = f" Rendered from the passes' logs, {logs} (`--from-log`)." if args.from_log else ""
         text = table(results, commit, minutes, len(chosen), source)
         if args.out == "-":
             return
@@ -199,8 +230,11 @@ def main(argv: list[str] | None = None) -> int:
         tmp_out.replace(args.out)
 
     if args.from_log:
-        results = from_log(Path(args.from_log), chosen)
+        results = from_logs([Path(log) for log in args.from_log], chosen, commit)
         report(results)
+        if args.out == "-":
+            minutes = sum(r.get("seconds", 0) for r in results) / 60
+            print(table(results, commit, minutes, len(chosen), " Rendered from logs (`--from-log`)."), end="")
         return 0
     copy = worktree(args.ref, Path(args.workdir) / f"wt-mutate-{os.getpid()}")  # beside the checkout: shared/data
     print(f"commit {commit}", file=sys.stderr)  # the log says which commit its rows were measured at
