@@ -138,11 +138,24 @@ def load_streamed(
         if found is None:
             continue
         module, module_name = found
-        _place(model, module, module_name, name.rpartition(".")[2], item, make_layer if id(module) in targets else None)
+        attr = name.rpartition(".")[2]
+        _place(model, module, module_name, attr, item, make_layer if id(module) in targets else None)
         del item
+        if tensors is None and id(module) in targets and attr == "weight":
+            _record_source(model.get_submodule(module_name), module, path, name)
         _release_freed_memory()
     _finish(model, quantize)
     return model
+
+
+def _record_source(layer: nn.Module, float_module: nn.Module, path: str | Path, name: str) -> None:
+    """Where a quantized layer's float weight is in the checkpoint (LoftQ reads it again)."""
+    from transformers.pytorch_utils import Conv1D
+
+    from deltatune.quantization import QuantizedLinear
+
+    if isinstance(layer, QuantizedLinear):
+        layer.float_source = (str(path), name, type(float_module) is Conv1D)
 
 
 def _release_freed_memory() -> None:

@@ -21,7 +21,13 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["checkpoint_files", "checkpoint_tensor_bytes", "iter_checkpoint_tensors", "meta_skeleton"]
+__all__ = [
+    "checkpoint_files",
+    "checkpoint_tensor_bytes",
+    "iter_checkpoint_tensors",
+    "meta_skeleton",
+    "read_checkpoint_tensor",
+]
 
 
 @contextlib.contextmanager
@@ -94,13 +100,35 @@ def _iter_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
     the file, and every page a conversion touches stays in the process's resident memory until the file
     closes: measured, a sharded load then peaked at several times the quantized model."""
     with open(file, "rb") as handle:
-        size = int.from_bytes(handle.read(8), "little")
-        header = json.loads(handle.read(size))
-        start = 8 + size
+        header, start = _header(handle)
         for name, info in header.items():
             if name == "__metadata__":
                 continue
             yield name, _read_tensor(handle, file, start, name, info)
+
+
+def _header(handle: Any) -> tuple[dict, int]:
+    """A safetensors file's JSON header and the offset where its data starts."""
+    size = int.from_bytes(handle.read(8), "little")
+    return json.loads(handle.read(size)), 8 + size
+
+
+def read_checkpoint_tensor(path: str | Path, name: str) -> torch.Tensor:
+    """One tensor of the checkpoint at ``path`` by its transformers name, read alone (LoftQ reads a weight
+    again after the load has quantized it)."""
+    for file in checkpoint_files(path):
+        if file.suffix == ".gguf":
+            entry = gguf_tensor_map(file).get(name)
+            if entry is not None:
+                from gguf.quants import dequantize
+
+                return _gguf_float(*entry, dequantize)
+            continue
+        with open(file, "rb") as handle:
+            header, start = _header(handle)
+            if name in header:
+                return _read_tensor(handle, file, start, name, header[name])
+    raise KeyError(f"{path} holds no tensor {name!r} (was the checkpoint changed after loading?)")
 
 
 def _read_tensor(handle: Any, file: Path, start: int, name: str, info: dict) -> torch.Tensor:

@@ -7,6 +7,8 @@
   the base model's but training moves the principal components. ``"pissa_niter_K"`` uses
   ``torch.svd_lowrank`` with K subspace iterations instead of a full SVD: seconds, not minutes.
 * ``"olora"`` (Büyükakyüz, 2024): the same with W0's QR decomposition (B = Q[:, :r], A = R[:r]).
+* ``"loftq"`` (Li et al., 2023): for a quantized base, A and B fit the rank-r part of its quantization
+  error, alternating with the base's own quantizer (``loftq_config``; deltatune.quantization.loftq).
 * ``False``: leave torch's default init (debugging; the model no longer starts as the base).
 
 The residual inits change the base weights; ``DeltaModel.save_pretrained(...,
@@ -26,6 +28,7 @@ import torch
 from torch import nn
 
 from deltatune.config import ConfigError
+from deltatune.quantization import loftq
 
 # init(layer, adapter_name, init_string, config) for inits that need the base weight.
 WeightInit = Callable[[Any, str, str, Any], None]
@@ -54,6 +57,11 @@ def check(init: Any) -> None:
         return
     names = ", ".join(["True", "False", "'gaussian'", *(repr(k + "K" if k.endswith("_") else k) for k in _INITS)])
     raise ConfigError(f"init_lora_weights must be one of {names}; got {init!r}")
+
+
+def check_options(init: Any, loftq_config: Any) -> dict[str, Any]:
+    """``loftq_config`` as peft's dict, checked and completed when ``init`` is ``"loftq"``."""
+    return loftq.options(init, loftq_config)
 
 
 def is_residual(init: Any) -> bool:
@@ -129,6 +137,7 @@ def olora(layer: Any, name: str, init: str, config: Any) -> None:
 register_init("pissa", pissa)
 register_init("pissa_niter_", pissa)
 register_init("olora", olora)
+register_init("loftq", loftq.initialize)  # a quantized base's own quantizer: deltatune.quantization.loftq
 
 
 def convert_to_plain_lora(
