@@ -5,7 +5,7 @@ report which tests catch each break (killed) and which breaks pass every test (s
     nice -n 10 .venv/bin/python scripts/mutate.py                       # all areas -> docs/mutation.md
     .venv/bin/python scripts/mutate.py --area attention --out -         # one area, table on stdout
     .venv/bin/python scripts/mutate.py --all 2> pass.log                 # also the breaks left out for time
-    .venv/bin/python scripts/mutate.py --only "EOS" 2> again.log         # re-run some breaks (a test was added)
+    .venv/bin/python scripts/mutate.py --only end-of-sequence 2> again.log # re-run some breaks (a test was added)
     .venv/bin/python scripts/mutate.py --all --from-log pass.log --from-log again.log   # one report, rows by commit
 
 Tests run from the copy's root with PYTHONPATH at the copy, so its deltatune wins over the editable

@@ -395,7 +395,7 @@ MUTATIONS = [
         "outside = ordered.cumsum(-1) - ordered > request.top_p",
         "outside = ordered.cumsum(-1) > request.top_p",
         "top_p drops the token that reaches p",
-        ("tests/test_server.py::test_sampling_rows_follow_their_seed",),
+        ("tests/test_serving_sampling.py", "tests/test_server.py::test_sampling_rows_follow_their_seed"),
     ),
     m(
         "serving",
