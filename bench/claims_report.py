@@ -298,6 +298,109 @@ def claim_latency_interleaved(lines: list[tuple[int, dict]]) -> list[str] | None
     ]
 
 
+# --- LoRA family (issue 27): one row per paper claim, SST-2 and E2E side by side ----------------------------------
+FAMILY_TASKS = {"sst2": ("SST-2", "acc %", False), "e2e": ("E2E", "dev loss", True)}  # (name, metric, lower better)
+
+
+def _family_runs(chosen: list[tuple[int, dict]]) -> dict[str, dict[str, dict[int, dict]]]:
+    """task -> method -> seed -> figures (the newest run of each)."""
+    out: dict[str, dict[str, dict[int, dict]]] = {}
+    for _, r in chosen:
+        f = r["figures"]
+        out.setdefault(f["task"], {}).setdefault(f["method"], {})[f["seed"]] = f
+    return out
+
+
+def _score(task: str, figures: dict) -> float:
+    return figures["accuracy"]["accuracy"] if task == "sst2" else figures["dev_loss"]
+
+
+def _early(_task: str, figures: dict) -> float:
+    """Mean training loss over the first half of the steps: lower = converged faster (area under the curve)."""
+    losses = figures["losses"]
+    return statistics.fmean(losses[: max(1, len(losses) // 2)])
+
+
+def _compare(runs: dict, a: str, b: str, value, low: bool, mode: str, task: str) -> tuple[str, str]:
+    """(measured difference a − b, verdict) over the seeds both ran. ``mode``: ``better`` (the claim holds if a is
+    the better one in every seed), ``worse`` (a worse in every seed) or ``match`` (a's mean no worse than b's by more
+    than the larger of their seed stds)."""
+    seeds = sorted(set(runs.get(a, {})) & set(runs.get(b, {})))
+    if not seeds:
+        return "–", "not measured"
+    diffs = [value(task, runs[a][s]) - value(task, runs[b][s]) for s in seeds]
+    better = sum((d < 0) if low else (d > 0) for d in diffs)
+    mean = statistics.fmean(diffs)
+    text = f"{mean:+.4f} (better in {better}/{len(seeds)} seeds)"
+    if mode == "match":
+        spread = max(statistics.stdev(v) if len(v) > 1 else 0.0 for v in (
+            [value(task, runs[m][s]) for s in seeds] for m in (a, b)))  # fmt: skip
+        holds = (mean <= spread) if low else (mean >= -spread)
+        return text, ("yes" if holds else "**no**") + f" (|mean| vs seed std {spread:.4f})"
+    wins = better if mode == "better" else len(seeds) - better
+    return text, "yes" if wins == len(seeds) else ("**no**" if wins == 0 else "mixed")
+
+
+def _family_scores(runs: dict, methods: tuple[str, ...]) -> str:
+    parts = []
+    for task, (name, metric, low) in FAMILY_TASKS.items():
+        cells = [f"{m} {ms([_score(task, f) for f in runs[task][m].values()], 3 if low else 1)}"
+                 for m in methods if m in runs.get(task, {})]  # fmt: skip
+        if cells:
+            majority = next(iter(runs[task][methods[0]].values()))["accuracy"]["majority"] if task == "sst2" else None
+            parts.append(
+                f"{name} {metric}: " + ", ".join(cells) + (f" (majority class {majority})" if majority else "")
+            )
+    return "; ".join(parts)
+
+
+def _params(runs: dict, methods: tuple[str, ...]) -> str:
+    cells = [f"{FAMILY_TASKS[t][0]} " + " vs ".join(
+        f"{m} {next(iter(runs[t][m].values()))['trainable_params']:,}" for m in methods if m in runs[t])
+        for t in FAMILY_TASKS if t in runs]  # fmt: skip
+    return "trainable params (with the classifier head on SST-2): " + "; ".join(cells)
+
+
+def _family_row(runs, chosen, title: str, says: str, pair: tuple[str, str], early: bool, mode: str) -> list[str]:
+    measured, verdicts = [_family_scores(runs, (pair[1], pair[0]))], []
+    if mode != "better" or not early:
+        measured.append(_params(runs, (pair[1], pair[0])))
+    for task, (name, metric, low) in FAMILY_TASKS.items():
+        value, what = (_early, "early training loss") if early else (_score, metric)
+        diff, verdict = _compare(runs.get(task, {}), *pair, value, low or early, mode, task)
+        measured.append(f"{name} {what} {pair[0]} − {pair[1]}: {diff}")
+        verdicts.append(f"{name}: {verdict}")
+    if early:
+        measured.append("early training loss = mean training loss over the first half of the steps")
+    seeds = ", ".join(
+        f"{FAMILY_TASKS[t][0]} {min(len(v) for v in runs[t].values())}" for t in FAMILY_TASKS if t in runs
+    )
+    return [title, says, "; ".join(measured), seeds, "; ".join(verdicts), command(chosen), source(chosen)]
+
+
+def claim_family(lines: list[tuple[int, dict]]) -> list[list[str]]:
+    chosen = latest(lines, "lora-family")
+    if not chosen:
+        return []
+    runs, st = _family_runs(chosen), chosen[-1][1]["settings"]
+    setup = (
+        f"SST-2: MiniLM query,value, lr {st['lr']:g}, {st['examples']} examples × {st['epochs']} epochs; E2E: "
+        f"SmolLM2 q,v, {st['steps']} steps × {st['batch_size']}, lr {st['e2e_lr']:g}; r = 8, one lr for all"
+    )
+    return [
+        _family_row(runs, chosen, f"6a. DoRA vs LoRA at equal rank ({setup})", "DoRA beats LoRA at the same rank "
+                    "(DoRA, Liu et al. 2024)", ("dora", "lora"), False, "better"),
+        _family_row(runs, chosen, "6b. PiSSA vs LoRA: convergence", "PiSSA's principal-component init converges "
+                    "faster than LoRA's (PiSSA, Meng et al. 2024)", ("pissa", "lora"), True, "better"),
+        _family_row(runs, chosen, "6c. LoRA+ vs LoRA at the same lr: convergence", "B at 16× A's lr trains faster "
+                    "than LoRA at the same lr (LoRA+, Hayou et al. 2024)", ("loraplus", "lora"), True, "better"),
+        _family_row(runs, chosen, "6d. (IA)³ vs LoRA", "(IA)³ trains ~10× fewer parameters than LoRA and scores as "
+                    "well (T-Few, Liu et al. 2022; few-shot T0-3B)", ("ia3", "lora"), False, "match"),
+        _family_row(runs, chosen, "6e. LoKr vs LoRA: parameter efficiency", "Kronecker factors match LoRA's "
+                    "quality with fewer parameters (LyCORIS, Yeh et al. 2024)", ("lokr", "lora"), False, "match"),
+    ]  # fmt: skip
+
+
 def table() -> str:
     lines = load("claims")
     if not lines:
@@ -309,6 +412,7 @@ def table() -> str:
         claim_peft(lines),
         claim_latency(lines),
         claim_latency_interleaved(lines),
+        *claim_family(lines),
     ]
     out = [
         "| claim | what the seed says | measured here (mean ± std over seeds) | seeds | holds here? | command | "
