@@ -32,7 +32,8 @@ WHAT = {
     "lora_train_step": "one LoRA training step (SmolLM2-135M-Instruct, 4×128 tokens), deltatune vs peft",
     "lora_inference": "batch-1 greedy decoding ms/token: base, merged and unmerged LoRA, peft",
     "dora": "DoRA's training step and unmerged forward against LoRA and peft's DoRA; PiSSA's init time",
-    "claims": "the seeds' claims (subspace, rank, freezing, BitFit/Houlsby vs full, latency), re-run here",
+    "claims": "the seeds' claims (subspace, rank, freezing, BitFit/Houlsby vs full, latency) and the LoRA family's "
+    "(DoRA, PiSSA, LoRA+, (IA)³, LoKr against LoRA), re-run here",
 }
 
 
@@ -43,7 +44,7 @@ def _claims_lines(table: str) -> list[int]:
         cell = row.rstrip(" |").rsplit("|", 1)[-1]
         for a, b in re.findall(r"(\d+)(?:–(\d+))?", cell):
             numbers += range(int(a), int(b or a) + 1)
-    return numbers
+    return sorted(set(numbers))  # rows may share lines (the LoRA-family rows all read one campaign)
 
 
 def _used(table: str, campaign: str | None, text: str) -> tuple[str, list[int]]:
