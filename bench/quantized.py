@@ -16,7 +16,9 @@ each in a fresh process (the script re-invokes itself with ``--worker``), rounds
 * ``quality``: deltatune LoRA trained ``--quality-steps`` steps on E2E (batch 4, max length 128, the same seeded
   subsample and batch order on every side, lr ``--lr``) on a float32, int8 and nf4 base; then the dev loss on
   the first 100 distinct devset MRs (first reference) and BLEU of greedy generations on ``--bleu-examples`` MRs.
-  Goal: dev loss within 2% of float32's (the issue asks for 200 steps).
+  ``int8_loftq`` / ``nf4_loftq``: the same with ``init_lora_weights="loftq"`` (8 / 4 bits, ``--loftq-iter``);
+  every side also records the start error of its adapted weights, sum ||W - (Q + s·B·A)|| / sum ||W||.
+  Goal: dev loss within 1% of float32's after 200 steps.
 
 Every worker run appends a raw line to ``bench/results/quantized.jsonl``; a summary line ends the campaign and is
 printed as one JSON line on stdout.
@@ -59,7 +61,7 @@ import deltatune as dt
 BENCH = "quantized"
 STEP_SIDES = ("ours_int8", "ours_nf4", "peft_f32", "peft_bnb_nf4", "peft_bnb_int8", "ours_int8_head")
 DECODE_SIDES = ("f32", "int8", "nf4", "int8_head")
-QUALITY_SIDES = ("f32", "int8", "nf4")
+QUALITY_SIDES = ("f32", "int8", "nf4", "int8_loftq", "nf4_loftq")
 PROMPT = [{"role": "user", "content": "Write one sentence about a coffee shop by the river."}]
 GOAL = {
     "int8_step_vs_peft_f32<=": 0.7,
@@ -67,7 +69,7 @@ GOAL = {
     "int8_rss_vs_peft_f32<=": 0.5,
     "nf4_rss_vs_peft_f32<=": 0.35,
     "int8_decode_vs_f32<=": 0.7,
-    "dev_loss_within": 0.02,
+    "dev_loss_within": 0.01,
 }
 
 
@@ -87,6 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--quality-steps", type=int, default=200, help="quality: training steps on E2E")
     parser.add_argument("--bleu-examples", type=int, default=100, help="quality: devset MRs for BLEU (0: none)")
+    parser.add_argument("--quality-sides", nargs="+", default=list(QUALITY_SIDES), choices=QUALITY_SIDES)
+    parser.add_argument("--loftq-iter", type=int, default=1, help="quality: LoftQ alternations (loftq sides)")
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
@@ -228,9 +232,8 @@ def run_quality(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     from deltatune.evaluation import evaluate_loss, generate
     from deltatune.loss import LossModule
 
-    base, tokenizer = load(kind)
-    model = wrap_lora(base, "deltatune")
-    init_lora(model, args.seed)
+    model, tokenizer = quality_model(kind, args)
+    start_error = weight_error(model)
     torch.manual_seed(args.seed)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     loss_module = LossModule(model, "causal-lm")
@@ -251,6 +254,7 @@ def run_quality(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     batcher = Batcher(features, 16, pad_token_id=tokenizer.pad_token_id, seed=0, shuffle=False)
     result = {
         "steps": args.quality_steps,
+        "start_weight_error": start_error,
         "train_s": round(train_s, 1),
         "losses": losses,
         "dev_loss": round(evaluate_loss(model, "causal-lm", batcher)["loss"], 5),
@@ -263,6 +267,39 @@ def run_quality(kind: str, args: argparse.Namespace) -> dict[str, Any]:
         streams = [[refs[k] if k < len(refs) else None for _, refs in bleu_dev] for k in range(width)]
         result |= {"bleu": round(sacrebleu.BLEU().corpus_score(hyps, streams).score, 2), "bleu_mrs": len(bleu_dev)}
     return result | {"peak_rss_mb": peak_rss_mb()}
+
+
+def quality_model(kind: str, args: argparse.Namespace) -> tuple[nn.Module, Any]:
+    """A LoRA on ``kind``'s base: the bench's seeded init, or LoftQ's (``*_loftq``)."""
+    from _common import LORA_ALPHA, LORA_R, LORA_TARGETS
+
+    base_kind = kind.removesuffix("_loftq")
+    base, tokenizer = load(base_kind)
+    if base_kind == kind:
+        model = wrap_lora(base, "deltatune")
+        init_lora(model, args.seed)
+        return model, tokenizer
+    loftq = {"loftq_bits": 4 if base_kind == "nf4" else 8, "loftq_iter": args.loftq_iter}
+    config = dt.LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, target_modules=LORA_TARGETS, init_lora_weights="loftq")
+    config.loftq_config = loftq  # set after construction: also runs where LoraConfig lacks the field
+    return dt.wrap(base, config), tokenizer
+
+
+@torch.no_grad()
+def weight_error(model: nn.Module) -> float:
+    """sum ||W - (Q + s·B·A)|| / sum ||W|| over the adapted layers, W read from the float checkpoint."""
+    from deltatune.loading.streaming import read_checkpoint_tensor
+
+    error = norm = 0.0
+    for name, layer in model.named_modules():
+        if not hasattr(layer, "lora_A"):
+            continue
+        weight = read_checkpoint_tensor(dense_dir(), name.removeprefix("base_model.") + ".weight").float()
+        base = layer.base_layer.weight
+        start = base.dequantize() if hasattr(base, "dequantize") else base.detach().float()
+        start = start + layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+        error, norm = error + float((weight - start).norm()), norm + float(weight.norm())
+    return round(error / norm, 6)
 
 
 PARTS = {"step": (STEP_SIDES, run_step), "decode": (DECODE_SIDES, run_decode), "quality": (QUALITY_SIDES, run_quality)}
@@ -295,7 +332,8 @@ def summarize(lines: dict[str, list[dict]]) -> dict[str, Any]:
             "other_procs_cores": [line["run"]["other_procs_cores"] for line in lines[worker]]
         }
         if worker.startswith("quality:"):
-            out["sides"][worker] |= {k: values[0].get(k) for k in ("steps", "dev_loss", "bleu", "train_s")}
+            keys = ("steps", "dev_loss", "bleu", "train_s", "start_weight_error")
+            out["sides"][worker] |= {k: values[0].get(k) for k in keys}
     s, met = out["sides"], {}
     if "step:peft_f32" in s:
         f32 = s["step:peft_f32"]
@@ -325,7 +363,7 @@ def summarize(lines: dict[str, list[dict]]) -> dict[str, Any]:
             out[key] = ratio(s[f"decode:{kind}"][f"{what}_ms_per_token"], s["decode:f32"][f"{what}_ms_per_token"])
             met[key] = out[key] <= GOAL["int8_decode_vs_f32<="]
     if "quality:f32" in s:
-        for kind in ("int8", "nf4"):
+        for kind in [k.removeprefix("quality:") for k in s if k.startswith("quality:") and k != "quality:f32"]:
             key = f"{kind}_dev_loss_vs_f32"
             out[key] = round(s[f"quality:{kind}"]["dev_loss"] / s["quality:f32"]["dev_loss"] - 1, 4)
             met[key] = abs(out[key]) <= GOAL["dev_loss_within"]
@@ -351,7 +389,7 @@ def main(argv: list[str] | None = None) -> None:
     meter, lines = RunMeter(), {}
     settings = vars(args) | {"worker": None}
     for part in args.parts:
-        sides = {"decode": args.decode_sides, "step": args.step_sides}.get(part, PARTS[part][0])
+        sides = {"decode": args.decode_sides, "step": args.step_sides, "quality": args.quality_sides}[part]
         for round_index in range(1 if part == "quality" else args.runs):
             for side in sides:
                 worker, run_meter = f"{part}:{side}", RunMeter()
