@@ -126,6 +126,22 @@ def test_two_sharded_processes_train_the_adapter_of_one(runs):
 
 
 @pytest.mark.slow
+def test_accelerate_launch_trains_the_same_sharded_adapter(runs, tiny_llama_dir):
+    """``accelerate launch --multi_gpu`` starts its processes with torchrun's launcher and environment, on CPU
+    too (gloo), so --fsdp runs as under torchrun. (Without --multi_gpu, accelerate on a machine without a GPU
+    runs one process: that would train half the global batch and differ here.)"""
+    root, data = runs
+    launcher = ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    launcher += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
+    flags = ["--batch-size", "2", "--fsdp", "--max-steps", str(STEPS)]
+    args = train_args(tiny_llama_dir, data, root / "accelerate", *flags)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, *launcher, "-m", "deltatune", *args], cwd=ROOT, env=env, capture_output=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert_same_adapter(adapter(root / "accelerate" / "adapter"), adapter(root / "single" / "adapter"))
+
+
+@pytest.mark.slow
 def test_sharded_adapter_loads_in_peft_and_in_one_process(runs, tiny_llama_dir):
     from peft import PeftModel
 
