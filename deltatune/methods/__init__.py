@@ -36,7 +36,9 @@ from deltatune.methods.contract import (
     method_for,
     method_named,
     register,
+    register_layer,
     registered,
+    unregister_layer,
 )
 from deltatune.methods.contract import ConfigClasses as _ConfigClasses
 
@@ -54,7 +56,9 @@ __all__ = [
     "method_for",
     "method_named",
     "register",
+    "register_layer",
     "registered",
+    "unregister_layer",
 ]
 
 # CLI name -> config class: a live view of the registry.

@@ -38,7 +38,6 @@ from torch import nn
 from transformers.activations import ACT2FN
 from transformers.pytorch_utils import Conv1D
 
-from deltatune import routing
 from deltatune.config import ConfigError, DeltaConfig, method_config
 from deltatune.methods.base import DeltaLayer, ModulesToSave, SplitsRows, wrap_modules
 from deltatune.methods.contract import Method, register
@@ -130,17 +129,10 @@ class BottleneckAdapter(SplitsRows, DeltaLayer):
         self.adapter_act[name] = ACT2FN[non_linearity]
         self.to(self.base_layer.weight.device)
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        rows = routing.rows()
-        if rows is not None:
-            return self.forward_mixed(rows, x, *args, **kwargs)
-        h = self.base_layer(x, *args, **kwargs)
-        name = self.adapter_active()
-        if name is None:
-            return h
+    def delta(self, name: str, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """The bottleneck on the base output ``h`` (its own skip is the template's sum)."""
         down = self.adapter_down[name]
-        z = self.adapter_up[name](self.adapter_act[name](down(h.to(down.weight.dtype))))
-        return h + z.to(h.dtype)
+        return self.adapter_up[name](self.adapter_act[name](down(h.to(down.weight.dtype))))
 
 
 def adapter_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
@@ -156,7 +148,7 @@ def adapter_targets(model: nn.Module, config: AdapterConfig) -> list[str]:
     names = find_targets(
         model,
         targets,
-        allowed_types=(nn.Linear, Conv1D),
+        allowed_types=ADAPTER.module_types,
         exclude_modules=config.exclude_modules,
         layers_to_transform=config.layers_to_transform,
         layers_pattern=config.layers_pattern,
@@ -188,7 +180,7 @@ def inject(model: nn.Module, adapter_name: str, config: AdapterConfig) -> list[s
     norms: list[str] = []
     if config.train_layer_norms:
         norms = _layer_norms(model, {layer_index(n, config.layers_pattern) for n in names}, config.layers_pattern)
-    wrapped = wrap_modules(model, {**dict.fromkeys(names, BottleneckAdapter), **dict.fromkeys(norms, ModulesToSave)})
+    wrapped = wrap_modules(model, {**ADAPTER.layers_for(model, names), **dict.fromkeys(norms, ModulesToSave)})
     for name in names:
         wrapped[name].add(adapter_name, config.bottleneck_size, config.non_linearity, config.init_std)
     for name in norms:
@@ -196,4 +188,13 @@ def inject(model: nn.Module, adapter_name: str, config: AdapterConfig) -> list[s
     return names + norms
 
 
-register(Method("adapter", AdapterConfig, inject, (BottleneckAdapter, ModulesToSave), mixes="rows"))
+ADAPTER = register(
+    Method(
+        "adapter",
+        AdapterConfig,
+        inject,
+        (BottleneckAdapter, ModulesToSave),
+        mixes="rows",
+        layer_types=((nn.Linear, BottleneckAdapter), (Conv1D, BottleneckAdapter)),
+    )
+)

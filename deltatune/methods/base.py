@@ -1,9 +1,17 @@
 """What every method's wrapped layer shares: a frozen base layer plus per-adapter deltas.
 
 A method keeps its per-adapter parameters in ``nn.ModuleDict``/``nn.ParameterDict`` attributes
-keyed by adapter name and lists those attributes in ``adapter_attrs``. That one convention gives
-every method, for free: adapter switching, deletion, trainable flags, and the state-dict keys of
-Hugging Face peft's checkpoint layout (the adapter name is dropped from the key on save).
+keyed by adapter name and lists those attributes in ``adapter_attrs``; other per-adapter values
+(a scale, a flag, a cache: anything with ``pop(name, default)``) it lists in ``adapter_values``.
+That one convention gives every method, for free: adapter switching, deletion, trainable flags,
+and the state-dict keys of Hugging Face peft's checkpoint layout (the adapter name is dropped from
+the key on save).
+
+``DeltaLayer.forward`` is the template every layer shares: a mixed batch goes to the layer's
+``forward_mixed`` (if it mixes rows; :class:`GathersRows` builds it from the method's ``delta_rows``,
+:class:`SplitsRows` from its one-adapter forward), no active adapter runs the base layer alone, and
+otherwise the base output gets each active adapter's ``delta``. A method whose adapter is not an
+added output (a scaled input, another attention) overrides ``forward_active`` or ``forward``.
 
 Which adapter a forward runs comes from the call (deltatune.routing) when the call names one,
 else from the layer's ``active_adapter`` (``DeltaModel.set_adapter``); a mixed batch reaches a
@@ -28,6 +36,7 @@ class DeltaLayer(nn.Module):
     """A frozen ``base_layer`` plus per-adapter tensors in the ``adapter_attrs`` stores."""
 
     adapter_attrs: ClassVar[tuple[str, ...]] = ()
+    adapter_values: ClassVar[tuple[str, ...]] = ()  # per-adapter dicts beside the stores, dropped on delete
     top_level_keys: ClassVar[bool] = False  # True: checkpoint keys are bare names, not module paths
     sums_active: ClassVar[bool] = False  # True: forward applies every adapter of adapters_active()
     # Stores LoRA+ trains at another learning rate (deltatune.training.loraplus): "B" (lr x ratio) or
@@ -98,8 +107,40 @@ class DeltaLayer(nn.Module):
             store = getattr(self, attr)
             if name in store:
                 del store[name]
+        for attr in self.adapter_values:
+            getattr(self, attr).pop(name, None)
         if self.active_adapter == name:
             self.active_adapter = None
+
+    # --- the forward template -------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The steps every layer shares, once: a mixed batch, no adapter, or the active adapters."""
+        rows = routing.rows()
+        mixed = getattr(self, "forward_mixed", None)
+        if rows is not None and mixed is not None:
+            return mixed(rows, x, *args, **kwargs)
+        if self.sums_active:
+            names = self.adapters_active()
+        else:
+            name = self.adapter_active()
+            names = [] if name is None else [name]
+        if not names:
+            return self.base_layer(x, *args, **kwargs)
+        return self.forward_active(names, x, *args, **kwargs)
+
+    def forward_active(self, names: list[str], x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The base output plus each adapter's :meth:`delta` (several: each relative to the base output)."""
+        base = self.base_layer(x, *args, **kwargs)
+        out = base
+        for name in names:
+            delta = self.delta(name, x, base)
+            if delta is not None:
+                out = out + delta.to(out.dtype)
+        return out
+
+    def delta(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor | None:
+        """What adapter ``name`` adds to the base output ``base_out`` for input ``x`` (None: nothing)."""
+        raise NotImplementedError(f"{type(self).__name__} defines neither delta nor its own forward")
 
     # --- checkpoint keys (peft layout: the adapter name is not part of the key) ---------------
     def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
@@ -187,6 +228,20 @@ def wrap_modules(
             replace_module(model, name, layer)
         wrapped[name] = layer
     return wrapped
+
+
+class GathersRows:
+    """``forward_mixed`` (see deltatune.methods.contract.MixesRows) for a layer whose rows gather their
+    own adapter's weights in one pass: the base output plus the method's ``delta_rows``."""
+
+    def forward_mixed(self, rows: routing.RowAdapters, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out = self.base_layer(x, *args, **kwargs)
+        delta = self.delta_rows(rows, x, out)
+        return out if delta is None else out + delta.to(out.dtype)
+
+    def delta_rows(self, rows: routing.RowAdapters, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor | None:
+        """What each row's adapter adds to ``base_out`` (None: no row's adapter is in this layer)."""
+        raise NotImplementedError
 
 
 class SplitsRows:

@@ -20,13 +20,12 @@ merging gives the base layer a bias parameter it did not have.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from deltatune import routing
 from deltatune.config import ConfigError, DeltaConfig, method_config
 from deltatune.methods.base import DeltaLayer, SplitsRows, wrap_modules
 from deltatune.methods.contract import Method, register
@@ -85,15 +84,8 @@ class BitFitLayer(SplitsRows, DeltaLayer):
         device = param.device if param is not None else None
         self.bias_delta[name] = nn.Parameter(torch.zeros(self.bias_shape(), device=device))
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        rows = routing.rows()
-        if rows is not None:
-            return self.forward_mixed(rows, x, *args, **kwargs)
-        out = self.base_layer(x, *args, **kwargs)
-        name = self.adapter_active()
-        if name is None:
-            return out
-        return out + self.bias_delta[name].to(out.dtype)
+    def delta(self, name: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return self.bias_delta[name]
 
     # The delta belongs to the bias, not to the weight that DeltaLayer.merge updates.
     def merge(self, name: str) -> None:

@@ -3,11 +3,14 @@ method's own file with one ``register(Method(...))`` line, and the interfaces th
 
     Method(name, config_class, inject, layer_classes, merges, mixes,
            prepare_inputs, generate, finalize_merged, input_keys,
-           task_option, packable, rank_option, low_rank_factors, hotswap)
+           task_option, packable, rank_option, low_rank_factors, hotswap, layer_types)
 
 * ``inject(model, adapter_name, config) -> list[str]`` adds the adapter to the modules it selects
   (through deltatune.targeting and :func:`~deltatune.methods.base.wrap_modules`) and returns their names.
-* ``layer_classes``: the :class:`~deltatune.methods.base.DeltaLayer` types it puts in the model.
+* ``layer_classes``: the :class:`~deltatune.methods.base.DeltaLayer` types it puts in the model;
+  ``layer_types``: (module type, layer class) pairs, which layer wraps which kind of module, read by
+  :meth:`Method.layer_for`. :func:`register_layer` adds a pair for a module type of the user's own
+  (peft's dispatchers), checked against the method's claims and tried before the built-in ones.
 * ``merges``: whether the adapter folds into the base weights (``merge_adapter``, ``merge_and_unload``);
   each layer class must then say how (``delta_weight`` or its own ``merge``).
 * ``mixes``: how rows with different adapters share one batch (``adapter_names``), or None:
@@ -44,6 +47,7 @@ from deltatune.config import ConfigError, DeltaConfig, register_config
 from deltatune.constants import valid_name
 from deltatune.methods.base import DeltaLayer
 from deltatune.routing import RowAdapters
+from deltatune.wrappers import base_of
 
 Mixes = Literal["weights", "rows", "virtual_tokens", "prefix"]
 ROW_WISE: tuple[Mixes, ...] = ("weights", "rows")  # mixed by the layers themselves
@@ -116,6 +120,7 @@ class Method:
     rank_option: str | None = None
     low_rank_factors: LowRankFactors | None = None
     hotswap: HotSwap | None = None
+    layer_types: tuple[tuple[type[nn.Module], type[DeltaLayer]], ...] = ()
 
     @property
     def peft_type(self) -> str:
@@ -144,6 +149,35 @@ class Method:
         """``config``'s rank (None for a method without one)."""
         return None if self.rank_option is None else getattr(config, self.rank_option)
 
+    def _dispatch(self) -> tuple[tuple[type[nn.Module], type[DeltaLayer]], ...]:
+        return (*_USER_LAYERS.get(self.name, ()), *self.layer_types)
+
+    @property
+    def module_types(self) -> tuple[type[nn.Module], ...]:
+        """The module types this method can wrap (deltatune.targeting's ``allowed_types``)."""
+        return tuple(dict.fromkeys(module_type for module_type, _ in self._dispatch()))
+
+    def layer_for(self, module: nn.Module) -> type[DeltaLayer] | None:
+        """The layer class that wraps ``module`` (or the module an existing wrapper holds): the first
+        registered pair whose module type it is, the user's before the built-in ones; None if none."""
+        inner = base_of(module)
+        return next((layer for module_type, layer in self._dispatch() if isinstance(inner, module_type)), None)
+
+    def layers_for(self, model: nn.Module, names: list[str]) -> dict[str, type[DeltaLayer]]:
+        """``{name: layer class}`` for the named modules of ``model``; a module no pair covers is refused."""
+        kinds = {}
+        for name in names:
+            module = model.get_submodule(name)
+            kind = self.layer_for(module)
+            if kind is None:
+                raise ConfigError(
+                    f"{self.name} has no layer for {name} ({type(base_of(module)).__name__}); it wraps "
+                    f"{', '.join(t.__name__ for t in self.module_types)}: register one with "
+                    "deltatune.methods.register_layer"
+                )
+            kinds[name] = kind
+        return kinds
+
     def __post_init__(self) -> None:
         what = f"method {self.name!r}"
         if not valid_name(self.name):
@@ -156,23 +190,30 @@ class Method:
             raise TypeError(f"{what}: layer_classes must name the DeltaLayer types it injects")
         if self.mixes is not None and self.mixes not in get_args(Mixes):
             raise ConfigError(f"{what}: mixes must be one of {', '.join(get_args(Mixes))} or None, got {self.mixes!r}")
-        if self.mixes in ROW_WISE:
-            missing = [c.__name__ for c in self.layer_classes if not issubclass(c, MixesRows)]
-            if missing:
-                raise TypeError(
-                    f"{what} says it mixes rows ({self.mixes!r}) but {', '.join(missing)} has no "
-                    "forward_mixed(rows, x, ...): its rows would silently run as the base model"
-                )
+        for layer_class in self.layer_classes:
+            check_layer(self, layer_class, what)
         if self.mixes in INPUT_WISE and self.prepare_inputs is None:
             raise TypeError(f"{what} mixes by its inputs ({self.mixes!r}) but has no prepare_inputs hook")
+        stray = [layer.__name__ for _, layer in self.layer_types if layer not in self.layer_classes]
+        if stray:
+            raise TypeError(f"{what}: layer_types name {', '.join(stray)}, which layer_classes lacks")
         options = {f.name for f in dataclasses.fields(self.config_class)}
         for role, option in (("task_option", self.task_option), ("rank_option", self.rank_option)):
             if option is not None and option not in options:
                 raise ConfigError(f"{what}: {role} {option!r} is no option of {self.config_class.__name__}")
-        if self.merges:
-            unmergeable = [c.__name__ for c in self.layer_classes if not _can_merge(c)]
-            if unmergeable:
-                raise TypeError(f"{what} says it merges but {', '.join(unmergeable)} defines no delta_weight or merge")
+
+
+def check_layer(method: Method, layer_class: type[DeltaLayer], what: str) -> None:
+    """Refuse a layer class that could not keep the method's claims (mixing rows, merging)."""
+    if not (isinstance(layer_class, type) and issubclass(layer_class, DeltaLayer)):
+        raise TypeError(f"{what}: {layer_class!r} is no DeltaLayer subclass")
+    if method.mixes in ROW_WISE and not issubclass(layer_class, MixesRows):
+        raise TypeError(
+            f"{what} says it mixes rows ({method.mixes!r}) but {layer_class.__name__} has no "
+            "forward_mixed(rows, x, ...): its rows would silently run as the base model"
+        )
+    if method.merges and not _can_merge(layer_class):
+        raise TypeError(f"{what} says it merges but {layer_class.__name__} defines no delta_weight or merge")
 
 
 def _can_merge(layer_class: type[DeltaLayer]) -> bool:
@@ -181,6 +222,27 @@ def _can_merge(layer_class: type[DeltaLayer]) -> bool:
 
 # --- the registry -------------------------------------------------------------------------------
 _METHODS: dict[str, Method] = {}
+# Method name -> (module type, layer class) pairs the user added, newest first: see register_layer.
+_USER_LAYERS: dict[str, list[tuple[type[nn.Module], type[DeltaLayer]]]] = {}
+
+
+def register_layer(method_name: str, module_type: type[nn.Module], layer_class: type[DeltaLayer]) -> None:
+    """Make method ``method_name`` wrap modules of ``module_type`` (a type of your own) in ``layer_class``.
+
+    Tried before the method's built-in pairs, so it may also replace the layer of a built-in module type.
+    The layer class must keep the method's claims: mix rows if the method does, merge if it merges."""
+    method = method_named(method_name)
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise TypeError(f"register_layer: module_type must be an nn.Module subclass, got {module_type!r}")
+    check_layer(method, layer_class, f"method {method.name!r}")
+    pairs = _USER_LAYERS.setdefault(method.name, [])
+    pairs[:] = [(module_type, layer_class), *(p for p in pairs if p[0] is not module_type)]
+
+
+def unregister_layer(method_name: str, module_type: type[nn.Module]) -> None:
+    """Undo :func:`register_layer` for ``module_type``."""
+    pairs = _USER_LAYERS.get(method_name, [])
+    pairs[:] = [p for p in pairs if p[0] is not module_type]
 
 
 def register(method: Method) -> Method:

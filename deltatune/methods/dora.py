@@ -56,6 +56,14 @@ class NormCache:
     def drop(self, name: str) -> None:
         self._entries.pop(name, None)
 
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def pop(self, name: str, default: object = None) -> object:
+        """Forget adapter ``name``'s norm (as a dict does: a per-adapter value of its layer)."""
+        entry = self._entries.pop(name, None)
+        return default if entry is None else entry[1]
+
 
 def merged_weight_delta(weight: torch.Tensor, lora_delta: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
     """W' − W0 for a weight W0 (out×in) and the scaled LoRA delta s·B·A (out×in): what merging adds."""

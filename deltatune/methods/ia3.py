@@ -22,7 +22,6 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from deltatune import routing
 from deltatune.config import ConfigError, DeltaConfig, method_config
 from deltatune.methods.base import DeltaLayer, SplitsRows, wrap_modules
 from deltatune.methods.contract import Method, register
@@ -69,6 +68,7 @@ class IA3Layer(SplitsRows, DeltaLayer):
 
     sums_active = True
     adapter_attrs = ("ia3_l",)
+    adapter_values = ("feedforward",)
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -84,10 +84,6 @@ class IA3Layer(SplitsRows, DeltaLayer):
         self.ia3_l[name] = nn.Parameter(weight.to(self.base_layer.weight.device))
         self.feedforward[name] = feedforward
 
-    def delete_adapter(self, name: str) -> None:
-        super().delete_adapter(name)
-        self.feedforward.pop(name, None)
-
     def scales(self, names: list[str], feedforward: bool) -> torch.Tensor | None:
         """The product of the named adapters' scales of one kind, flat (None: none of that kind)."""
         chosen = [self.ia3_l[n].flatten() for n in names if self.feedforward[n] == feedforward]
@@ -98,13 +94,8 @@ class IA3Layer(SplitsRows, DeltaLayer):
             out = out * scale
         return out
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        rows = routing.rows()
-        if rows is not None:
-            return self.forward_mixed(rows, x, *args, **kwargs)
-        names = self.adapters_active()
-        if not names:
-            return self.base_layer(x, *args, **kwargs)
+    def forward_active(self, names: list[str], x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """(IA)³ scales, not adds: the input (feed-forward) or the output, by every active adapter's scale."""
         inputs = self.scales(names, feedforward=True)
         if inputs is not None:
             x = (x.to(inputs.dtype) * inputs).to(x.dtype)
@@ -169,16 +160,26 @@ def inject(model: nn.Module, adapter_name: str, config: IA3Config) -> list[str]:
     names = find_targets(
         model,
         config.target_modules,
-        allowed_types=(nn.Linear, Conv1D),
+        allowed_types=IA3.module_types,
         exclude_modules=config.exclude_modules,
         layers_to_transform=config.layers_to_transform,
         layers_pattern=config.layers_pattern,
     )
-    for name, layer in wrap_modules(model, dict.fromkeys(names, IA3Layer), "an (IA)³ adapter").items():
+    for name, layer in wrap_modules(model, IA3.layers_for(model, names), "an (IA)³ adapter").items():
         if isinstance(base_of(layer), Conv1D):
             config.fan_in_fan_out = True
         layer.add(adapter_name, is_feedforward(name, config.feedforward_modules), config.init_ia3_weights)
     return names
 
 
-register(Method("ia3", IA3Config, inject, (IA3Layer,), merges=True, mixes="rows"))
+IA3 = register(
+    Method(
+        "ia3",
+        IA3Config,
+        inject,
+        (IA3Layer,),
+        merges=True,
+        mixes="rows",
+        layer_types=((nn.Linear, IA3Layer), (Conv1D, IA3Layer)),
+    )
+)

@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltatune import routing
 from deltatune.config import ConfigError, DeltaConfig, method_config
 from deltatune.methods.base import DeltaLayer, SplitsRows, wrap_modules
 from deltatune.methods.contract import Method, register
@@ -91,6 +90,7 @@ class LoKrLinear(SplitsRows, DeltaLayer):
 
     sums_active = True
     adapter_attrs = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
+    adapter_values = ("scaling", "dropouts")
 
     def __init__(self, base_layer: nn.Linear) -> None:
         super().__init__(base_layer)
@@ -145,11 +145,6 @@ class LoKrLinear(SplitsRows, DeltaLayer):
                 fill(self.lokr_w2_a[name], False)
                 fill(self.lokr_w2_b[name], zero == "w2")
 
-    def delete_adapter(self, name: str) -> None:
-        super().delete_adapter(name)
-        self.scaling.pop(name, None)
-        self.dropouts.pop(name, None)
-
     def _factor(self, name: str, which: str) -> torch.Tensor:
         whole = getattr(self, f"lokr_{which}")
         if name in whole:
@@ -159,21 +154,16 @@ class LoKrLinear(SplitsRows, DeltaLayer):
     def delta_weight(self, name: str) -> torch.Tensor:
         return torch.kron(self._factor(name, "w1"), self._factor(name, "w2")) * self.scaling[name]
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        rows = routing.rows()
-        if rows is not None:
-            return self.forward_mixed(rows, x, *args, **kwargs)
-        out = self.base_layer(x, *args, **kwargs)
-        for name in self.adapters_active():
-            rank_dropout, module_dropout, rescale = self.dropouts[name]
-            if self.training and module_dropout and float(torch.rand(1)) <= module_dropout:
-                continue
-            delta = self.delta_weight(name)
-            if self.training and rank_dropout:
-                keep = (torch.rand(delta.shape[0]) > rank_dropout).to(delta)
-                delta = delta * (keep / keep.mean() if rescale else keep).view(-1, 1)
-            out = out + F.linear(x.to(delta.dtype), delta).to(out.dtype)
-        return out
+    def delta(self, name: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None:
+        """s·(W1 ⊗ W2)·x, with LoKr's module dropout (None: dropped this step) and rank dropout."""
+        rank_dropout, module_dropout, rescale = self.dropouts[name]
+        if self.training and module_dropout and float(torch.rand(1)) <= module_dropout:
+            return None
+        delta = self.delta_weight(name)
+        if self.training and rank_dropout:
+            keep = (torch.rand(delta.shape[0]) > rank_dropout).to(delta)
+            delta = delta * (keep / keep.mean() if rescale else keep).view(-1, 1)
+        return F.linear(x.to(delta.dtype), delta)
 
 
 def inject(model: nn.Module, adapter_name: str, config: LoKrConfig) -> list[str]:
@@ -183,15 +173,26 @@ def inject(model: nn.Module, adapter_name: str, config: LoKrConfig) -> list[str]
     names = find_targets(
         model,
         config.target_modules,
-        allowed_types=(nn.Linear,),
+        allowed_types=LOKR.module_types,
         exclude_modules=config.exclude_modules,
         layers_to_transform=config.layers_to_transform,
         layers_pattern=config.layers_pattern,
     )
-    for name, layer in wrap_modules(model, dict.fromkeys(names, LoKrLinear), "a LoKr adapter").items():
+    for name, layer in wrap_modules(model, LOKR.layers_for(model, names), "a LoKr adapter").items():
         r, alpha = config.rank_and_alpha(name)
         layer.add(adapter_name, r, alpha, config)
     return names
 
 
-register(Method("lokr", LoKrConfig, inject, (LoKrLinear,), merges=True, mixes="rows", rank_option="r"))
+LOKR = register(
+    Method(
+        "lokr",
+        LoKrConfig,
+        inject,
+        (LoKrLinear,),
+        merges=True,
+        mixes="rows",
+        rank_option="r",
+        layer_types=((nn.Linear, LoKrLinear),),
+    )
+)

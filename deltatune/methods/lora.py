@@ -33,12 +33,11 @@ from transformers.pytorch_utils import Conv1D
 from deltatune import routing
 from deltatune.config import ConfigError, DeltaConfig, method_config
 from deltatune.methods import dora, lora_init
-from deltatune.methods.base import DeltaLayer, wrap_modules
+from deltatune.methods.base import DeltaLayer, GathersRows, wrap_modules
 from deltatune.methods.contract import Method, register
 from deltatune.methods.lora_embedding import LoraEmbedding, stacked_factors
 from deltatune.methods.lora_hotswap import LoraHotSwap
 from deltatune.targeting import find_targets
-from deltatune.wrappers import base_of
 
 
 @method_config
@@ -92,11 +91,12 @@ class LoraConfig(DeltaConfig):
         return lookup(self.rank_pattern, self.r), lookup(self.alpha_pattern, self.lora_alpha)
 
 
-class LoraLinear(dora.KeepsMergedDelta, DeltaLayer):
+class LoraLinear(dora.KeepsMergedDelta, GathersRows, DeltaLayer):
     """LoRA (and DoRA, see deltatune.methods.dora) around ``nn.Linear`` or ``Conv1D`` (weight stored in×out)."""
 
     sums_active = True
     adapter_attrs = ("lora_A", "lora_B", "lora_dropout", "lora_magnitude_vector")
+    adapter_values = ("scaling", "norms")
     loraplus_roles: ClassVar[dict[str, str]] = {"lora_B": "B"}
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -135,11 +135,6 @@ class LoraLinear(dora.KeepsMergedDelta, DeltaLayer):
         lora_init.initialize(self, name, init, config)
         if use_dora:  # after the init: a residual init changes W0, and m starts at ‖W0 + s·B·A‖
             self.lora_magnitude_vector[name] = nn.Parameter(self.dora_norm(name, self.base_weight()))
-
-    def delete_adapter(self, name: str) -> None:
-        super().delete_adapter(name)
-        self.scaling.pop(name, None)
-        self.norms.drop(name)
 
     def base_weight(self) -> torch.Tensor:
         """W0 as out×in (dequantized for a quantized base)."""
@@ -198,14 +193,13 @@ class LoraLinear(dora.KeepsMergedDelta, DeltaLayer):
         """g = m / ‖W0 + s·B·A‖ (per output), the factor DoRA applies to the LoRA layer's output."""
         return self.lora_magnitude_vector[name] / self.dora_norm(name, weight)
 
-    def forward_mixed(self, rows: routing.RowAdapters, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def delta_rows(self, rows: routing.RowAdapters, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None:
         """Every row's own adapter in one pass: rows gather their A and B, then two batched
         matmuls (the gather-BMM that Punica/S-LoRA write as kernels); no loop over adapters.
         DoRA rows then scale their outputs by their own g (W0·x is the base output less its bias)."""
-        out = self.base_layer(x, *args, **kwargs)
         factors = rows.per_row(self, self.lora_A, x.shape[0], x.device, self.row_factors)
         if factors is None:
-            return out
+            return None
         a_rows, b_rows, dropout, gains = factors
         h = x.reshape(x.shape[0], -1, x.shape[-1]).to(a_rows.dtype)
         if self.training and bool(dropout.any()):
@@ -215,15 +209,15 @@ class LoraLinear(dora.KeepsMergedDelta, DeltaLayer):
             h = h * torch.bernoulli(keep.expand_as(h)) / keep
         delta = torch.bmm(torch.bmm(h, a_rows), b_rows).view(*x.shape[:-1], -1)
         if gains is None:
-            return out + delta.to(out.dtype)
+            return delta
         gains = gains.view(x.shape[0], *[1] * (x.dim() - 2), -1)
-        return out + ((gains - 1) * self.without_bias(out) + gains * delta).to(out.dtype)
+        return (gains - 1) * self.without_bias(out) + gains * delta
 
     def without_bias(self, out: torch.Tensor) -> torch.Tensor:
         bias = self.base_layer.bias
         return out if bias is None else out - bias
 
-    def adapter_output(self, name: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def delta(self, name: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """What adapter ``name`` adds to the base output ``out`` for input ``x``."""
         lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
         x = x.to(lora_a.dtype)
@@ -238,16 +232,6 @@ class LoraLinear(dora.KeepsMergedDelta, DeltaLayer):
         # As peft: with dropout at work W0 sees the same dropped input as the LoRA branch.
         base = F.linear(dropped, weight) if dropping else self.without_bias(out).to(x.dtype)
         return (gain - 1) * base + gain * lora
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        mixed = routing.rows()
-        if mixed is not None:
-            return self.forward_mixed(mixed, x, *args, **kwargs)
-        base = self.base_layer(x, *args, **kwargs)
-        out = base
-        for name in self.adapters_active():  # several: their deltas add, each relative to the base output
-            out = out + self.adapter_output(name, x, base).to(out.dtype)
-        return out
 
 
 # Targets when the config names none, as in peft: the attention query and value projections.
@@ -278,15 +262,12 @@ def inject(model: nn.Module, adapter_name: str, config: LoraConfig) -> list[str]
     names = find_targets(
         model,
         config.target_modules,
-        allowed_types=(nn.Linear, Conv1D, nn.Embedding),
+        allowed_types=LORA.module_types,
         exclude_modules=config.exclude_modules,
         layers_to_transform=config.layers_to_transform,
         layers_pattern=config.layers_pattern,
     )
-    kinds = {
-        n: LoraEmbedding if isinstance(base_of(model.get_submodule(n)), nn.Embedding) else LoraLinear for n in names
-    }
-    for name, layer in wrap_modules(model, kinds).items():
+    for name, layer in wrap_modules(model, LORA.layers_for(model, names)).items():
         if isinstance(layer, LoraLinear) and layer.transposed:
             config.fan_in_fan_out = True  # peft's flag for Conv1D weights
         r, alpha = config.rank_and_alpha(name)
@@ -316,7 +297,7 @@ def low_rank_factors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
     return out
 
 
-register(
+LORA = register(
     Method(
         "lora",
         LoraConfig,
@@ -327,6 +308,7 @@ register(
         rank_option="r",
         low_rank_factors=low_rank_factors,
         hotswap=LoraHotSwap((LoraLinear, LoraEmbedding)),
+        layer_types=((nn.Embedding, LoraEmbedding), (nn.Linear, LoraLinear), (Conv1D, LoraLinear)),
     )
 )
 

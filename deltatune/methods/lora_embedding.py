@@ -12,7 +12,7 @@ from torch import nn
 
 from deltatune import routing
 from deltatune.methods import dora
-from deltatune.methods.base import DeltaLayer
+from deltatune.methods.base import DeltaLayer, GathersRows
 
 
 def stacked_factors(a: list[torch.Tensor], b: list[torch.Tensor], scaling: list[float]) -> tuple[torch.Tensor, ...]:
@@ -24,12 +24,13 @@ def stacked_factors(a: list[torch.Tensor], b: list[torch.Tensor], scaling: list[
     return torch.stack([torch.zeros_like(a_t[0]), *a_t]), torch.stack([torch.zeros_like(b_t[0]), *b_t])
 
 
-class LoraEmbedding(dora.KeepsMergedDelta, DeltaLayer):
+class LoraEmbedding(dora.KeepsMergedDelta, GathersRows, DeltaLayer):
     """LoRA on a token embedding: the update is a low-rank (num_embeddings × dim) table. With DoRA
     the magnitude is per embedding dimension and the norm runs over the vocabulary (as peft)."""
 
     sums_active = True
     adapter_attrs = ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+    adapter_values = ("scaling", "norms")
     loraplus_roles: ClassVar[dict[str, str]] = {"lora_embedding_A": "embedding", "lora_embedding_B": "embedding"}
 
     def __init__(self, base_layer: nn.Embedding) -> None:
@@ -64,11 +65,6 @@ class LoraEmbedding(dora.KeepsMergedDelta, DeltaLayer):
         self.scaling[name] = alpha / math.sqrt(r) if rslora else alpha / r
         if use_dora:
             self.lora_magnitude_vector[name] = nn.Parameter(self.dora_norm(name))
-
-    def delete_adapter(self, name: str) -> None:
-        super().delete_adapter(name)
-        self.scaling.pop(name, None)
-        self.norms.drop(name)
 
     def dora_norm(self, name: str) -> torch.Tensor:
         weight, a, b = self.base_layer.weight, self.lora_embedding_A[name], self.lora_embedding_B[name]
@@ -111,21 +107,20 @@ class LoraEmbedding(dora.KeepsMergedDelta, DeltaLayer):
     def dora_gain(self, name: str) -> torch.Tensor:
         return self.lora_magnitude_vector[name] / self.dora_norm(name)
 
-    def forward_mixed(self, rows: routing.RowAdapters, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Each row looks its ids up in its own adapter's A."""
-        out = self.base_layer(x, *args, **kwargs)
+    def delta_rows(self, rows: routing.RowAdapters, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None:
+        """Each row looks its ids up in its own adapter's A; DoRA rows scale by their own g."""
         factors = rows.per_row(self, self.lora_embedding_A, x.shape[0], x.device, self.row_factors)
         if factors is None:
-            return out
+            return None
         a_t, b_rows, slots, gains = factors
         looked_up = a_t[slots.view(-1, *[1] * (x.dim() - 1)), x].reshape(x.shape[0], -1, a_t.shape[-1])
         delta = torch.bmm(looked_up, b_rows).view_as(out)
         if gains is None:
-            return out + delta.to(out.dtype)
+            return delta
         gains = gains.view(x.shape[0], *[1] * (x.dim() - 1), -1)
-        return (gains * (out + delta)).to(out.dtype)
+        return (gains - 1) * out + gains * delta
 
-    def adapter_output(self, name: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def delta(self, name: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
         a = F.embedding(
             x,
@@ -141,13 +136,3 @@ class LoraEmbedding(dora.KeepsMergedDelta, DeltaLayer):
             return lora
         gain = self.dora_gain(name)
         return (gain - 1) * out + gain * lora
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        mixed = routing.rows()
-        if mixed is not None:
-            return self.forward_mixed(mixed, x, *args, **kwargs)
-        base = self.base_layer(x, *args, **kwargs)
-        out = base
-        for name in self.adapters_active():  # several: their deltas add, each relative to the base output
-            out = out + self.adapter_output(name, x, base).to(out.dtype)
-        return out
