@@ -103,13 +103,13 @@ def add_dataclass_flags(
         kwargs = flag_kwargs(hints[name])
         text = describe(fields[name], hints[name], helps.get(name), (choices or {}).get(name))
         parser.add_argument(
-            "--" + name.replace("_", "-"), dest=name, default=argparse.SUPPRESS, help=_escape(text), **kwargs
+            "--" + name.replace("_", "-"), dest=name, default=argparse.SUPPRESS, help=escape(text), **kwargs
         )
         names.add(name)
     return names
 
 
-def _escape(text: str) -> str:
+def escape(text: str) -> str:
     return text.replace("%", "%%")
 
 
@@ -121,7 +121,7 @@ def describe(f: dataclasses.Field, hint: Any, text: str | None, choices: typing.
     if choices:
         text += f"; choices: {', '.join(map(str, choices))}"
     default = _default(f)
-    if default is not dataclasses.MISSING:
+    if default is not dataclasses.MISSING and "(default:" not in text:  # the text may say what the default means
         shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
         if default is None or default in ({}, [], ()):
             shown = "none"

@@ -36,7 +36,7 @@ def add_attention_flags(
             "--attention",
             default=DEFAULT,
             metavar="PATTERN",
-            help=flags._escape(attention_help() + f"\n(default: {DEFAULT})"),
+            help=flags.escape(attention_help() + f"\n(default: {DEFAULT})"),
         )
     if pattern == DEFAULT:
         return set()

@@ -1,6 +1,6 @@
-"""The user's loop after training, on the command line: ``deltatune eval`` (paper-style scores, files, several
-models side by side), ``deltatune generate`` (one prompt, or a file of them in batches) and ``deltatune export``
-(llama.cpp's GGUF). Every flag and file is checked before a model loads."""
+"""The user's loop after training: ``deltatune eval`` (paper-style scores, files, several models side by side)
+and ``deltatune generate`` (one prompt, or a file of them in batches). Every flag and file is checked before a
+model loads."""
 
 from __future__ import annotations
 
@@ -8,62 +8,21 @@ import argparse
 import json
 import sys
 
+from deltatune.cli.common import (
+    BASE_HELP,
+    QUANTIZE_CHOICES,
+    QUANTIZE_HELP,
+    attention_flags,
+    attention_options,
+    decoding_flags,
+    parsed_decoding,
+)
 from deltatune.config import ConfigError
-
-
-def _helps() -> tuple[str, str]:
-    from deltatune.cli import BASE_HELP, QUANTIZE_HELP  # here: deltatune.cli imports this module
-
-    return BASE_HELP, QUANTIZE_HELP
-
-
-def _decoding_flags(parser: argparse.ArgumentParser, max_new_tokens: int, sampling: bool) -> None:
-    group = parser.add_argument_group("decoding options")
-    group.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="most tokens generated per input")
-    group.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (default: greedy)")
-    group.add_argument("--length-penalty", type=float, default=1.0, help="beam score / length**this (default: 1)")
-    group.add_argument("--no-repeat-ngram-size", type=int, default=0, help="never repeat an n-gram this long")
-    if sampling:
-        group.add_argument("--temperature", type=float, default=0.0, help="above 0: sample (default: 0, greedy)")
-        group.add_argument("--top-p", type=float, default=1.0, help="sample from the top-p probability mass")
-        group.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens (0: all)")
-        group.add_argument("--seed", type=int, help="seed of the sampling, for reproducible outputs")
-        group.add_argument("--stop", nargs="+", default=[], help="end a completion at any of these strings")
-
-
-def _decoding(args: argparse.Namespace):
-    from deltatune.generation import Decoding
-
-    return Decoding(
-        max_new_tokens=args.max_new_tokens,
-        num_beams=args.num_beams,
-        length_penalty=args.length_penalty,
-        no_repeat_ngram_size=args.no_repeat_ngram_size,
-        temperature=getattr(args, "temperature", 0.0),
-        top_p=getattr(args, "top_p", 1.0),
-        top_k=getattr(args, "top_k", 0),
-        seed=getattr(args, "seed", None),
-        stop=tuple(getattr(args, "stop", ())),
-    )
-
-
-def _attention(parser: argparse.ArgumentParser, argv: list[str]):
-    from deltatune.cli import _attention_flags
-
-    return _attention_flags(parser, argv)
-
-
-def _attention_options(args: argparse.Namespace, names):
-    from deltatune.cli import _attention_options as options
-
-    return options(args, names)
 
 
 # --- eval ------------------------------------------------------------------------------------------
 def eval_parser() -> argparse.ArgumentParser:
     from deltatune.scoring import CLASSIFICATION_METRICS, GENERATION_METRICS
-
-    BASE_HELP, QUANTIZE_HELP = _helps()
 
     parser = argparse.ArgumentParser(
         prog="deltatune eval",
@@ -105,8 +64,8 @@ def eval_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--task-name", help="the task of a multi-task (HyperFormer) adapter that the data is for, e.g. sst2"
     )
-    parser.add_argument("--quantize", choices=["int8", "nf4", "gguf"], help=QUANTIZE_HELP)
-    _decoding_flags(parser, 48, sampling=False)
+    parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, help=QUANTIZE_HELP)
+    decoding_flags(parser, 48, sampling=False)
     return parser
 
 
@@ -114,9 +73,9 @@ def cmd_eval(argv: list[str]) -> int:
     from deltatune.eval_runs import evaluate, side_by_side
 
     parser = eval_parser()
-    attention = _attention(parser, argv)
+    attention = attention_flags(parser, argv)
     args = parser.parse_args(argv)
-    decoding = None if args.no_generate else _decoding(args)  # bad decoding options before anything loads
+    decoding = None if args.no_generate else parsed_decoding(args)  # bad decoding options before anything loads
     if args.no_generate and args.no_loss:
         raise ConfigError("--no-generate with --no-loss leaves nothing to evaluate")
     results = evaluate(
@@ -128,7 +87,7 @@ def cmd_eval(argv: list[str]) -> int:
         task_name=args.task_name,
         quantize=args.quantize,
         attention=args.attention,
-        attention_options=_attention_options(args, attention),
+        attention_options=attention_options(args, attention),
         output_dir=args.output_dir,
         progress=True,
         loss=not args.no_loss,
@@ -151,8 +110,6 @@ def cmd_generate(argv: list[str]) -> int:
     from deltatune.evaluation import adapter_task_id, generate_examples
     from deltatune.generation import record_example
 
-    BASE_HELP, QUANTIZE_HELP = _helps()
-
     parser = argparse.ArgumentParser(
         prog="deltatune generate",
         description="Complete one prompt (--prompt), or every prompt of a file (--input) in batches. Chat models "
@@ -167,13 +124,13 @@ def cmd_generate(argv: list[str]) -> int:
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per batch (default: %(default)s)")
     parser.add_argument("--raw", action="store_true", help="feed prompts as they are, without the chat template")
     parser.add_argument("--task-name", help="the task of a multi-task (HyperFormer) adapter to generate for")
-    parser.add_argument("--quantize", choices=["int8", "nf4", "gguf"], help=QUANTIZE_HELP)
-    _decoding_flags(parser, 64, sampling=True)
-    attention = _attention(parser, argv)
+    parser.add_argument("--quantize", choices=QUANTIZE_CHOICES, help=QUANTIZE_HELP)
+    decoding_flags(parser, 64, sampling=True)
+    attention = attention_flags(parser, argv)
     args = parser.parse_args(argv)
-    decoding = _decoding(args)
+    decoding = parsed_decoding(args)
     adapter_task_id(args.adapter, args.task_name)  # a bad adapter or task name before reading standard input
-    options = _attention_options(args, attention)
+    options = attention_options(args, attention)
     records = _prompt_records(args)
 
     texts = generate_examples(
@@ -218,39 +175,3 @@ def _write_completions(output: str | None, records: list[dict], texts: list[str]
     else:
         atomic_write_text(output, "".join(lines))
         print(f"{len(lines)} completions written to {output}", file=sys.stderr)
-
-
-# --- export ----------------------------------------------------------------------------------------
-def cmd_export(argv: list[str]) -> int:
-    from deltatune.export import export_lora, export_merged
-
-    base_help, _ = _helps()
-    parser = argparse.ArgumentParser(
-        prog="deltatune export",
-        description="Write llama.cpp's GGUF: a LoRA adapter as an adapter file (llama-cli -m BASE.gguf --lora "
-        "OUT.gguf), or with --merged the base with the adapter folded in as one model file.",
-    )
-    parser.add_argument("--format", choices=["gguf"], default="gguf", help="the file format (default: gguf)")
-    parser.add_argument("--base", default="smollm2-135m", help=base_help + " (default: %(default)s)")
-    parser.add_argument("--adapter", help="adapter directory (deltatune or peft); --merged without it: the base")
-    parser.add_argument("--output", required=True, help="the .gguf file to write")
-    parser.add_argument("--merged", action="store_true", help="a whole model with the adapter merged in")
-    parser.add_argument(
-        "--outtype",
-        choices=["f32", "f16", "q8_0"],
-        help="tensor type: adapters f32 (default) or f16; merged models f32, f16 (default) or q8_0",
-    )
-    parser.add_argument(
-        "--base-gguf",
-        help="--merged: a GGUF of the base to take the tokenizer and hyper-parameters from "
-        "(default: a built-in base's own file)",
-    )
-    args = parser.parse_args(argv)
-    if args.merged:
-        written = export_merged(args.base, args.adapter, args.output, args.outtype or "f16", args.base_gguf)
-    else:
-        if not args.adapter:
-            raise ConfigError("--adapter is needed to export an adapter (or give --merged for a whole model)")
-        written = export_lora(args.base, args.adapter, args.output, args.outtype or "f32")
-    print(f"wrote {written}", file=sys.stderr)
-    return 0
