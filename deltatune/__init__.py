@@ -1,6 +1,7 @@
 """deltatune: parameter-efficient fine-tuning of Hugging Face transformers, natively in PyTorch."""
 
-from deltatune.attention import set_attention
+from typing import Any
+
 from deltatune.config import ConfigError, DeltaConfig
 from deltatune.hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
 from deltatune.loading import load_base
@@ -44,3 +45,17 @@ __all__ = [
     "set_attention",
     "wrap",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """``deltatune.set_attention`` loads the attention patterns (1.4k lines) on first use, not on ``import
+    deltatune``."""
+    if name == "set_attention":
+        from deltatune.attention import set_attention
+
+        return set_attention
+    raise AttributeError(f"module 'deltatune' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), "set_attention"])
