@@ -48,7 +48,7 @@ def record(claim: str, figures: dict[str, Any], meter: RunMeter | None, args: ar
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: v for k, v in vars(args).items() if k not in ("func", "worker") and not callable(v)}
+    return {k: v for k, v in vars(args).items() if k not in ("func", "worker", "chosen_lr") and not callable(v)}
 
 
 # --- claims 1 and 2 (E2E): subspace overlap and rank ------------------------------------------------------------
@@ -223,7 +223,7 @@ def family_train(model, batches: list[dict], lr: float, loraplus: bool) -> dict[
     return {"train_s": round(time.perf_counter() - start, 1), "steps": steps, "losses": losses}
 
 
-def family_sst2(method: str, seed: int, data: dict, args: argparse.Namespace) -> dict[str, Any]:
+def family_sst2(method: str, seed: int, data: dict, args: argparse.Namespace, split: str = "report") -> dict[str, Any]:
     import deltatune as dt
     from deltatune import methods
 
@@ -232,15 +232,16 @@ def family_sst2(method: str, seed: int, data: dict, args: argparse.Namespace) ->
     base, tokenizer = dt.load_base("minilm-l6", num_labels=2)
     model = dt.wrap(base, methods.config_class_for_name(name)(**options))
     train_data = {"sst2": glue.train_subsample(data["sst2"]["pool"], args.examples, seed)}
-    figures = family_train(model, glue.batches_for(train_data, tokenizer, glue_args(args), seed), args.lr,
+    lr = getattr(args, "chosen_lr", args.lr)
+    figures = family_train(model, glue.batches_for(train_data, tokenizer, glue_args(args), seed), lr,
                            method == "loraplus")  # fmt: skip
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     figures["trainable_params"] = trainable
-    figures["accuracy"] = glue.accuracy_f1(model, tokenizer, data["sst2"]["report"], 64)
+    figures["accuracy"] = glue.accuracy_f1(model, tokenizer, data["sst2"][split], 64)
     return figures
 
 
-def family_e2e(method: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+def family_e2e(method: str, seed: int, args: argparse.Namespace) -> dict[str, Any] | None:
     import dataclasses
 
     from deltatune.analysis.sweep import sweep
@@ -251,6 +252,8 @@ def family_e2e(method: str, seed: int, args: argparse.Namespace) -> dict[str, An
         loraplus_lr_ratio=LORAPLUS_RATIO if method == "loraplus" else None,
     )  # fmt: skip
     out = Path(args.work_dir) / "lora-family" / method
+    if (out / f"seed{seed}" / "summary.json").is_file():
+        return None  # recorded when it ran: a resumed campaign skips it
     row = sweep(cfg, out, None, [seed])["runs"][-1]
     metrics = [json.loads(x) for x in (out / f"seed{seed}" / "metrics.jsonl").read_text().splitlines()]
     losses = [round(m["loss"], 4) for m in metrics if "loss" in m and "eval" not in m]  # the eval lines aside
@@ -260,10 +263,35 @@ def family_e2e(method: str, seed: int, args: argparse.Namespace) -> dict[str, An
     }  # fmt: skip
 
 
+def family_tuned(args: argparse.Namespace) -> None:
+    """SST-2 with each method's own lr: every lr of ``--select-lrs`` on the select split (``--select-seed``), the
+    best one then on the report split for every seed (bench/glue.py's protocol); methods in turn."""
+    data = glue_data(["sst2"])
+    for method in args.methods:
+        scores = {}
+        for lr in args.select_lrs:
+            meter, args.chosen_lr = RunMeter(), lr
+            figures = family_sst2(method, args.select_seed, data, args, "select")
+            scores[lr] = figures["accuracy"]["accuracy"]
+            record("lora-family-select", {"task": "sst2", "method": method, "lr": lr, **figures}, meter, args)
+        args.chosen_lr = max(scores, key=lambda v: scores[v])  # ties: the first (smallest) lr
+        for seed in args.seeds:
+            meter = RunMeter()
+            figures = family_sst2(method, seed, data, args)
+            fields = {"task": "sst2", "method": method, "seed": seed, "lr": args.chosen_lr, "select": scores}
+            record("lora-family-tuned", {**fields, **figures}, meter, args)
+            log(f"[lora-family-tuned {method} lr {args.chosen_lr:g} seed {seed}] {figures['accuracy']}")
+
+
 def cmd_lora_family(args: argparse.Namespace) -> None:
     """Every task in ``--tasks`` order, seed by seed, every method per seed: a campaign cut short stays complete
-    per (task, seed)."""
+    per (task, seed). With ``--select-lrs``: :func:`family_tuned` instead."""
     set_threads(args.threads)
+    if args.select_lrs:
+        if args.tasks != ["sst2"]:
+            raise SystemExit("--select-lrs chooses each method's lr on SST-2's select split: pass --tasks sst2")
+        family_tuned(args)
+        return
     data = glue_data(["sst2"]) if "sst2" in args.tasks else {}
     for task in args.tasks:
         for seed in args.seeds:
@@ -271,6 +299,8 @@ def cmd_lora_family(args: argparse.Namespace) -> None:
                 meter = RunMeter()
                 run = family_sst2 if task == "sst2" else lambda m, s, _, a: family_e2e(m, s, a)
                 figures = run(method, seed, data, args)
+                if figures is None:
+                    continue
                 record("lora-family", {"task": task, "method": method, "seed": seed, **figures}, meter, args)
                 log(f"[lora-family {task} {method} seed {seed}] {json.dumps(figures)[:200]}")
 
@@ -427,6 +457,14 @@ def parser() -> argparse.ArgumentParser:
     fam.add_argument("--examples", type=int, default=400, help="SST-2 training examples (rank-sst2's budget)")
     fam.add_argument("--epochs", type=int, default=2, help="SST-2 passes (rank-sst2's budget)")
     fam.add_argument("--lr", type=float, default=4e-3, help="SST-2 lr, every method (rank-sst2's LoRA lr)")
+    fam.add_argument(
+        "--select-lrs",
+        type=float,
+        nargs="+",
+        help="SST-2: choose each method's lr among these on "
+        "the select split, then run the seeds at it (claims lora-family-select / lora-family-tuned)",
+    )
+    fam.add_argument("--select-seed", type=int, default=0, help="seed of the lr-selection runs")
     fam.add_argument("--e2e-lr", type=float, default=2e-3, help="E2E lr, every method (the e2e claim's)")
     fam.add_argument("--steps", type=int, default=40, help="E2E optimizer steps (the e2e claim's)")
     fam.add_argument("--batch-size", type=int, default=4, help="E2E examples per step")
