@@ -98,9 +98,9 @@ def lora_tensors(adapter: str | Path, config: dict[str, Any]) -> tuple[dict[str,
 
     from deltatune.checkpoint.adapter import check_adapter_dir
 
-    check_adapter_dir(str(adapter))
+    adapter_config = check_adapter_dir(str(adapter))
     settings = json.loads((Path(adapter) / "adapter_config.json").read_text())
-    _check_plain_lora(settings)
+    _check_plain_lora(adapter_config, settings)
     weights = load_file(str(Path(adapter) / "adapter_model.safetensors"))
     names = NameMap(config)
     alpha = float(settings["lora_alpha"])
@@ -124,8 +124,11 @@ def lora_tensors(adapter: str | Path, config: dict[str, Any]) -> tuple[dict[str,
     return out, alpha
 
 
-def _check_plain_lora(settings: dict[str, Any]) -> None:
-    if settings.get("peft_type") != "LORA":
+def _check_plain_lora(adapter_config: Any, settings: dict[str, Any]) -> None:
+    """llama.cpp holds an A and a B per weight: a method whose record reads such factors (LoRA), without DoRA."""
+    from deltatune.methods import method_for
+
+    if method_for(adapter_config).low_rank_factors is None:
         raise ConfigError(
             f"llama.cpp adapters are LoRA only, this is {settings.get('peft_type')}: export the merged model instead "
             "(--merged)"
