@@ -74,7 +74,7 @@ def test_an_unregistered_module_type_is_refused():
         dt.wrap(Net(), lora_config())
     lora = methods.method_named("lora")
     assert lora.layer_for(Doubled(2, 2)) is None
-    with pytest.raises(ConfigError, match="register one with deltatune.methods.register_layer"):
+    with pytest.raises(ConfigError, match=r"register one with deltatune\.methods\.register_layer"):
         lora.layers_for(Net(), ["proj"])
 
 
