@@ -63,3 +63,27 @@ def test_a_rerun_replaces_the_older_run_of_its_seed() -> None:
 
 def test_no_family_lines_no_rows() -> None:
     assert claims_report.claim_family([]) == []
+
+
+def test_campaigns_differing_only_in_work_dir_or_lr_selection_options_are_one() -> None:
+    records = base_records()
+    for r in records[:8]:  # the first seed's runs as a resumed campaign would record them
+        r["settings"] = {**SETTINGS, "work_dir": "/elsewhere", "select_lrs": None, "select_seed": 0}
+    assert rows(records)["6a"][3] == "SST-2 3, E2E 3"
+    records[-1]["settings"] = {**SETTINGS, "lr": 1e-3}  # another lr: another campaign, the newest
+    assert rows(records)["6a"][3] == "E2E 1"
+
+
+def test_tuned_row_compares_each_method_at_its_own_lr() -> None:
+    tuned = []
+    for seed in (0, 1, 2):
+        for method, lr, acc in (("lora", 4e-3, 80.0 + seed), ("ia3", 1.6e-2, 79.5 + seed),
+                                ("lokr", 1.6e-2, 60.0), ("loraplus", 1e-3, 81.0 + seed)):  # fmt: skip
+            r = record("sst2", method, seed, acc, [1.0, 0.5])
+            r["claim"], r["figures"]["lr"] = "lora-family-tuned", lr
+            r["settings"] = {**SETTINGS, "select_lrs": [1e-3, 4e-3, 1.6e-2]}
+            tuned.append(r)
+    row = rows([*base_records(), *tuned])["6f"]
+    assert "ia3 lr 0.016: 80.5 ± 1.0" in row[2] and "lora lr 0.004: 81.0 ± 1.0" in row[2]
+    assert row[4].startswith("(IA)³ as good as LoRA: yes") and "LoKr as good as LoRA: **no**" in row[4]
+    assert "LoRA+ more accurate than LoRA: yes" in row[4]
