@@ -313,6 +313,11 @@ def dora(campaign: str | None) -> str:
             f"| {rec['figures']['goal'].replace('<=', '≤')}: {'met' if rec['figures']['goal_met'] else '**NOT MET**'} "
             f"(median {w['pissa']['median_s']:.2f}) |",
         ]
+        if all("cpu" in w[s] for s in ("pissa", "peft_pissa")):  # the work alone, without the wait for a core
+            cpu = {s: fmt_spread({k[:-2]: v for k, v in w[s]["cpu"].items()}, 2) for s in ("pissa", "peft_pissa")}
+            cores = [c for s in w for c in w[s]["other_procs_cores"]]
+            out.append(f"| the same, process CPU time, s (other processes held {min(cores):.2f}–{max(cores):.2f} of "
+                       f"the cores meanwhile) | {cpu['pissa']} | {cpu['peft_pissa']} | – |")  # fmt: skip
         notes.append(f"pissa: campaign `{rec['campaign']}`, summary line {n}")
     return "\n".join(out) + "\n\nSource: `bench/results/dora.jsonl`; " + "; ".join(notes) + ".\n"
 
