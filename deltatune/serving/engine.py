@@ -21,13 +21,15 @@ temperature/seed, stop strings and on-demand adapter loading must live.
 
 A failure stays with its rows: a prefill or step that raises is retried row by row, and only the
 rows that fail alone get an error.
+
+This module holds the worker, its commands and the per-row sampling; who joins a step is
+:mod:`deltatune.serving.scheduling`'s, the model calls (prefill, decode) :mod:`deltatune.serving.stepping`'s.
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
-import contextlib
 import logging
 import threading
 import time
@@ -38,21 +40,18 @@ from typing import Any, Literal
 import torch
 from transformers import DynamicCache
 
-from deltatune import routing
-from deltatune.compat import get_cache, output_cache, set_cache
-from deltatune.constants import BASE_ADAPTER
-from deltatune.methods.contract import INPUT_WISE
-from deltatune.mixed import check, mixes, prepare_inputs
 from deltatune.serving.adapters import Adapters
 from deltatune.serving.kv import Batch
 from deltatune.serving.metrics import Metrics
 from deltatune.serving.rows import Detokenizer, QueueFull, Request, pick
+from deltatune.serving.scheduling import Admission
 from deltatune.serving.slots import SlotTable
+from deltatune.serving.stepping import Stepping
 
 log = logging.getLogger("deltatune.serve")
 
 
-class Engine:
+class Engine(Admission, Stepping):
     """A base model, its adapters, and the worker that runs requests across them in one batch."""
 
     def __init__(
@@ -229,193 +228,6 @@ class Engine:
         if self.batch.rows:
             self.batch.keep([i for i, r in enumerate(self.batch.rows) if not r.cancelled and r.finish_reason is None])
 
-    # --- joining: adapters on demand, prefill ----------------------------------------------------------
-    def _admit(self) -> None:
-        """Waiting requests join within a token budget per step; a prompt longer than the budget
-        is prefilled a chunk per step, and short requests keep joining (and decoding) meanwhile."""
-        if self.scheduler == "dynamic":
-            if self.batch.rows:
-                return
-            self._gather()
-        self.loads_left = 1  # one adapter load per step: rows of loaded adapters wait at most one load
-        budget, group = self.prefill_chunk if self.scheduler == "continuous" else float("inf"), []
-        free = self.max_batch - len(self.batch.rows) - (self.partial is not None)
-        for request in list(self.waiting):
-            if len(group) >= free or budget <= 0:
-                break
-            long = len(request.prompt_ids) > budget
-            if long and self.partial is not None:
-                continue  # one long prompt at a time: this one starts when it has joined
-            if long and group:
-                break  # prefill what fits now; the long prompt starts next step
-            if not self._ready(request, {r.adapter for r in group}):
-                continue
-            self._take(request)
-            if self._alone(request):
-                self._prefill_alone(request)
-                free -= 1
-            elif long:
-                self.partial = (request, DynamicCache(config=self.base_model.config), 0)
-                break
-            else:
-                group.append(request)
-                budget -= len(request.prompt_ids)
-        if group:
-            self._prefill(group)
-        if self.partial is not None:
-            self._prefill_chunk()
-
-    def _gather(self) -> None:
-        """Dynamic batching: wait for requests that arrive close together before starting a batch."""
-        deadline = time.monotonic() + self.batch_window_s
-        with self.cond:
-            while len(self.waiting) < self.max_batch and (left := deadline - time.monotonic()) > 0:
-                count = len(self.waiting)
-                self.cond.wait(min(left, self.arrival_gap_s))
-                if len(self.waiting) == count:
-                    break
-
-    def _ready(self, request: Request, joining: set[str]) -> bool:
-        """Whether the request's adapter is loaded (loading it now if a slot is free)."""
-        if request.adapter == BASE_ADAPTER:
-            return True
-        if request.mix is not None:
-            return self._ready_mix(request, joining)
-        if not self.store.find(request.adapter):
-            self._take(request)
-            request.fail(f"adapter {request.adapter!r} was deleted before this request ran", 404, "model_not_found")
-            return False
-        if request.adapter not in self.store.recent:
-            if not self.loads_left:
-                return False
-            self.loads_left -= 1
-        try:
-            return self.store.ensure(request.adapter, self._in_use() | joining)
-        except Exception as err:
-            log.exception("loading adapter %s failed", request.adapter)
-            self._take(request)
-            request.fail(f"cannot load adapter {request.adapter!r}: {err}", 500, "adapter_load_failed")
-            return False
-
-    def _ready_mix(self, request: Request, joining: set[str]) -> bool:
-        """Whether the request's mix is loaded (its parts loaded and combined now, if slots are free)."""
-        missing = [p for p in request.mix["ids"] if not self.store.find(p)]
-        if missing:
-            self._take(request)
-            message = f"adapter {missing[0]!r} of the mix was deleted before this request ran"
-            request.fail(message, 404, "model_not_found")
-            return False
-        if request.adapter not in self.store.recent:
-            if not self.loads_left:
-                return False
-            self.loads_left -= 1
-        try:
-            return self.store.ensure_mix(request.adapter, request.mix, self._in_use() | joining)
-        except Exception as err:  # adapters that cannot combine (DoRA, ranks a strategy cannot mix, ...)
-            log.warning("mixing %s failed: %s", request.mix, err)
-            self._take(request)
-            request.fail(f"cannot mix these adapters: {err}", 400, "invalid_mix")
-            return False
-
-    def _take(self, request: Request) -> None:
-        with self.cond:
-            if request in self.waiting:
-                self.waiting.remove(request)
-
-    def _alone(self, request: Request) -> bool:
-        """Rows whose adapter adds virtual tokens or a prefix are prefilled on their own."""
-        model = self.model
-        config = model.peft_config.get(request.adapter) if model is not None else None
-        return config is not None and mixes(config) in INPUT_WISE
-
-    def _forward(self, names: list[str], cache: DynamicCache, **inputs: Any) -> torch.Tensor:
-        """Last-position logits of one forward, each row through its own adapter."""
-        model = self.model
-        if model is None or all(n == BASE_ADAPTER for n in names):
-            scope = routing.scope(adapter=BASE_ADAPTER, rows=None) if model is not None else contextlib.nullcontext()
-        else:
-            slots, names = self.store.slots, check(model, names)
-            rows = slots.rows(names) if slots is not None else routing.RowAdapters(names)
-            scope = routing.scope(adapter=None, rows=rows)
-        set_cache(inputs, self.base_model, cache)
-        with scope:
-            out = self.base_model(**inputs, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1]
-
-    def _prefill(self, group: list[Request]) -> None:
-        """Prefill rows together (left-padded), pick their first tokens, and add them to the batch."""
-        try:
-            self._prefill_rows(group)
-        except Exception as err:
-            if len(group) == 1:
-                log.exception("prefill failed")
-                group[0].fail(f"generation failed: {type(err).__name__}: {err}")
-                return
-            for request in group:  # find the row that fails: each alone
-                self._prefill([request])
-
-    def _prefill_rows(self, group: list[Request]) -> None:
-        longest = max(len(r.prompt_ids) for r in group)
-        ids = torch.full((len(group), longest), self.pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, request in enumerate(group):
-            ids[i, longest - len(request.prompt_ids) :] = torch.tensor(request.prompt_ids)
-            mask[i, longest - len(request.prompt_ids) :] = 1
-        cache = DynamicCache(config=self.base_model.config)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = self._forward(
-            [r.adapter for r in group],
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            cache=cache,
-        )
-        for request in group:
-            request.length = len(request.prompt_ids)
-        self._join(group, logits, cache, mask)
-
-    def _prefill_alone(self, request: Request) -> None:
-        """A prompt-learning row: its virtual tokens or prefix go in first (mixed.prepare_inputs)."""
-        try:
-            ids = torch.tensor([request.prompt_ids])
-            rows = routing.RowAdapters(check(self.model, [request.adapter]))
-            with routing.scope(adapter=None, rows=rows):
-                inputs = prepare_inputs(self.model, rows, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
-                if get_cache(inputs) is None:
-                    set_cache(inputs, self.base_model, DynamicCache(config=self.base_model.config))
-                out = self.base_model(**inputs, use_cache=True, logits_to_keep=1)
-            cache = output_cache(out)
-            request.length = cache.get_seq_length()
-            self._join([request], out.logits[:, -1], cache, torch.ones(1, request.length, dtype=torch.long))
-        except Exception as err:
-            log.exception("prefill failed")
-            request.fail(f"generation failed: {type(err).__name__}: {err}")
-
-    def _prefill_chunk(self) -> None:
-        """The next chunk of the long prompt being prefilled; the last one joins the batch."""
-        request, cache, done = self.partial
-        chunk = request.prompt_ids[done : done + self.prefill_chunk]
-        end = done + len(chunk)
-        try:
-            logits = self._forward(
-                [request.adapter],
-                input_ids=torch.tensor([chunk]),
-                attention_mask=torch.ones(1, end, dtype=torch.long),
-                position_ids=torch.arange(done, end)[None],
-                cache=cache,
-            )
-        except Exception as err:
-            log.exception("prefill failed")
-            self.partial = None
-            request.fail(f"generation failed: {type(err).__name__}: {err}")
-            return
-        if end < len(request.prompt_ids):
-            self.partial = (request, cache, end)
-            return
-        self.partial = None
-        request.length = end
-        self._join([request], logits, cache, torch.ones(1, end, dtype=torch.long))
-
     def _join(self, group: list[Request], logits: torch.Tensor, cache: DynamicCache, mask: torch.Tensor) -> None:
         self._advance(group, logits)
         keep = [i for i, r in enumerate(group) if r.finish_reason is None and not r.cancelled]  # cancelled: no token
@@ -439,50 +251,3 @@ class Engine:
             except Exception as err:
                 log.exception("sampling failed")
                 request.fail(f"generation failed: {type(err).__name__}: {err}")
-
-    # --- decoding ----------------------------------------------------------------------------------------
-    def _decode(self) -> None:
-        batch = self.batch
-        rows, width = list(batch.rows), batch.length
-        self.steps.append(tuple(r.adapter for r in rows))
-        try:
-            logits = self._decode_rows(rows, batch.cache, batch.mask)
-        except Exception:
-            log.exception("a decoding step failed; retrying its rows one by one")
-            batch.crop(width)
-            logits = self._decode_each(rows)
-        else:
-            batch.mask = torch.nn.functional.pad(batch.mask, (0, 1), value=1)
-        for request in rows:
-            request.length += 1
-        self._advance(rows, logits)
-
-    def _decode_rows(self, rows: list[Request], cache: DynamicCache, mask: torch.Tensor) -> torch.Tensor:
-        return self._forward(
-            [r.adapter for r in rows],
-            input_ids=torch.tensor([[r.generated[-1]] for r in rows]),
-            attention_mask=torch.nn.functional.pad(mask, (0, 1), value=1),
-            position_ids=torch.tensor([[r.length] for r in rows]),
-            cache=cache,
-        )
-
-    def _decode_each(self, rows: list[Request]) -> torch.Tensor:
-        """Each row's step alone; rows that fail alone fail, the others are stacked back together."""
-        vocab, kept, logits = None, [], []
-        for i, request in enumerate(rows):
-            cache, mask = self.batch.row(i)
-            try:
-                row_logits = self._decode_rows([request], cache, mask)
-            except Exception as err:
-                request.fail(f"generation failed: {type(err).__name__}: {err}")
-                logits.append(None)
-                continue
-            vocab = row_logits.shape[-1]
-            kept.append((request, cache, torch.nn.functional.pad(mask, (0, 1), value=1)))
-            logits.append(row_logits[0])
-        fresh = Batch()
-        for request, cache, mask in kept:
-            fresh.add([request], cache, mask)
-        self.batch.rows, self.batch.cache, self.batch.mask = fresh.rows, fresh.cache, fresh.mask
-        filler = torch.zeros(vocab or 1)
-        return torch.stack([row if row is not None else filler for row in logits])
