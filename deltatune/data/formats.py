@@ -71,7 +71,33 @@ def read_examples(
     Multi-task data: ``task_column`` names the column holding each row's task (string labels are then numbered
     per task), or ``task_name`` is the task of every example of the file.
     """
-    path = Path(path)
+    path = _checked_path(Path(path), task)
+    if path.suffix.lower() == ".txt":
+        if task_column is not None:
+            raise ConfigError(f"{path.name}: a .txt file has no columns, so --task-column cannot be used with it.")
+        examples = _read_text(path, task)
+    else:
+        records = _read_csv(path) if path.suffix.lower() in (".csv", ".tsv") else _read_json(path)
+        columns = {
+            "text_column": text_column,
+            "text_pair_column": text_pair_column,
+            "label_column": label_column,
+            "prompt_column": prompt_column,
+            "target_column": target_column,
+            "num_labels": num_labels,
+        }
+        if task_column is not None:
+            return _read_task_column(records, path, task, task_column, columns=columns)
+        examples = _records_examples(records, path, task, **columns)
+    if not examples:
+        raise ConfigError(f"{path} holds no examples; check that it is the right file and not empty.")
+    for example in examples:
+        example.task = task_name
+    return examples
+
+
+def _checked_path(path: Path, task: str) -> Path:
+    """``path`` if it is a readable data file for a known task, else an error that says what to change."""
     if task not in TASKS:
         raise ConfigError(f"unknown task {task!r}; use one of: {', '.join(TASKS)}.")
     if not path.is_file():
@@ -81,38 +107,26 @@ def read_examples(
             f"cannot read {path.name!r}: unknown extension {path.suffix!r}. Convert it to one of "
             f"{', '.join(EXTENSIONS)} (JSON lines, a JSON list, CSV/TSV with a header, or blank-line separated text)."
         )
-    if path.suffix.lower() == ".txt":
-        if task_column is not None:
-            raise ConfigError(f"{path.name}: a .txt file has no columns, so --task-column cannot be used with it.")
-        examples = _read_text(path, task)
-    else:
-        records = _read_csv(path) if path.suffix.lower() in (".csv", ".tsv") else _read_json(path)
-        if task_column is not None:
-            return _read_task_column(
-                records,
-                path,
-                task,
-                task_column,
-                columns={
-                    "text_column": text_column,
-                    "text_pair_column": text_pair_column,
-                    "label_column": label_column,
-                    "prompt_column": prompt_column,
-                    "target_column": target_column,
-                    "num_labels": num_labels,
-                },
-            )
-        if task == "causal-lm":
-            if (prompt_column is None) != (target_column is None):
-                raise ConfigError("give both --prompt-column and --target-column, or neither.")
-            examples = [_lm_example(r, where, path, text_column, prompt_column, target_column) for where, r in records]
-        else:
-            examples = _classification_examples(records, path, text_column, text_pair_column, label_column, num_labels)
-    if not examples:
-        raise ConfigError(f"{path} holds no examples; check that it is the right file and not empty.")
-    for example in examples:
-        example.task = task_name
-    return examples
+    return path
+
+
+def _records_examples(
+    records: list[tuple[str, dict]],
+    path: Path,
+    task: str,
+    text_column: str | None,
+    text_pair_column: str | None,
+    label_column: str | None,
+    prompt_column: str | None,
+    target_column: str | None,
+    num_labels: int | None,
+) -> list[Example]:
+    """One task's records (from a JSON/CSV file) as examples, with the given columns or the detected ones."""
+    if task == "causal-lm":
+        if (prompt_column is None) != (target_column is None):
+            raise ConfigError("give both --prompt-column and --target-column, or neither.")
+        return [_lm_example(r, where, path, text_column, prompt_column, target_column) for where, r in records]
+    return _classification_examples(records, path, text_column, text_pair_column, label_column, num_labels)
 
 
 def _read_task_column(
@@ -133,20 +147,7 @@ def _read_task_column(
     placed: dict[int, Example] = {}
     for name, rows in by_task.items():
         part = [(where, record) for _, where, record in rows]
-        if task == "causal-lm":
-            prompt, target = columns["prompt_column"], columns["target_column"]
-            if (prompt is None) != (target is None):
-                raise ConfigError("give both --prompt-column and --target-column, or neither.")
-            examples = [_lm_example(r, where, path, columns["text_column"], prompt, target) for where, r in part]
-        else:
-            examples = _classification_examples(
-                part,
-                path,
-                columns["text_column"],
-                columns["text_pair_column"],
-                columns["label_column"],
-                columns["num_labels"],
-            )
+        examples = _records_examples(part, path, task, **columns)
         for (i, _, _), example in zip(rows, examples, strict=True):
             example.task = name
             placed[i] = example

@@ -22,21 +22,22 @@ import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
 from deltatune.constants import BASE_ADAPTER
 from deltatune.serving.adapters import locate, name_problem
+from deltatune.serving.bodies import UNSUPPORTED, AdapterBody, ChatBody, CompletionBody, Sampling
 from deltatune.serving.engine import Engine
 from deltatune.serving.metrics import CONTENT_TYPE
-from deltatune.serving.mixes import MergedAdapters, mix_name
+from deltatune.serving.mixes import mix_name
 from deltatune.serving.reply import Reply
-from deltatune.serving.rows import SEED_LIMIT, QueueFull, asyncio_sink
+from deltatune.serving.rows import QueueFull, asyncio_sink
 from deltatune.serving.rows import Request as Job
 from deltatune.serving.vllm_api import model_cards, vllm_routes
 
@@ -75,69 +76,24 @@ class ApiError(Exception):
         return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
-UNSUPPORTED = {  # OpenAI options this server does not act on, and the values that ask nothing
-    "logprobs": (None, False, 0),
-    "top_logprobs": (None, 0),
-    "echo": (None, False),
-    "best_of": (None, 1),
-    "suffix": (None, ""),
-    "logit_bias": (None, {}),
-    "presence_penalty": (None, 0, 0.0),
-    "frequency_penalty": (None, 0, 0.0),
-    "tools": (None, []),
-    "functions": (None, []),
-    "response_format": (None, {"type": "text"}),
-}
-
-
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    include_usage: bool = False
-
-
-class Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
-    model: str = Field(max_length=256)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: Literal[1] = 1
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    seed: int | None = Field(None, ge=0, lt=SEED_LIMIT)
-    user: str | None = None
-    merged_adapters: MergedAdapters | None = None  # LoRAX's per-request mix (serving/mixes.py)
-
-
-class CompletionBody(Sampling):
-    prompt: str
-
-
-class Message(BaseModel):
-    model_config = ConfigDict(strict=True)
-    role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str
-
-
-class ChatBody(Sampling):
-    messages: list[Message] = Field(min_length=1)
-
-
-class AdapterBody(BaseModel):
-    model_config = ConfigDict(strict=True)
-    name: str = Field(max_length=128)
-    path: str = Field(max_length=4096)
-
-
 def create_app(
     engine: Engine, api_key: str | None = None, max_tokens_limit: int = 4096, limits: Limits | None = None
 ) -> FastAPI:
+    """The OpenAI-compatible app over ``engine``: the key/drain gate, errors in OpenAI's shape, the completion,
+    model, adapter and metrics routes, and vLLM's adapter routes."""
     limits = limits or Limits(max_tokens=max_tokens_limit)
     app = FastAPI(title="deltatune", docs_url=None, redoc_url=None)
     app.state.draining = False
-    streams: dict[str, int] = {}
+    _gate(app, api_key)
+    _error_handlers(app)
+    _completion_routes(app, engine, limits)
+    _adapter_routes(app, engine, limits)
+    vllm_routes(app, engine, lambda request, model: parse(request, model, limits))
+    return app
+
+
+def _gate(app: FastAPI, api_key: str | None) -> None:
+    """While draining, every request gets 503; with a key, every request but a metrics scrape needs it."""
 
     @app.middleware("http")
     async def gate(request: Request, call_next: Any) -> Any:
@@ -152,6 +108,10 @@ def create_app(
                 401, "missing or wrong API key (send 'Authorization: Bearer KEY')", code="invalid_api_key"
             ).response()
         return await call_next(request)
+
+
+def _error_handlers(app: FastAPI) -> None:
+    """Every error as OpenAI's ``{"error": {...}}`` body, never FastAPI's own shape or a stack trace."""
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, err: ApiError) -> JSONResponse:
@@ -169,6 +129,11 @@ def create_app(
     @app.exception_handler(Exception)
     async def any_error(_: Request, err: Exception) -> JSONResponse:
         return ApiError(500, f"internal error: {type(err).__name__}", code="internal_error").response()
+
+
+def _completion_routes(app: FastAPI, engine: Engine, limits: Limits) -> None:
+    """/v1/models, /metrics, /v1/completions and /v1/chat/completions."""
+    streams: dict[str, int] = {}  # open streams per API key, for --max-streams-per-key
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -193,6 +158,10 @@ def create_app(
             raise ApiError(400, f"the chat template cannot render these messages: {err}", "messages") from err
         return await respond(request, engine, body, prompt, True, limits, streams)
 
+
+def _adapter_routes(app: FastAPI, engine: Engine, limits: Limits) -> None:
+    """POST /v1/adapters loads an adapter between steps; DELETE /v1/adapters/NAME unloads one."""
+
     @app.post("/v1/adapters")
     async def load_adapter(request: Request) -> dict[str, Any]:
         body = await parse(request, AdapterBody, limits)
@@ -214,9 +183,6 @@ def create_app(
             raise ApiError(404, f"no adapter named {name!r}", "name", "model_not_found")
         await asyncio.wrap_future(engine.delete_adapter(name))
         return {"id": name, "object": "model", "deleted": True}
-
-    vllm_routes(app, engine, lambda request, model: parse(request, model, limits))
-    return app
 
 
 async def read_body(request: Request, cap: int) -> bytes:
