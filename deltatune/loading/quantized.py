@@ -132,6 +132,8 @@ def load_streamed(
         make_layer = _quantizer(layer_cls or _layer_class(quantize))
     model = meta_skeleton(config if config is not None else path, task, **kwargs)
     targets = {id(m) for m in quantize_targets(model).values()}
+    if quantize == "gguf":  # the token embedding keeps its blocks too (a lookup dequantizes its rows)
+        targets.add(id(model.get_input_embeddings()))
     prefix = getattr(model, "base_model_prefix", "")
     for name, item in tensors if tensors is not None else iter_checkpoint_tensors(path):
         found = _resolve(model, name, prefix)
@@ -183,7 +185,12 @@ _LIBC = _libc()
 def _finish(model: nn.Module, quantize: str) -> None:
     """Tie shared weights, initialise what the checkpoint does not hold (a fresh classification head,
     as from_pretrained does), quantize it, freeze everything."""
-    if hasattr(model, "tie_weights"):
+    blocks = False
+    if quantize == "gguf":
+        from deltatune.quantization.gguf import tie_head
+
+        blocks = tie_head(model)  # a head tied to an embedding kept in blocks shares them
+    if hasattr(model, "tie_weights") and not blocks:
         model.tie_weights()
     missing = [(n, m) for n, m in model.named_modules() if any(p.is_meta for p in m.parameters(recurse=False))]
     for name, module in missing:

@@ -124,10 +124,18 @@ def base_storage(model: nn.Module) -> tuple[int, int]:
 
 def dequantize_base(model: nn.Module) -> nn.Module:
     """Replace every quantized layer (wrapped or not) with a float ``nn.Linear`` of its dequantized
-    weight, in place; returns the model."""
+    weight, and a GGUF-block embedding with a float ``nn.Embedding``, in place (a head tied to that
+    embedding is tied again to the float one); returns the model."""
+    from deltatune.quantization.gguf import GGUFEmbedding
+
+    embeddings = 0
     for name, module in list(model.named_modules()):
-        if isinstance(module, QuantizedLinear):
+        if isinstance(module, (QuantizedLinear, GGUFEmbedding)):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, module.to_float())
+            embeddings += isinstance(module, GGUFEmbedding)
+    top = next((m for m in model.modules() if hasattr(m, "tie_weights") and hasattr(m, "config")), None)
+    if embeddings and top is not None and getattr(top.config, "tie_word_embeddings", False):
+        top.tie_weights()
     return model
