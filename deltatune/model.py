@@ -11,29 +11,23 @@ import contextlib
 import copy
 import inspect
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from deltatune import methods, mixed, routing
-from deltatune.checkpoint.adapter import (
-    KEY_PREFIX,
-    load_tensors,
-    load_training_state,
-    save_tensors,
-    save_training_state,
-    split_by_module,
-)
-from deltatune.config import ConfigError, DeltaConfig
-from deltatune.constants import BASE_ADAPTER, valid_name
+from deltatune.adapter_names import check_name
+from deltatune.config import DeltaConfig
+from deltatune.constants import BASE_ADAPTER
 from deltatune.data.positions import check_prompts
-from deltatune.methods import lora_init
 from deltatune.methods.base import DeltaLayer, ModulesToSave, wrap_modules
+from deltatune.model_checkpoints import CLASSIFIER_HEADS, AdapterCheckpoints
 from deltatune.quantization import QuantizedLinear, base_storage, is_quantized
-from deltatune.targeting import find_targets, name_matches
+from deltatune.targeting import find_targets
 from deltatune.wrappers import ForwardsAttributes, replace_module
+
+__all__ = ["BASE_ADAPTER", "DeltaModel", "infer_task_type", "wrap"]
 
 _TASK_TYPES = {
     "ForSequenceClassification": "SEQ_CLS",
@@ -42,7 +36,7 @@ _TASK_TYPES = {
     "ForTokenClassification": "TOKEN_CLS",
     "ForQuestionAnswering": "QUESTION_ANS",
 }
-_CLASSIFIER_HEADS = ("classifier", "score")
+_CLASSIFIER_HEADS = CLASSIFIER_HEADS
 
 
 def infer_task_type(model: nn.Module) -> str | None:
@@ -55,24 +49,30 @@ def wrap(model: nn.Module, config: DeltaConfig, adapter_name: str = "default") -
     return DeltaModel(model, config, adapter_name)
 
 
-class DeltaModel(ForwardsAttributes, nn.Module):
+class DeltaModel(AdapterCheckpoints, ForwardsAttributes, nn.Module):
     """A transformers model with adapters. ``base_model`` is the (modified in place) model, whose
-    attributes (``config``, ``device``...) read through (ForwardsAttributes)."""
+    attributes (``config``, ``device``...) read through (ForwardsAttributes).
+
+    ``DeltaModel(base)`` holds no adapter and runs the base; so does a model whose last adapter was
+    deleted or unloaded. ``DeltaModel(base, config)`` adds adapter ``adapter_name`` and makes it active."""
 
     forwards_to = "base_model"
 
-    def __init__(self, base_model: nn.Module, config: DeltaConfig, adapter_name: str = "default") -> None:
+    def __init__(self, base_model: nn.Module, config: DeltaConfig | None = None, adapter_name: str = "default") -> None:
         super().__init__()
         if isinstance(base_model, DeltaModel):
             raise TypeError("this model is already a DeltaModel: use add_adapter to add another adapter")
+        if config is not None:
+            check_name(adapter_name)  # before the base model is touched
         self.base_model = base_model
         self.peft_config: dict[str, DeltaConfig] = {}
         self.active_adapter: str | None = None
         self.adapters_disabled = False
         for p in base_model.parameters():
             p.requires_grad_(False)
-        self.add_adapter(adapter_name, config)
-        self.set_adapter(adapter_name)
+        if config is not None:
+            self.add_adapter(adapter_name, config)
+            self.set_adapter(adapter_name)
 
     # --- forwarding -------------------------------------------------------------------------
     def forward(
@@ -165,13 +165,10 @@ class DeltaModel(ForwardsAttributes, nn.Module):
                 yield name, module
 
     def add_adapter(self, adapter_name: str, config: DeltaConfig) -> None:
-        """Add a new adapter (not made active: call :meth:`set_adapter`)."""
-        if not valid_name(adapter_name):
-            raise ValueError(f"adapter name {adapter_name!r} must be letters, digits, '_' or '-'")
-        if adapter_name == BASE_ADAPTER:
-            raise ValueError(f"{BASE_ADAPTER!r} is reserved for 'no adapter'")
-        if adapter_name in self.peft_config:
-            raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter it first or pick another name")
+        """Add a new adapter (not made active: call :meth:`set_adapter`). Everything that can be checked
+        (the name, modules_to_save) is checked before a module is wrapped, and a method that fails
+        halfway through wrapping is undone, so a refused adapter leaves the model as it was."""
+        check_name(adapter_name, taken=self.peft_config)
         if not isinstance(config, DeltaConfig):
             raise TypeError(f"expected a deltatune config such as LoraConfig, got {type(config).__name__}")
         config = copy.deepcopy(config)
@@ -185,9 +182,13 @@ class DeltaModel(ForwardsAttributes, nn.Module):
             )
         # Resolve modules_to_save before injecting so a bad entry changes nothing.
         save_names = self._resolve_modules_to_save(config.modules_to_save)
-        methods.inject(self.base_model, adapter_name, config)
-        for layer in wrap_modules(self.base_model, dict.fromkeys(save_names, ModulesToSave)).values():
-            layer.add(adapter_name)
+        try:
+            methods.inject(self.base_model, adapter_name, config)
+            for layer in wrap_modules(self.base_model, dict.fromkeys(save_names, ModulesToSave)).values():
+                layer.add(adapter_name)
+        except BaseException:
+            self._remove_from_layers(adapter_name)
+            raise
         self.peft_config[adapter_name] = config
         for _, layer in self.delta_layers():  # new parameters follow the current trainable set
             for p in layer.adapter_parameters(adapter_name):
@@ -235,17 +236,22 @@ class DeltaModel(ForwardsAttributes, nn.Module):
         return several or ([self.active_adapter] if self.active_adapter is not None else [])
 
     def delete_adapter(self, adapter_name: str) -> None:
+        """Remove the adapter; a module left with no adapter gets its plain base layer back (the last
+        adapter gone, the model runs as the base and takes new adapters)."""
         self.check_adapter(adapter_name)
-        for name, layer in list(self.delta_layers()):
-            layer.delete_adapter(adapter_name)
-            if not layer.adapter_names:
-                replace_module(self.base_model, name, layer.base_layer)
+        self._remove_from_layers(adapter_name)
         del self.peft_config[adapter_name]
         active = [n for n in self.active_adapters if n != adapter_name]
         if self.active_adapter == adapter_name or len(active) < len(self.active_adapters):
             self.active_adapter = (active or [next(iter(self.peft_config), None)])[0]
             if self.active_adapter is not None:
                 self.set_adapter(active or self.active_adapter)
+
+    def _remove_from_layers(self, adapter_name: str) -> None:
+        for name, layer in list(self.delta_layers()):
+            layer.delete_adapter(adapter_name)
+            if not layer.adapter_names:
+                replace_module(self.base_model, name, layer.base_layer)
 
     def check_adapter(self, adapter_name: str) -> None:
         """Raise KeyError, naming the adapters there are, unless ``adapter_name`` is one of them."""
@@ -320,8 +326,7 @@ class DeltaModel(ForwardsAttributes, nn.Module):
         for name, layer in list(self.delta_layers()):
             replace_module(self.base_model, name, layer.unwrap())
         methods.finalize_merged(self.peft_config[self.active_adapter], self.base_model)
-        self.peft_config.clear()
-        routing.remove_step_hook(self.base_model)
+        self._forget_adapters()
         return self.base_model
 
     def unload(self) -> nn.Module:
@@ -329,138 +334,19 @@ class DeltaModel(ForwardsAttributes, nn.Module):
         self.unmerge_adapter()
         for name, layer in list(self.delta_layers()):
             replace_module(self.base_model, name, layer.base_layer)
-        self.peft_config.clear()
-        routing.remove_step_hook(self.base_model)
+        self._forget_adapters()
         return self.base_model
 
-    # --- checkpoints ------------------------------------------------------------------------
-    def adapter_state_dict(
-        self, adapter_name: str | None = None, training_state: bool = False
-    ) -> dict[str, torch.Tensor]:
-        """The adapter's tensors under peft's checkpoint keys (``training_state``: the tensors only
-        resuming training needs, see :meth:`DeltaLayer.training_state_dict`, under the same keys)."""
-        adapter_name = adapter_name or self.active_adapter
-        self.check_adapter(adapter_name)
-        prefix = self._key_prefix(adapter_name)
-        out = {}
-        for name, layer in self.delta_layers():
-            get = layer.training_state_dict if training_state else layer.adapter_state_dict
-            for key, value in get(adapter_name).items():
-                out[key if layer.top_level_keys else f"{prefix}{name}.{key}"] = value
-        return out
-
-    def _key_prefix(self, adapter_name: str) -> str:
-        """peft prefixes module paths with ``base_model.model.``; a config may say otherwise (peft's
-        prompt-learning methods, whose model has no tuner layer in between, use ``base_model.``)."""
-        return getattr(self.peft_config[adapter_name], "checkpoint_key_prefix", KEY_PREFIX)
-
-    def save_pretrained(
-        self,
-        save_directory: str | Path,
-        selected_adapters: list[str] | None = None,
-        path_initial_model_for_weight_conversion: str | Path | None = None,
-    ) -> None:
-        """Write each adapter in peft's layout: ``default`` at the top, others in sub-directories.
-        ``path_initial_model_for_weight_conversion``: where a PiSSA/OLoRA adapter was saved right after
-        initialisation; it is then written as a plain LoRA for the original base (see lora_init)."""
-        for name in selected_adapters or list(self.peft_config):
-            self.check_adapter(name)
-            directory = Path(save_directory) if name == "default" else Path(save_directory) / name
-            config = copy.copy(self.peft_config[name])
-            config.inference_mode = True
-            if config.task_type == "SEQ_CLS" and not self._trains_head(name):
-                # peft's SEQ_CLS model always loads a saved head; its plain PeftModel keeps the base's.
-                config.task_type = None
-            tensors = self.adapter_state_dict(name)
-            if path_initial_model_for_weight_conversion is not None:
-                config, tensors = lora_init.converted(config, tensors, path_initial_model_for_weight_conversion)
-            save_tensors(directory, tensors, metadata={"format": "pt"})
-            save_training_state(directory, self.adapter_state_dict(name, training_state=True))
-            config.save(directory)
-
-    def _trains_head(self, adapter_name: str) -> bool:
-        """Whether the adapter holds its own copy of a classification head (modules_to_save)."""
-        return any(
-            isinstance(layer, ModulesToSave)
-            and adapter_name in layer.adapter_names
-            and name.rsplit(".", 1)[-1] in _CLASSIFIER_HEADS
-            for name, layer in self.delta_layers()
-        )
-
-    @classmethod
-    def from_pretrained(
-        cls, base_model: nn.Module, path: str | Path, adapter_name: str = "default", is_trainable: bool = False
-    ) -> DeltaModel:
-        """Load an adapter saved by deltatune or peft onto ``base_model``."""
-        model = cls(base_model, _saved_config(base_model, path, is_trainable), adapter_name)
-        try:
-            model.load_adapter_weights(path, adapter_name)
-        except Exception:
-            model.unload()  # leave the caller's base model as it was
-            raise
-        return model
-
-    def load_adapter(self, path: str | Path, adapter_name: str, is_trainable: bool = False) -> None:
-        self.add_adapter(adapter_name, _saved_config(self.base_model, path, is_trainable))
-        try:
-            self.load_adapter_weights(path, adapter_name)
-        except Exception:
-            self.delete_adapter(adapter_name)
-            raise
-
-    def load_adapter_weights(self, path: str | Path, adapter_name: str) -> None:
-        """Load tensors, requiring every tensor to find its module and every module its tensors."""
-        tensors = load_tensors(path) | load_training_state(path)
-        layers = {n: layer for n, layer in self.delta_layers() if adapter_name in layer.adapter_names}
-        prefix = self._key_prefix(adapter_name)
-        top = next((n for n, layer in layers.items() if layer.top_level_keys), None)
-        by_module, unmatched = split_by_module(tensors, [n for n in layers if n != top], prefix, top)
-        problems = []
-        for name, layer in layers.items():
-            if name not in by_module:
-                problems.append(
-                    f"no tensors for {name}, which adapter_config.json lists in modules_to_save (a trained copy)"
-                    if isinstance(layer, ModulesToSave)
-                    else f"no tensors for adapted module {name} ({type(layer).__name__})"
-                )
-                continue
-            try:
-                leftover = layer.load_adapter_state_dict(adapter_name, by_module[name])
-            except (KeyError, ValueError) as err:
-                problems.append(f"{name}: {err.args[0]}")
-                continue
-            unmatched += [k if layer.top_level_keys else f"{prefix}{name}.{k}" for k in leftover]
-        if unmatched:
-            problems.append(
-                f"tensors that match no adapted module: {', '.join(sorted(unmatched)[:10])}"
-                + (f" (+{len(unmatched) - 10} more)" if len(unmatched) > 10 else "")
-            )
-        if problems:
-            raise ConfigError(f"adapter at {path} does not fit this model:\n  " + "\n  ".join(problems))
-        self.set_adapter(self.active_adapters)
+    def _forget_adapters(self) -> None:
+        """No adapter left (the modules are unwrapped): the model runs as the base and takes new ones."""
+        self.peft_config.clear()
+        self.active_adapter = None
+        routing.remove_step_hook(self.base_model)
 
 
 def _one_of(adapter_name: str | None, adapter_names: list[str]) -> None:
     if adapter_name is not None:
         raise TypeError("give adapter_name (one adapter for the call) or adapter_names (one per row), not both")
-
-
-def _saved_config(base_model: nn.Module, path: str | Path, is_trainable: bool) -> DeltaConfig:
-    """A saved config, made to fit: peft lists head names for every architecture ("classifier",
-    "score"), so absent ones are dropped here; the strict tensor check still catches real misfits.
-
-    Without a task_type peft builds a plain PeftModel, which saves exactly the modules_to_save the
-    config lists (none: the base model's own head stays). Such a config keeps its list, even an
-    empty one, so that :meth:`DeltaModel.add_adapter` does not add a head the file has no tensors for.
-    """
-    config = DeltaConfig.load(path)
-    config.inference_mode = not is_trainable
-    if config.modules_to_save:
-        names = [n for n, _ in base_model.named_modules()]
-        config.modules_to_save = [e for e in config.modules_to_save if any(name_matches(n, e) for n in names)] or None
-    if config.task_type is None and config.modules_to_save is None:
-        config.modules_to_save = []
-    return config
 
 
 def _check_generate_positions(model: DeltaModel, args: tuple, kwargs: dict[str, Any]) -> None:

@@ -13,26 +13,17 @@ from pathlib import Path
 
 from torch import nn
 
+from deltatune.adapter_names import RESERVED, name_problem
 from deltatune.config import DeltaConfig
-from deltatune.constants import ADAPTER_NAME, BASE_ADAPTER
+from deltatune.methods import method_for
 from deltatune.mixed import mixable
 from deltatune.model import DeltaModel
 from deltatune.serving.mixes import build
 from deltatune.serving.slots import SlotTable
 
+__all__ = ["RESERVED", "Adapters", "check_mixable", "found_adapters", "locate", "name_problem"]
+
 log = logging.getLogger("deltatune.serve")
-RESERVED = frozenset(n for n in dir(nn.ModuleDict) if not n.startswith("__"))  # names layers' dicts already use
-
-
-def name_problem(name: str, base_name: str) -> str | None:
-    """Why ``name`` cannot name an adapter (None: it can)."""
-    if not ADAPTER_NAME.fullmatch(name):
-        return f"adapter name {name!r} must be letters, digits, '_' or '-'"
-    if name in (base_name, BASE_ADAPTER):
-        return f"adapter name {name!r} is the base model's; pick another"
-    if name in RESERVED:
-        return f"adapter name {name!r} is reserved (a method name of the layers' adapter tables); pick another"
-    return None
 
 
 def locate(directory: Path, relative: str) -> Path:
@@ -63,12 +54,15 @@ def found_adapters(directory: Path) -> list[tuple[str, Path]]:
     return found
 
 
-def check_mixable(path: Path) -> None:
-    kind = DeltaConfig.load(path).peft_type
-    if kind not in mixable():
+def check_mixable(path: Path | DeltaConfig) -> DeltaConfig:
+    """The adapter's config (read from ``path``, or as given), if its method can share a batch with others."""
+    config = path if isinstance(path, DeltaConfig) else DeltaConfig.load(path)
+    if not method_for(config).mixable:
         raise ValueError(
-            f"a {kind} adapter cannot share batches with others; the server takes {', '.join(sorted(mixable()))}"
+            f"a {config.peft_type} adapter cannot share batches with others; the server takes "
+            f"{', '.join(sorted(mixable()))}"
         )
+    return config
 
 
 class Adapters:
@@ -180,11 +174,14 @@ class Adapters:
         return True
 
     def _load(self, name: str, path: Path) -> None:
-        check_mixable(path)
+        config = check_mixable(path)  # the one read of its adapter_config.json for this load
         if self.model is None:
-            self.model = DeltaModel.from_pretrained(self.base_model, path, name)
-        else:
-            self.model.load_adapter(path, name)
+            self.model = DeltaModel(self.base_model)  # no adapter yet; it stays valid when the last one goes
+        try:
+            self.model.load_adapter(path, name, config=config)
+        finally:
+            if not self.model.peft_config:
+                self.model = None  # a first load that failed: nothing loaded, the plain base as before
         self.model.eval()
         self._write_slot(name)
         self.recent[name] = None
@@ -210,11 +207,9 @@ class Adapters:
     def _remove(self, name: str) -> None:
         if self.slots is not None:
             self.slots.reset(name)
-        if len(self.model.peft_config) == 1:  # the last one: back to the plain base, ready for any next load
-            self.model.unload()
-            self.model = None
-        else:
-            self.model.delete_adapter(name)
+        self.model.delete_adapter(name)  # the last one gone, every module is the plain base again
+        if not self.model.peft_config:
+            self.model = None  # nothing loaded: the engine runs the plain base model
         if self.slots is not None:
             self.slots.sync(self.model)  # layers unwrapped with it drop their tables
         log.info("unloaded adapter %s", name)
