@@ -298,3 +298,35 @@ def _load(base, adapter, prepared: EvalData, quantize, attention, attention_opti
     if adapter:
         model = DeltaModel.from_pretrained(model, adapter)
     return model.eval()
+
+
+def evaluate_file(
+    base: str,
+    adapter: str | None,
+    data: str,
+    *,
+    max_new_tokens: int | None = 48,
+    task_name: str | None = None,
+    quantize: str | None = None,
+    attention: str = "sdpa",
+    attention_options: dict | None = None,
+    **data_options: Any,
+) -> dict[str, float]:
+    """Metrics of ``base`` (+ ``adapter``) on ``data`` (greedy generations of ``max_new_tokens``; None: loss
+    only). ``data_options`` (task, num_labels, max_length, max_examples, limit, group_by, metrics, ...) go to
+    :func:`prepare`; several adapters, decoding options and output files: :func:`evaluate`."""
+    decoding = None if not max_new_tokens else Decoding(max_new_tokens=max_new_tokens)
+    batch_size = data_options.pop("batch_size", 8)
+    results = evaluate(
+        base,
+        [adapter],
+        data,
+        decoding,
+        batch_size=batch_size,
+        task_name=task_name,
+        quantize=quantize,
+        attention=attention,
+        attention_options=attention_options,
+        **data_options,
+    )
+    return results[0].metrics

@@ -110,41 +110,6 @@ def evaluate_model(
     return metrics, predictions
 
 
-def evaluate_file(
-    base: str,
-    adapter: str | None,
-    data: str,
-    *,
-    max_new_tokens: int | None = 48,
-    task_name: str | None = None,
-    quantize: str | None = None,
-    attention: str = "sdpa",
-    attention_options: dict | None = None,
-    **data_options: Any,
-) -> dict[str, float]:
-    """Metrics of ``base`` (+ ``adapter``) on ``data`` (greedy generations of ``max_new_tokens``; None: loss
-    only). ``data_options`` (task, num_labels, max_length, max_examples, limit, group_by, metrics, ...) go to
-    deltatune.eval_runs.prepare; several adapters, decoding options and output files: eval_runs.evaluate."""
-    from deltatune.eval_runs import evaluate
-    from deltatune.generation import Decoding
-
-    decoding = None if not max_new_tokens else Decoding(max_new_tokens=max_new_tokens)
-    batch_size = data_options.pop("batch_size", 8)
-    results = evaluate(
-        base,
-        [adapter],
-        data,
-        decoding,
-        batch_size=batch_size,
-        task_name=task_name,
-        quantize=quantize,
-        attention=attention,
-        attention_options=attention_options,
-        **data_options,
-    )
-    return results[0].metrics
-
-
 def adapter_task_id(adapter: str | None, task_name: str | None) -> int | None:
     """The index of ``task_name`` in a multi-task adapter's ``tasks`` (None without a name); the adapter
     directory is checked first, so a damaged one is a clear error before any model loads."""

@@ -88,28 +88,7 @@ def find_targets(
     candidates = _candidates(model, allowed_types)
     if skip is not None:
         candidates = {n: m for n, m in candidates.items() if not skip(n, m)}
-    if target_modules == ALL_LINEAR or target_modules == [ALL_LINEAR]:
-        heads = output_head_names(model)
-        selected = [n for n, m in candidates.items() if isinstance(m, LINEAR_TYPES) and n not in heads]
-    elif isinstance(target_modules, str):
-        selected = [n for n in candidates if re.fullmatch(target_modules, n)]
-        if not selected:
-            raise ConfigError(
-                f"target_modules regex {target_modules!r} matches no module (it must match the whole "
-                f"name). Adaptable modules: {_describe(candidates)}; e.g. {next(iter(candidates), '')!r}"
-            )
-    else:
-        selected = []
-        for entry in target_modules:
-            hits = [n for n in candidates if name_matches(n, entry)]
-            if not hits:
-                raise ConfigError(
-                    f"target module {entry!r} matches no adaptable module of this model "
-                    f"({', '.join(t.__name__ for t in allowed_types)}). "
-                    f"Module names that exist: {_describe(candidates)}"
-                )
-            selected += hits
-        selected = [n for n in candidates if n in set(selected)]
+    selected = _selected(model, candidates, target_modules, allowed_types)
     selected = [n for n in selected if not _excluded(n, exclude_modules)]
     if layers_to_transform is not None:
         wanted = set(layers_to_transform)
@@ -123,6 +102,35 @@ def find_targets(
     if not selected:
         raise ConfigError(f"The config selects no module after exclude_modules={exclude_modules!r}: nothing to adapt.")
     return selected
+
+
+def _selected(
+    model: nn.Module, candidates: dict[str, nn.Module], target_modules: list[str] | str, allowed_types: tuple
+) -> list[str]:
+    """The candidates ``target_modules`` names ("all-linear", a whole-name regex, or names and suffixes),
+    in model order; an entry that names none is an error listing the names there are."""
+    if target_modules == ALL_LINEAR or target_modules == [ALL_LINEAR]:
+        heads = output_head_names(model)
+        return [n for n, m in candidates.items() if isinstance(m, LINEAR_TYPES) and n not in heads]
+    if isinstance(target_modules, str):
+        selected = [n for n in candidates if re.fullmatch(target_modules, n)]
+        if not selected:
+            raise ConfigError(
+                f"target_modules regex {target_modules!r} matches no module (it must match the whole "
+                f"name). Adaptable modules: {_describe(candidates)}; e.g. {next(iter(candidates), '')!r}"
+            )
+        return selected
+    selected = []
+    for entry in target_modules:
+        hits = [n for n in candidates if name_matches(n, entry)]
+        if not hits:
+            raise ConfigError(
+                f"target module {entry!r} matches no adaptable module of this model "
+                f"({', '.join(t.__name__ for t in allowed_types)}). "
+                f"Module names that exist: {_describe(candidates)}"
+            )
+        selected += hits
+    return [n for n in candidates if n in set(selected)]
 
 
 def base_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:

@@ -1,20 +1,16 @@
-"""The training loop behind ``deltatune train``: data -> adapter -> train -> evaluate -> report.
+"""``deltatune train``: data -> adapter -> train -> evaluate -> report.
 
-Losses are summed and divided by the token (or example) count of the whole optimizer step across
-gradient-accumulation micro-batches and DDP ranks, so 2 processes x batch 2 give the same update
-as 1 process x batch 4. Multi-process runs use torch.distributed (``torchrun``), nothing home-made.
+Here: reading the data and building the model (:func:`prepare`), and the run as a whole (:func:`train`).
+The optimizer steps are in deltatune.training.loop, where a run starts (fresh or ``--resume``) in
+deltatune.training.resume, evaluation in deltatune.training.evaluating. Multi-process runs use
+torch.distributed (``torchrun``), nothing home-made.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
-import signal
-import sys
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,50 +22,34 @@ from torch import nn
 from deltatune import methods
 from deltatune.attention import set_attention, with_pattern_modules
 from deltatune.config import ConfigError
-from deltatune.data import (
-    IGNORE_INDEX,
-    Batcher,
-    Example,
-    pack,
-    read_examples,
-    split_train_eval,
-    tokenize_tasks,
-)
+from deltatune.data import Batcher, Example, pack, read_examples, split_train_eval, tokenize_tasks
 from deltatune.data.positions import check_features
-from deltatune.evaluation import evaluate_loss, evaluate_model
 from deltatune.loading.base_models import load_base
 from deltatune.loading.tasks import load_tokenizer, task_of
 from deltatune.loss import LossModule
 from deltatune.model import DeltaModel, wrap
 from deltatune.training import demo, fsdp
-from deltatune.training.checkpoints import (
-    Position,
-    latest_checkpoint,
-    latest_intact_checkpoint,
-    load_checkpoint,
-    remove_leftovers,
-    save_checkpoint,
-)
+from deltatune.training.checkpoints import Position
 from deltatune.training.config import READ_OPTIONS, TrainConfig
+from deltatune.training.evaluating import evaluate_all, evaluate_everywhere, log_task_metrics
+from deltatune.training.loop import Steps, make_optimizer, micro_batches, run_steps, total_steps, training_device
 from deltatune.training.report import plot_loss, print_summary
+from deltatune.training.resume import RESUME_KEYS, check_fresh, find_resume_point, start
 
-__all__ = ["TrainConfig", "load_tokenizer", "prepare", "task_of", "train"]
+# The public names, and those that benches and tests import from here (their homes are loop, resume, evaluating).
+__all__ = [
+    "RESUME_KEYS",
+    "TrainConfig",
+    "evaluate_all",
+    "load_tokenizer",
+    "micro_batches",
+    "prepare",
+    "task_of",
+    "train",
+    "training_device",
+]
 
 DEMO_TRAIN, DEMO_EVAL = 400, 48
-# Options that must match for --resume to continue a run rather than mix two.
-# The global batch (--batch-size x processes) must match too; the number of processes need not.
-RESUME_KEYS = (
-    "base",
-    "task",
-    "method",
-    "method_options",
-    "attention",
-    "attention_options",
-    "data",
-    "grad_accum",
-    "seed",
-    "packing",
-)
 
 
 @dataclass
@@ -100,13 +80,6 @@ def init_distributed(sharded: bool = False) -> tuple[int, int]:
     elif sharded and not dist.is_initialized():  # one process: FSDP still needs a group (of one)
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return (dist.get_rank() if dist.is_initialized() else 0), world
-
-
-def training_device() -> torch.device:
-    """This process's GPU under torchrun (LOCAL_RANK), the first GPU alone, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
 
 
 def read_data(cfg: TrainConfig, task: str) -> tuple[list[Example], list[Example]]:
@@ -234,144 +207,8 @@ def prepare(cfg: TrainConfig) -> Prepared:
     return Prepared(delta, tokenizer, task, train, evaluation, eval_examples, num_labels, eval_tasks, task_ids, root)
 
 
-def evaluate_everywhere(prepared: Prepared, cfg: TrainConfig) -> tuple:
-    """:func:`evaluate_all`; a sharded model needs every rank running it (with the root gathered)."""
-    if prepared.root is None:
-        return evaluate_all(prepared, cfg)
-    with fsdp.unsharded(prepared.root):
-        return evaluate_all(prepared, cfg)
-
-
-# --- evaluation -------------------------------------------------------------------------------
-def evaluate_all(prepared: Prepared, cfg: TrainConfig) -> tuple[dict[str, float], str, dict[str, dict[str, float]]]:
-    """Metrics on the eval split, the model's answer to the first eval example (or ""), and each task's metrics
-    in multi-task training. There the overall loss (and perplexity) is over every eval example, the other
-    metrics are the mean of the tasks' (as GLUE's average score)."""
-    generate_tokens = cfg.max_new_tokens if cfg.eval_generate else None
-    if not prepared.eval_tasks:
-        metrics, predictions = evaluate_model(
-            prepared.model,
-            prepared.tokenizer,
-            prepared.task,
-            prepared.eval_examples,
-            prepared.eval,
-            num_labels=prepared.num_labels,
-            max_new_tokens=generate_tokens,
-            exact_match=demo.exact_match if cfg.data is None else None,
-        )
-        prepared.model.train()
-        return metrics, predictions[0] if predictions else "", {}
-    per_task, sample = {}, ""
-    for name, (examples, batcher) in prepared.eval_tasks.items():
-        ids = None if prepared.task_ids is None else [prepared.task_ids[name]] * len(examples)
-        per_task[name], predictions = evaluate_model(
-            prepared.model,
-            prepared.tokenizer,
-            prepared.task,
-            examples,
-            batcher,
-            num_labels=prepared.num_labels,
-            max_new_tokens=generate_tokens,
-            task_ids=ids,
-        )
-        if name == next(iter(prepared.eval_tasks)) and predictions:
-            sample = predictions[0]  # the eval examples come in task order: this is the first one's answer
-    metrics = evaluate_loss(prepared.model, prepared.task, prepared.eval)
-    shared = set.intersection(*(set(m) for m in per_task.values())) - set(metrics)
-    for key in sorted(shared):
-        metrics[key] = sum(m[key] for m in per_task.values()) / len(per_task)
-    prepared.model.train()
-    return metrics, sample, per_task
-
-
-def log_task_metrics(path: Path, step: int, per_task: dict[str, dict[str, float]], when: str) -> None:
-    """One metrics.jsonl line per task: ``{"step", "task", "eval": "before"|"after", metrics...}``."""
-    if per_task:
-        with open(path, "a") as f:
-            for name, metrics in per_task.items():
-                f.write(json.dumps({"step": step, "task": name, "eval": when, **metrics}) + "\n")
-
-
-# --- the loop ---------------------------------------------------------------------------------
-def micro_batches(batcher: Batcher, epoch: int, micro: int, rank: int, world: int) -> Iterator[tuple[int, int, list]]:
-    """(epoch, index, this rank's rows) from a position on, forever; every rank gets a share."""
-    while True:
-        batches = batcher.epoch_batches(epoch)
-        for i in range(micro, len(batches)):
-            rows = batches[i][rank::world]
-            if len(batches[i]) >= world:
-                yield epoch, i, rows
-        epoch, micro = epoch + 1, 0
-
-
-def count_targets(batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
-    if task == "classification":
-        return torch.tensor(len(batch["labels"]), dtype=torch.float64)
-    return (batch["labels"][:, 1:] != IGNORE_INDEX).sum().to(torch.float64)
-
-
-def all_reduce(value: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks (on the training device: NCCL reduces only GPU tensors); returns a CPU tensor."""
-    if dist.is_initialized():
-        value = value.to(training_device())
-        dist.all_reduce(value)
-    return value.cpu()
-
-
-class StopRequest:
-    """Turns Ctrl-C into 'save a checkpoint at the end of this step, then stop'."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous = signal.signal(signal.SIGINT, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:  # a second Ctrl-C stops at once
-            signal.signal(signal.SIGINT, self._previous)
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def restore(self) -> None:
-        signal.signal(signal.SIGINT, self._previous)
-
-
-def total_steps(cfg: TrainConfig, batcher: Batcher) -> int:
-    return cfg.max_steps or max(1, math.ceil(cfg.epochs * len(batcher) / cfg.grad_accum))
-
-
-def check_resume(saved: dict[str, Any], cfg: TrainConfig, world: int, out: Path) -> None:
-    """The options a resumed run must share with the saved one: the data, method, ... and the global batch
-    (per-process batch x processes), so that any number of processes, sharded or not, continues the run."""
-    current = cfg.to_dict()
-    changed = [k for k in RESUME_KEYS if saved.get(k) != current.get(k)]
-    saved_world = saved.get("world_size", world)  # checkpoints from before world_size was saved
-    if saved.get("batch_size", 0) * saved_world != cfg.batch_size * world:
-        changed.append(
-            f"the global batch (--batch-size x processes: {saved.get('batch_size')} x {saved_world} then, "
-            f"{cfg.batch_size} x {world} now)"
-        )
-    if changed:
-        raise ConfigError(f"--resume: {', '.join(changed)} differ from the run in {out}; use the same options")
-
-
-def find_resume_point(out: Path, main: bool) -> Path | None:
-    """The newest intact checkpoint to resume from, checked before the model loads.
-
-    A damaged checkpoint is skipped with a warning naming it (an earlier one still gives the same
-    adapter, just later), and leftovers of a save cut short by a kill are removed.
-    """
-    if not main:
-        return latest_intact_checkpoint(out, warn=None)
-    remove_leftovers(out)
-    found = latest_intact_checkpoint(out)
-    where = f"resuming from {found}" if found else f"no intact checkpoint in {out / 'checkpoints'}; starting at step 0"
-    print(f"deltatune: --resume: {where}", file=sys.stderr)
-    return found
-
-
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run a whole training job; returns the summary also written to ``summary.json``."""
-    from tqdm.auto import tqdm
     from transformers import get_scheduler
 
     rank, world = init_distributed(cfg.fsdp)
@@ -379,10 +216,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.output_dir)
-    if latest_checkpoint(out) is not None and not cfg.resume:
-        raise ConfigError(
-            f"{out} holds checkpoints of an earlier run: pass --resume to continue it, or choose another --output-dir"
-        )
+    check_fresh(out, cfg)
     resume_from = find_resume_point(out, main) if cfg.resume else None
     torch.manual_seed(cfg.seed)
     prepared = prepare(cfg)
@@ -390,74 +224,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.gradient_checkpointing:
         model.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     steps = total_steps(cfg, prepared.train)
-    root = prepared.root
     optimizer = _optimizer(model, cfg)
     warmup = cfg.warmup_steps or int(cfg.warmup_ratio * steps)
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
-    position = Position()
-    if resume_from is not None:
-        if root is None:
-            position, saved = load_checkpoint(resume_from, model, optimizer, scheduler)
-        else:
-            position, saved = fsdp.load_sharded_checkpoint(resume_from, root, model, optimizer, scheduler)
-        check_resume(saved, cfg, world, out)
-    elif main or root is not None:
-        if main:
-            out.mkdir(parents=True, exist_ok=True)
-        if main and cfg.data is None:
-            print(
-                f"No --data given: training {cfg.method} on the built-in task ({len(prepared.train.features)} "
-                "sentences -> JSON records). Measuring the base model first..."
-            )
-        position.before, position.before_sample, position.before_tasks = evaluate_everywhere(prepared, cfg)
-    if main:
-        _trim_metrics(out / "metrics.jsonl", position.step)
-        if position.step == 0:
-            log_task_metrics(out / "metrics.jsonl", 0, position.before_tasks, "before")
-        (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    runner = root if root is not None else LossModule(model, prepared.task)
-    if root is None and dist.is_initialized():
+    position = start(prepared, cfg, resume_from, optimizer, scheduler, main, world)
+    runner = prepared.root if prepared.root is not None else LossModule(model, prepared.task)
+    if prepared.root is None and dist.is_initialized():
         device_ids = [training_device()] if torch.cuda.is_available() else None
         runner = nn.parallel.DistributedDataParallel(runner, device_ids=device_ids)
-    stop = StopRequest()
-    feed = micro_batches(prepared.train, position.epoch, position.micro, rank, world)
-    bar = tqdm(total=steps, initial=position.step, disable=not main, desc="training", unit="step", dynamic_ncols=True)
-    started = time.perf_counter() - position.elapsed
-    model.train()
-    try:
-        while position.step < steps and not stop.requested:
-            loss, tokens = _optimizer_step(runner, feed, prepared, cfg, position, optimizer, scheduler, world)
-            position.step += 1
-            position.tokens += tokens
-            position.elapsed = time.perf_counter() - started
-            if main and (position.step % cfg.log_every == 0 or position.step == steps):
-                record = {
-                    "step": position.step,
-                    "epoch": position.epoch,
-                    "loss": loss,
-                    "lr": scheduler.get_last_lr()[0],
-                    "tokens": position.tokens,
-                    "tokens_per_s": position.tokens / max(position.elapsed, 1e-9),
-                    "elapsed_s": position.elapsed,
-                }
-                with open(out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-            bar.update(1)
-            if root is not None:  # a Ctrl-C seen by any rank: all save together, then stop
-                stop.requested = bool(all_reduce(torch.tensor(int(stop.requested))) > 0)
-            if position.step % cfg.save_every == 0 or stop.requested:
-                saved = {**cfg.to_dict(), "world_size": world}
-                if root is not None:
-                    fsdp.save_sharded_checkpoint(
-                        root, model, optimizer, scheduler, position, saved, out, cfg.keep_checkpoints
-                    )
-                elif main:
-                    save_checkpoint(out, model, optimizer, scheduler, position, saved, cfg.keep_checkpoints)
-    finally:
-        bar.close()
-        stop.restore()
-    if stop.requested:
+    if run_steps(runner, prepared, position, Steps(cfg, out, optimizer, scheduler, steps, rank, world)):
         if main:
             print(
                 f"Interrupted at step {position.step}: checkpoint saved in {out}/checkpoints; "
@@ -467,53 +242,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     return _finish(prepared, cfg, out, position, main)
 
 
-def _optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters; with --loraplus-lr-ratio, LoRA+'s groups (B faster)."""
-    if cfg.loraplus_lr_ratio:
-        from deltatune.training.loraplus import create_loraplus_optimizer
-
-        return create_loraplus_optimizer(
-            model,
-            torch.optim.AdamW,
-            lr=cfg.learning_rate,
-            loraplus_lr_ratio=cfg.loraplus_lr_ratio,
-            loraplus_weight_decay=cfg.weight_decay,
-        )
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-
-
-def _optimizer_step(
-    runner: nn.Module,
-    feed: Iterator,
-    prepared: Prepared,
-    cfg: TrainConfig,
-    position: Position,
-    optimizer,
-    scheduler,
-    world: int,
-) -> tuple[float, int]:
-    """One optimizer step over ``grad_accum`` micro-batches; returns (mean loss, tokens seen)."""
-    micro = [next(feed) for _ in range(cfg.grad_accum)]
-    batches = [prepared.train.collate(rows) for _, _, rows in micro]
-    count = all_reduce(sum(count_targets(b, prepared.task) for b in batches))
-    total = torch.zeros((), dtype=torch.float64)
-    is_ddp = isinstance(runner, nn.parallel.DistributedDataParallel)
-    for j, batch in enumerate(batches):
-        with runner.no_sync() if is_ddp and j < len(batches) - 1 else contextlib.nullcontext():
-            loss_sum, _ = runner(batch)
-            (loss_sum * (world / count).to(loss_sum.dtype)).backward()
-        total += loss_sum.detach().to("cpu", torch.float64)
-    if cfg.max_grad_norm:
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    epoch, index, _ = micro[-1]
-    position.epoch, position.micro = epoch, index + 1
-    tokens = int(all_reduce(torch.tensor(sum(int(prepared.train.lengths[rows].sum()) for _, _, rows in micro))))
-    return float(all_reduce(total) / count), tokens
+_optimizer = make_optimizer  # the name tests and benches import
 
 
 def _sample(example: Example, before: str, after: str) -> dict[str, str] | None:
@@ -522,14 +251,6 @@ def _sample(example: Example, before: str, after: str) -> dict[str, str] | None:
         return None
     prompt = example.prompt if isinstance(example.prompt, str) else json.dumps(example.prompt)
     return {"prompt": prompt, "reference": example.target, "before": before, "after": after}
-
-
-def _trim_metrics(path: Path, step: int) -> None:
-    """On resume, drop log lines the killed run wrote after its last checkpoint."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
 
 
 def _finish(prepared: Prepared, cfg: TrainConfig, out: Path, position: Position, main: bool) -> dict[str, Any]:
