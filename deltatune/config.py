@@ -63,10 +63,17 @@ class DeltaConfig:
     # Options the command line does not offer: refused by the method, derived, or peft's aliases.
     cli_hidden: ClassVar[frozenset[str]] = frozenset({"task_type", "base_model_name_or_path", "inference_mode"})
     target_modules: list[str] | str | None = None
+    """target_modules follows peft: a list holds module names or name suffixes ("q_proj" matches
+    model.layers.0.self_attn.q_proj), a string is a regular expression that must match the whole module name, and
+    "all-linear" means every linear layer except the output head"""
     exclude_modules: list[str] | str | None = None
+    """modules to leave out of the targets: names/suffixes, or one regular expression"""
     layers_to_transform: list[int] | int | None = None
+    """adapt only these layer indices (none: every layer)"""
     layers_pattern: list[str] | str | None = None
+    """name of the layer container that --layers-to-transform indexes (e.g. layers, h)"""
     modules_to_save: list[str] | None = None
+    """modules trained in full and saved with the adapter (e.g. a classifier head)"""
     task_type: str | None = None
     base_model_name_or_path: str | None = None
     inference_mode: bool = False

@@ -1,20 +1,14 @@
 """Command-line flags from dataclass configs, with help text taken from the configs' own documentation.
 
-A field's help comes from, in order:
+One convention: a field's help is its attribute docstring, the string literal right after it::
 
-1. ``dataclasses.field(metadata={"help": "..."})``;
-2. its attribute docstring: a string literal right after the field (the convention of
-   :class:`~deltatune.training.config.TrainConfig`)::
+    batch_size: int = 8
+    '''examples per micro-batch'''
 
-       batch_size: int = 8
-       '''examples per micro-batch'''
-
-3. a ``#`` comment at the end of the field's line;
-4. an ``Options:`` block of the class docstring, one ``name: text`` line per field;
-5. the clause of the class docstring (or of a base class's) that mentions ````name````;
-
-and, failing all of these, its type. The default and any ``typing.Literal`` choices are added to it.
-:func:`undocumented_fields` lists the fields that fell through to their type.
+(a base class's field keeps the docstring written under it). Nothing else is read: not comments, not
+``field(metadata=...)``, not the class docstring. The default and any ``typing.Literal`` choices are added to it;
+:func:`undocumented_fields` lists the fields without one (tests/test_contract.py and tests/test_cli_help.py keep
+that list empty).
 """
 
 from __future__ import annotations
@@ -24,12 +18,10 @@ import ast
 import dataclasses
 import functools
 import inspect
-import io
+import itertools
 import json
-import re
 import sys
 import textwrap
-import tokenize
 import types
 import typing
 from typing import Any
@@ -162,24 +154,14 @@ def normalise_targets(values: dict[str, Any]) -> None:
 
 # --- help text from a class's documentation ---------------------------------------------------------
 def field_help(cls: type) -> dict[str, str]:
-    """Each documented field's description, from the sources listed in the module docstring."""
+    """Each documented init field's attribute docstring, from the class (or base class) that declares it."""
+    fields = [f.name for f in dataclasses.fields(cls) if f.init]
     out: dict[str, str] = {}
-    fields = [f for f in dataclasses.fields(cls) if f.init]
-    for f in fields:
-        if f.metadata.get("help"):
-            out[f.name] = f.metadata["help"]
     for klass in cls.__mro__:
-        source = _source_help(klass)
-        for f in fields:
-            if f.name not in out and f.name in source:
-                out[f.name] = source[f.name]
-    for klass in cls.__mro__:
-        doc = inspect.cleandoc(klass.__dict__.get("__doc__") or "")
-        for f in fields:
-            if f.name not in out:
-                found = _docstring_help(doc, f.name)
-                if found:
-                    out[f.name] = found
+        source = _attribute_docstrings(klass)
+        for name in fields:
+            if name not in out and name in source:
+                out[name] = source[name]
     return out
 
 
@@ -191,71 +173,20 @@ def undocumented_fields(cls: type) -> list[str]:
 
 
 @functools.cache
-def _source_help(klass: type) -> dict[str, str]:
-    """Attribute docstrings and end-of-line comments of the fields a class body declares."""
+def _attribute_docstrings(klass: type) -> dict[str, str]:
+    """The attribute docstrings of the fields a class body declares."""
     try:
-        source = textwrap.dedent(inspect.getsource(klass))
-    except (OSError, TypeError):
-        return {}
-    try:
-        tree = ast.parse(source)
-    except SyntaxError:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+    except (OSError, TypeError, SyntaxError):
         return {}
     body = next((n.body for n in tree.body if isinstance(n, ast.ClassDef)), [])
-    comments = _line_comments(source)
     out: dict[str, str] = {}
-    for i, node in enumerate(body):
+    for node, after in itertools.pairwise(body):
         if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
             continue
-        after = body[i + 1] if i + 1 < len(body) else None
         if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str):
             out[node.target.id] = inspect.cleandoc(after.value.value)
-        elif node.end_lineno in comments:
-            out[node.target.id] = comments[node.end_lineno]
     return out
-
-
-def _line_comments(source: str) -> dict[int, str]:
-    comments = {}
-    try:
-        for token in tokenize.generate_tokens(io.StringIO(source).readline):
-            if token.type == tokenize.COMMENT:
-                comments[token.start[0]] = token.string.lstrip("#:").strip()
-    except (tokenize.TokenError, IndentationError):
-        pass
-    return comments
-
-
-def _docstring_help(doc: str, name: str) -> str | None:
-    """``name: text`` in an ``Options:`` block, else the docstring's clause that mentions ````name````."""
-    in_options = False
-    for line in doc.splitlines():
-        stripped = line.strip()
-        if stripped.lower().rstrip(":") in _BLOCKS:
-            in_options = True
-            continue
-        match = re.match(rf"(?:``)?{re.escape(name)}(?:``)?\s*(\([^)]*\))?\s*:\s*(.+)", stripped)
-        if in_options and match:
-            return match.group(2)
-        if not stripped:
-            in_options = False
-    paragraphs = [p for p in re.split(r"\n\s*\n", doc) if p.strip().split(":")[0].lower() not in _BLOCKS]
-    flat = " ".join(" ".join(paragraphs).split())
-    for clause in re.split(r"(?<=[.;])\s+(?=[A-Z`*(])|;\s+", flat):
-        if f"``{name}``" in clause or f"``{name}=" in clause:
-            clause = re.sub(r":\w+:`~?([^`]*)`", r"\1", clause)
-            return re.sub(r"``([^`]*)``", r"\1", clause).strip().rstrip(".;")
-    return PEFT_COMMON_HELP.get(name)
-
-
-_BLOCKS = ("options", "args", "attributes", "fields")
-# Options every method shares, with Hugging Face peft's meaning; used when no docstring describes them.
-PEFT_COMMON_HELP = {
-    "exclude_modules": "modules to leave out of the targets: names/suffixes, or one regular expression",
-    "layers_to_transform": "adapt only these layer indices (none: every layer)",
-    "layers_pattern": "name of the layer container that --layers-to-transform indexes (e.g. layers, h)",
-    "modules_to_save": "modules trained in full and saved with the adapter (e.g. a classifier head)",
-}
 
 
 # --- the method list ----------------------------------------------------------------------------

@@ -74,7 +74,10 @@ class AdapterConfig(DeltaConfig):
     non_linearity: str = "gelu"
     """activation between the down and up projections: a transformers ACT2FN name (gelu, relu, silu...)"""
     placement: tuple[str, ...] | list[str] = ("attention", "ffn")
+    """where adapters go: after the attention output, the feed-forward output, or both (--target-modules overrides
+    this for architectures the placement table does not know)"""
     leave_out: list[int] = field(default_factory=list)
+    """layer indices that get no adapter"""
     init_std: float = 1e-3
     """std of the normal init of both projections' weights; small keeps the adapter near the identity at the start"""
     train_layer_norms: bool = True

@@ -48,6 +48,7 @@ class BitFitConfig(DeltaConfig):
     peft_type = "BITFIT"
     cli_hidden: ClassVar[frozenset[str]] = DeltaConfig.cli_hidden | {"target_modules"}
     bias: str = "all"
+    """which biases train: all, attention or mlp (it replaces --target-modules, which is refused)"""
     add_missing: bool = False
     """give selected layers without a bias (e.g. Llama's) a new zero-initialised bias; off: they are skipped"""
 

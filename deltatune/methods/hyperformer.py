@@ -83,6 +83,7 @@ class HyperAdapterConfig(DeltaConfig):
 
     peft_type = "HYPERFORMER"
     tasks: list[str] = field(default_factory=list)
+    """the task names, in order: a task id is an index into this list"""
     task_embedding_dim: int = 64
     """t, the size of each task's learned embedding: what adding a task costs"""
     layer_embedding_dim: int = 64
@@ -94,9 +95,14 @@ class HyperAdapterConfig(DeltaConfig):
     non_linearity: str = "gelu"
     """activation inside the generated adapters: a transformers ACT2FN name (gelu, relu, silu...)"""
     placement: tuple[str, ...] | list[str] = ("attention", "ffn")
+    """where the generated adapters go: after the attention output, the feed-forward output, or both (as for the
+    adapter method)"""
     leave_out: list[int] = field(default_factory=list)
+    """layer indices that get no adapter"""
     default_task: str | None = None
+    """the task of forwards that pass no task_ids (the command line trains one data file this way)"""
     new_tasks: list[str] = field(default_factory=list)
+    """tasks added by add_task, which alone train"""
 
     def __post_init__(self) -> None:
         self.tasks = [self.tasks] if isinstance(self.tasks, str) else list(self.tasks)

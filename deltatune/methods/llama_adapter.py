@@ -60,7 +60,10 @@ class LlamaAdapterConfig(DeltaConfig):
         "layers_pattern",
     }
     adapter_len: int = 10
+    """learned prompt tokens in each adapted layer"""
     adapter_layers: int | None = None
+    """how many of the top layers get the prompt (none: all of them, recorded as a number when the adapter is
+    added)"""
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, list) and len(self.target_modules) == 1:

@@ -36,8 +36,12 @@ class PTuningConfig(PromptLearningConfig):
     peft_spellings: ClassVar[dict[str, str]] = {"encoder": "encoder_reparameterization_type"}
     cli_hidden: ClassVar[frozenset[str]] = pl.PromptLearningConfig.cli_hidden | set(peft_spellings.values())
     encoder: str | None = None
+    """the prompt encoder: "mlp" (three linear layers, ReLU between) or "lstm" (a bidirectional LSTM of
+    --encoder-num-layers layers, then a two-layer MLP)"""
     encoder_hidden_size: int | None = None
+    """the prompt encoder's hidden width (none: the model's width)"""
     encoder_num_layers: int = 2
+    """layers of the LSTM encoder (encoder='lstm')"""
     encoder_dropout: float = 0.0
     """dropout between LSTM layers (encoder='lstm', encoder_num_layers > 1), in [0, 1); the MLP has none"""
     encoder_reparameterization_type: str | None = None

@@ -42,7 +42,9 @@ class PartialConfig(DeltaConfig):
         "exclude_modules",
     }
     train_top_layers: int | None = None
+    """train the last k blocks (set this or --freeze-bottom-layers, not both)"""
     freeze_bottom_layers: int | None = None
+    """train all blocks but the first k (set this or --train-top-layers, not both)"""
 
     def validate(self) -> None:
         if (self.train_top_layers is None) == (self.freeze_bottom_layers is None):

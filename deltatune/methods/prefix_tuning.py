@@ -39,8 +39,11 @@ class PrefixTuningConfig(PromptLearningConfig):
 
     peft_type = "PREFIX_TUNING"
     prefix_projection: bool = True
+    """train the prefix through an MLP of --encoder-hidden-size units (off: train the prefix itself)"""
     encoder_hidden_size: int | None = None
+    """hidden width of the prefix MLP (default: the key/value width)"""
     init_weights: str | None = None
+    """'zero' starts with a zero prefix (none: the usual random one)"""
 
     def validate(self) -> None:
         super().validate()

@@ -39,7 +39,10 @@ class PromptTuningConfig(PromptLearningConfig):
     peft_spellings: ClassVar[dict[str, str]] = {"init": "prompt_tuning_init", "init_text": "prompt_tuning_init_text"}
     cli_hidden: ClassVar[frozenset[str]] = pl.PromptLearningConfig.cli_hidden | set(peft_spellings.values())
     init: str | None = None
+    """how the prompt starts: "random", "vocab" (rows sampled from the embedding matrix) or "text" (the embeddings
+    of --init-text, repeated or cut to n tokens)"""
     init_text: str | None = None
+    """the text whose embeddings start the prompt (with --init text)"""
     tokenizer_name_or_path: str | None = None
     """tokenizer (directory or hub name) for init_text with init='text'; default: the base model's directory"""
     tokenizer_kwargs: dict[str, Any] | None = None
