@@ -355,7 +355,7 @@ MUTATIONS = [
         "        for _, a, b in self.tables.values():\n            a[slot].zero_()\n            b[slot].zero_()\n",
         "        for _, a, b in self.tables.values():\n            pass\n",
         "an evicted adapter's slot keeps its factors",
-        ("tests/test_serving_slots.py",),
+        ("tests/test_serving_slot_reset.py", "tests/test_serving_slots.py"),
     ),
     m(
         "serving",
