@@ -34,6 +34,7 @@ from deltatune.constants import BASE_ADAPTER
 from deltatune.serving.adapters import locate, name_problem
 from deltatune.serving.bodies import UNSUPPORTED, AdapterBody, ChatBody, CompletionBody, Sampling
 from deltatune.serving.engine import Engine
+from deltatune.serving.errors import ApiError
 from deltatune.serving.metrics import CONTENT_TYPE
 from deltatune.serving.mixes import mix_name
 from deltatune.serving.reply import Reply
@@ -54,26 +55,6 @@ class Limits:
     max_streams_per_key: int | None = None
     max_stop: int = 16  # stop strings per request
     max_stop_chars: int = 256  # characters per stop string
-
-
-class ApiError(Exception):
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        param: str | None = None,
-        code: str | int | None = None,
-        headers: dict[str, str] | None = None,
-        kind: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
-        self.kind = kind  # the error's type (None: OpenAI's, by status)
-
-    def response(self) -> JSONResponse:
-        kind = self.kind or ("invalid_request_error" if self.status < 500 else "server_error")
-        body = {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
 def create_app(

@@ -26,6 +26,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict
 
 from deltatune.serving.adapters import locate, name_problem
+from deltatune.serving.errors import ApiError
 
 
 class LoadLoRA(BaseModel):
@@ -40,9 +41,7 @@ class UnloadLoRA(BaseModel):
     lora_int_id: int | None = None
 
 
-def vllm_error(status: HTTPStatus, message: str, kind: str) -> Exception:
-    from deltatune.serving.app import ApiError  # app imports this module
-
+def vllm_error(status: HTTPStatus, message: str, kind: str) -> ApiError:
     return ApiError(status.value, message, code=status.value, kind=kind)
 
 
@@ -114,7 +113,6 @@ def model_cards(engine: Any) -> list[dict[str, Any]]:
     base = card | {"id": engine.base_name, "root": engine.base_name, "parent": None}
     base["max_model_len"] = engine.context_length
     adapters = [
-        card | {"id": n, "root": str(engine.store.paths.get(n, n)), "parent": engine.base_name}
-        for n in engine.adapters
+        card | {"id": n, "root": str(engine.store.paths.get(n, n)), "parent": engine.base_name} for n in engine.adapters
     ]
     return [base, *adapters]
