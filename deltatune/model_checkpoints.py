@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from deltatune import methods
 from deltatune.checkpoint.adapter import (
     KEY_PREFIX,
     load_tensors,
@@ -20,7 +21,6 @@ from deltatune.checkpoint.adapter import (
     split_by_module,
 )
 from deltatune.config import ConfigError, DeltaConfig
-from deltatune.methods import lora_init
 from deltatune.methods.base import ModulesToSave
 from deltatune.targeting import name_matches
 
@@ -62,7 +62,7 @@ class AdapterCheckpoints:
     ) -> None:
         """Write each adapter in peft's layout: ``default`` at the top, others in sub-directories.
         ``path_initial_model_for_weight_conversion``: where a PiSSA/OLoRA adapter was saved right after
-        initialisation; it is then written as a plain LoRA for the original base (see lora_init)."""
+        initialisation; it is then written as a plain LoRA for the original base (the method's ``convert_saved``)."""
         for name in selected_adapters or list(self.peft_config):
             self.check_adapter(name)
             directory = Path(save_directory) if name == "default" else Path(save_directory) / name
@@ -73,7 +73,8 @@ class AdapterCheckpoints:
                 config.task_type = None
             tensors = self.adapter_state_dict(name)
             if path_initial_model_for_weight_conversion is not None:
-                config, tensors = lora_init.converted(config, tensors, path_initial_model_for_weight_conversion)
+                convert = _converter(config)
+                config, tensors = convert(config, tensors, path_initial_model_for_weight_conversion)
             save_tensors(directory, tensors, metadata={"format": "pt"})
             save_training_state(directory, self.adapter_state_dict(name, training_state=True))
             config.save(directory)
@@ -148,6 +149,18 @@ class AdapterCheckpoints:
         if problems:
             raise ConfigError(f"adapter at {path} does not fit this model:\n  " + "\n  ".join(problems))
         self.set_adapter(self.active_adapters)
+
+
+def _converter(config: DeltaConfig) -> methods.contract.ConvertSaved:
+    """The method's ``convert_saved`` (for ``path_initial_model_for_weight_conversion``), or a clear refusal."""
+    convert = methods.method_for(config).convert_saved
+    if convert is None:
+        which = methods.describe([m for m in methods.registered() if m.convert_saved is not None])
+        raise ConfigError(
+            f"path_initial_model_for_weight_conversion converts PiSSA/OLoRA adapters ({which}); this one is "
+            f"{config.peft_type}"
+        )
+    return convert
 
 
 def fitted_config(base_model: nn.Module, config: DeltaConfig, is_trainable: bool) -> DeltaConfig:

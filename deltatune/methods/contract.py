@@ -3,7 +3,8 @@ method's own file with one ``register(Method(...))`` line, and the interfaces th
 
     Method(name, config_class, inject, layer_classes, merges, mixes,
            prepare_inputs, generate, finalize_merged, input_keys,
-           task_option, packable, rank_option, low_rank_factors, hotswap, layer_types)
+           task_option, packable, rank_option, low_rank_factors, hotswap, layer_types,
+           convert_saved)
 
 * ``inject(model, adapter_name, config) -> list[str]`` adds the adapter to the modules it selects
   (through deltatune.targeting and :func:`~deltatune.methods.base.wrap_modules`) and returns their names.
@@ -29,7 +30,9 @@ method's own file with one ``register(Method(...))`` line, and the interfaces th
   positions, no mask) stay apart under it (not so for virtual tokens); ``rank_option``, the option that
   sets a rank (``r``); ``low_rank_factors(tensors) -> {module: A}``, the A (r×in) factors in a saved
   adapter's tensors, for subspace analysis; ``hotswap``, how its weights are swapped in place under
-  ``torch.compile`` (:class:`HotSwap`). ``mergeable`` and ``mixable`` read ``merges`` and ``mixes``.
+  ``torch.compile`` (:class:`HotSwap`); ``convert_saved(config, tensors, initial_dir) -> (config,
+  tensors)``, how ``save_pretrained(path_initial_model_for_weight_conversion=...)`` rewrites an adapter
+  (LoRA: PiSSA/OLoRA as a plain LoRA). ``mergeable`` and ``mixable`` read ``merges`` and ``mixes``.
 
 Hooks see the model through :class:`AdapterHost`, the few things of a DeltaModel they may use.
 """
@@ -91,6 +94,7 @@ class Generate(Protocol):
 FinalizeMerged = Callable[[nn.Module], object]
 # Saved tensors (keys without the ``base_model.model.`` prefix) -> {module name: A factor, r x in}.
 LowRankFactors = Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]
+ConvertSaved = Callable[[Any, dict[str, torch.Tensor], Any], tuple[Any, dict[str, torch.Tensor]]]
 
 
 class HotSwap(Protocol):
@@ -121,6 +125,7 @@ class Method:
     low_rank_factors: LowRankFactors | None = None
     hotswap: HotSwap | None = None
     layer_types: tuple[tuple[type[nn.Module], type[DeltaLayer]], ...] = ()
+    convert_saved: ConvertSaved | None = None
 
     @property
     def peft_type(self) -> str:

@@ -309,6 +309,7 @@ LORA = register(
         low_rank_factors=low_rank_factors,
         hotswap=LoraHotSwap((LoraLinear, LoraEmbedding)),
         layer_types=((nn.Embedding, LoraEmbedding), (nn.Linear, LoraLinear), (Conv1D, LoraLinear)),
+        convert_saved=lora_init.converted,
     )
 )
 
