@@ -336,7 +336,7 @@ def _compare(runs: dict, a: str, b: str, value, low: bool, mode: str, task: str)
         spread = max(statistics.stdev(v) if len(v) > 1 else 0.0 for v in (
             [value(task, runs[m][s]) for s in seeds] for m in (a, b)))  # fmt: skip
         holds = (mean <= spread) if low else (mean >= -spread)
-        return text, ("yes" if holds else "**no**") + f" (|mean| vs seed std {spread:.4f})"
+        return text, ("yes" if holds else "**no**") + f" (mean difference vs the larger seed std {spread:.4f})"
     wins = better if mode == "better" else len(seeds) - better
     return text, "yes" if wins == len(seeds) else ("**no**" if wins == 0 else "mixed")
 
@@ -402,13 +402,19 @@ def claim_family_tuned(lines: list[tuple[int, dict]]) -> list[str] | None:
         diff, verdict = _compare(sst2, method, "lora", _score, False, mode, "sst2")
         measured.append(f"{method} − lora: {diff}")
         verdicts.append(f"{what}: {verdict}")
+    select = latest(lines, "lora-family-select")
+    at_lr = {(r["figures"]["method"], r["figures"]["lr"]): r["figures"]["accuracy"]["accuracy"] for _, r in select}
+    same = [f"{lr:g}: {at_lr[('loraplus', lr)]:.1f} vs {at_lr[('lora', lr)]:.1f}" for lr in st["select_lrs"]
+            if ("loraplus", lr) in at_lr and ("lora", lr) in at_lr]  # fmt: skip
+    if same:
+        measured.append("LoRA+ vs LoRA at the same lr (select split, seed 0) " + ", ".join(same))
     seeds, grid = min(len(v) for v in sst2.values()), ", ".join(f"{x:g}" for x in st["select_lrs"])
     return [
         f"6f. SST-2, each method at its own lr (chosen on the select split among {grid}; MiniLM, r = 8, "
         f"{st['examples']} examples × {st['epochs']} epochs)",
         "6d and 6e's claims with each method at its own lr ((IA)³ and LoKr train few parameters, which usually want "
         "a larger lr); LoRA+ vs LoRA, each at its best lr",
-        "; ".join(measured), str(seeds), "; ".join(verdicts), command(chosen), source(chosen),
+        "; ".join(measured), str(seeds), "; ".join(verdicts), command(chosen), source(sorted(select + chosen)),
     ]  # fmt: skip
 
 

@@ -54,6 +54,7 @@ def test_verdicts_follow_the_paired_seeds() -> None:
     assert got["6e"][4].startswith("SST-2: yes")  # 0.5 points below, within LoRA's seed std (1.0)
     assert "SST-2 lora 100 vs lokr 10" in got["6e"][2] and "lokr − lora: -0.5000" in got["6e"][2]
     assert got["6a"][3] == "SST-2 3, E2E 3"
+    assert not any("|" in cell for row in got.values() for cell in row)  # a pipe would split a markdown cell
 
 
 def test_a_rerun_replaces_the_older_run_of_its_seed() -> None:
