@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mutations import EXTRA, MUTATIONS, Mutation
+from mutations import EXTRA, MUTATIONS, NOTES, Mutation
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_CAUGHT = 2  # tests listed per killed mutation (pytest stops after this many failures)
@@ -188,6 +188,10 @@ def table(results: list[dict], commit: str, minutes: float, planned: int, source
             "",
         ]
         lines += [f"- `{f}`" for f in failing]
+    noted = [r for r in results if r["mutation"].description in NOTES]
+    if noted:
+        lines += ["", "Notes:", ""]
+        lines += [f"- {r['mutation'].description}: {NOTES[r['mutation'].description]}." for r in noted]
     if survived:
         lines += ["", "Survivors (breaks no test sees):", ""]
         lines += [f"- {r['mutation'].area}: {r['mutation'].description} (`{r['mutation'].file}`)" for r in survived]

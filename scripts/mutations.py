@@ -423,3 +423,15 @@ EXTRA = {
     "unmerge on a quantized weight adds the delta again",
     "top_p drops the token that reaches p",
 }
+
+# Said beside a row of the report (docs/mutation.md): why a break is caught the way it is, or why one that
+# survives is an equivalent mutant (no behaviour can show it).
+NOTES = {
+    "an evicted adapter's slot keeps its factors": "no output can see it (a step reads only loaded adapters' "
+    "slots, a load zeroes its slot before writing): survived the first pass; tests/test_serving_slot_reset.py "
+    "now reads the table itself and pins the documented reset",
+    "top_p drops the token that reaches p": "survived the first pass (the server test samples without top_p); "
+    "tests/test_serving_sampling.py now holds pick() to nucleus sampling written by hand",
+    "end-of-sequence token does not stop a row": "survived the pass at 84b57f3; tests/test_serving_eos.py",
+    "LoRA dropout also in eval mode": "survived the pass at 84b57f3; test_lora.py's dropout test since 1a94010",
+}
