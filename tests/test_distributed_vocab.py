@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from deltatune.loss import _linear_cross_entropy_sum
@@ -64,6 +65,10 @@ def check(rank: int, port: int, tied: bool) -> None:
         loss.backward()
         torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(hidden.grad, expected_hidden.grad, rtol=1e-5, atol=1e-6)
+        wrapped = model(tied, "meta")  # an adapter on the head (here a container) keeps its tied partner whole
+        wrapped.lm_head = nn.Sequential(wrapped.lm_head)
+        split_vocabulary(wrapped, init_device_mesh("cpu", (2,)))
+        assert hasattr(wrapped.get_input_embeddings().weight, "to_local") != tied
     finally:
         dist.destroy_process_group()
 

@@ -142,6 +142,19 @@ def test_accelerate_launch_trains_the_same_sharded_adapter(runs, tiny_llama_dir)
 
 
 @pytest.mark.slow
+def test_lora_on_the_tied_head_trains_as_in_one_process(runs, tiny_llama_dir):
+    """LoRA on lm_head: the head is no plain table, so neither it nor its tied embedding is split by rows
+    (splitting the embedding alone once left the head's base weight unloaded)."""
+    root, data = runs
+    flags = ["--target-modules", "q_proj", "v_proj", "lm_head", "--max-steps", "2"]
+    run(train_args(tiny_llama_dir, data, root / "head-single", "--batch-size", "4", *flags))
+    run(train_args(tiny_llama_dir, data, root / "head-fsdp", "--batch-size", "2", "--fsdp", *flags), processes=2)
+    expected = adapter(root / "head-single" / "adapter")
+    assert any("lm_head" in k for k in expected)
+    assert_same_adapter(adapter(root / "head-fsdp" / "adapter"), expected)
+
+
+@pytest.mark.slow
 def test_sharded_adapter_loads_in_peft_and_in_one_process(runs, tiny_llama_dir):
     from peft import PeftModel
 

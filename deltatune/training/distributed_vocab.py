@@ -31,8 +31,9 @@ def split_vocabulary(base: nn.Module, device_mesh: Any) -> None:
     plain_head = type(head) is nn.Linear and head.bias is None
     plans = [(embedding, plain_embedding, _embedding_forward), (head, plain_head, _head_forward)]
     plans = [(m, ok and not any(p.requires_grad for p in m.parameters()), f) for m, ok, f in plans]
-    tied = head is not None and getattr(head, "weight", None) is getattr(embedding, "weight", None)
-    if tied and not all(ok for _, ok, _ in plans):  # half a tie cannot be split alone (an adapter on the head)
+    # Tied when they share a tensor, wrapped or not (LoRA on lm_head keeps the tied weight as its base_layer's).
+    tied = head is not None and bool({id(p) for p in embedding.parameters()} & {id(p) for p in head.parameters()})
+    if tied and not all(ok for _, ok, _ in plans):  # half a tie cannot be split alone
         return
     split: dict[int, nn.Parameter] = {}
     for module, ok, forward in plans:
