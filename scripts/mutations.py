@@ -77,8 +77,8 @@ MUTATIONS = [
     m(
         "methods",
         "methods/adapter.py",
-        "return h + z.to(h.dtype)",
-        "return z.to(h.dtype)",
+        "return self.adapter_up[name](self.adapter_act[name](down(h.to(down.weight.dtype))))",
+        "return self.adapter_up[name](self.adapter_act[name](down(h.to(down.weight.dtype)))) - h",
         "bottleneck adapter without its residual",
         ("tests/test_adapter.py",),
     ),
@@ -109,8 +109,8 @@ MUTATIONS = [
     m(
         "methods",
         "methods/bitfit.py",
-        "return out + self.bias_delta[name].to(out.dtype)",
-        "return out",
+        "torch.Tensor) -> torch.Tensor:\n        return self.bias_delta[name]\n",
+        "torch.Tensor) -> torch.Tensor:\n        return None\n",
         "BitFit's bias delta not added",
         ("tests/test_bitfit.py",),
     ),
@@ -245,7 +245,7 @@ MUTATIONS = [
     ),
     m(
         "attention",
-        "attention/__init__.py",
+        "attention/masks.py",
         "return None if bool(padding.all()) else padding[:, None, None, :]",
         "return None",
         "the padding mask never reaches the patterns",
