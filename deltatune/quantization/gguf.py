@@ -163,7 +163,7 @@ def _gguf_type(name: str) -> Any:
     return GGMLQuantizationType[name]
 
 
-def gguf_tensors(file: Path, targets: set[str], embeddings: set[str] = frozenset()) -> Any:
+def gguf_tensors(file: Path, targets: set[str], embeddings: set[str] = frozenset(), config: Any = None) -> Any:
     """(name, float tensor) for every tensor, or (name, (raw blocks, type)) for a target linear weight or an
     embedding in a supported block type; a target in another block type is refused, naming the supported
     ones (an embedding in another type is dequantized, as before)."""
@@ -171,7 +171,7 @@ def gguf_tensors(file: Path, targets: set[str], embeddings: set[str] = frozenset
 
     from deltatune.loading.streaming import gguf_tensor_map
 
-    for name, (processor, tensor) in gguf_tensor_map(file).items():
+    for name, (processor, tensor) in gguf_tensor_map(file, config).items():
         qtype = tensor.tensor_type.name
         blocks = (name in targets or name in embeddings) and qtype in SUPPORTED
         if name in targets and not blocks and qtype not in FLOAT_TYPES:
@@ -183,9 +183,12 @@ def gguf_tensors(file: Path, targets: set[str], embeddings: set[str] = frozenset
 
 
 def _item(processor: Any, tensor: Any, qtype: str | None, dequantize: Any) -> Any:
-    weights = dequantize(tensor.data, tensor.tensor_type) if qtype is None else np.asarray(tensor.data)
+    from deltatune.loading.streaming import gguf_data
+
+    raw = gguf_data(tensor)  # a plain read: no page of the memory-mapped file stays resident
+    weights = dequantize(raw, tensor.tensor_type) if qtype is None else raw
     result = processor.process(weights=weights, name=tensor.name, tensor_key_mapping={}, parsed_parameters={})
-    data = torch.from_numpy(np.array(result.weights))  # a copy: the memory-mapped file's pages are not kept
+    data = torch.from_numpy(np.ascontiguousarray(result.weights))  # a copy only if processing left a view
     return data if qtype is None else (data.view(torch.uint8), qtype)
 
 
@@ -197,7 +200,7 @@ def load_gguf(file: Path, task: str, config: Any, **kwargs: Any) -> nn.Module:
     skeleton = meta_skeleton(config, task)
     embedding = next(n for n, m in skeleton.named_modules() if m is skeleton.get_input_embeddings())
     names = {f"{n}.weight" for n in quantize_targets(skeleton)}
-    tensors = gguf_tensors(Path(file), names, {f"{embedding}.weight"})
+    tensors = gguf_tensors(Path(file), names, {f"{embedding}.weight"}, config)
     return load_streamed(file, task, "gguf", config=config, tensors=tensors, **kwargs)
 
 
