@@ -6,9 +6,12 @@
   >= 0.95 and relative error <= 0.06; gguf equal to its own float32 dequantization to rounding.
 * ``load``: the peak resident memory of a fresh process that only loads the base (``load_base``), against
   its baseline (imports done, nothing loaded), with the quantized model's stored bytes and its largest
-  tensor; ``--runs`` alternating rounds. Models: ``smollm2`` and ``llama1b`` (a ~1.1B Llama-shaped model,
+  tensor (at its own bytes; for int8/nf4 a linear weight's float32 size, which passes before it is quantized);
+  ``--runs`` alternating rounds. Models: ``smollm2`` and ``llama1b`` (a ~1.1B Llama-shaped model,
   TinyLlama's shape, random float32 weights written as sharded safetensors under ``--scratch`` and deleted
-  after). Goal: peak - baseline <= 1.2 x (stored + largest tensor).
+  after). Goal: peak - baseline <= 1.2 x (stored + largest tensor). ``model_load_*``: the peak when
+  ``load_base`` turns to the tokenizer (it loads the model first), i.e. the model's load without the
+  tokenizer's ~50 MB; ``load_*`` includes it.
 
 Peaks are read from /proc/self/status (VmHWM): ``ru_maxrss`` survives exec and can be the parent's.
 Raw lines go to ``bench/results/quantized.jsonl``; the summary line is printed.
@@ -76,16 +79,27 @@ def worker_fidelity(kind: str) -> dict[str, Any]:
 
 
 def worker_load(model: str, kind: str, scratch: Path) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
     import deltatune as dt
     from deltatune.quantization import QuantizedLinear, base_storage
 
+    model_peak: list[int] = []
+    load_tokenizer = AutoTokenizer.from_pretrained.__func__
+
+    def at_tokenizer(cls: Any, *args: Any, **kwargs: Any) -> Any:  # load_base reads the tokenizer after the model
+        model_peak.append(vm_hwm())
+        return load_tokenizer(cls, *args, **kwargs)
+
+    AutoTokenizer.from_pretrained = classmethod(at_tokenizer)
     baseline = vm_rss()
     base, _ = dt.load_base(base_name(model, scratch), quantize=None if kind == "f32" else kind)
     peak = vm_hwm()
     stored, _ = base_storage(base)
-    largest = max(p.numel() * 4 for p in base.parameters())
-    quantized = [m.in_features * m.out_features * 4 for m in base.modules() if isinstance(m, QuantizedLinear)]
-    largest = max([largest, *quantized])
+    largest = max(p.numel() * p.element_size() for p in base.parameters())  # GGUF blocks: their own bytes
+    if kind != "gguf":  # int8/nf4: each linear weight passes in float32 before it is quantized
+        quantized = [m.in_features * m.out_features * 4 for m in base.modules() if isinstance(m, QuantizedLinear)]
+        largest = max([largest, *quantized])
     return {
         "part": "load",
         "model": model,
@@ -96,6 +110,9 @@ def worker_load(model: str, kind: str, scratch: Path) -> dict[str, Any]:
         "stored_mb": stored / 2**20,
         "largest_float_tensor_mb": largest / 2**20,
         "load_over_stored_plus_largest": (peak - baseline) / (stored + largest),
+        # the model's load alone: the peak when load_base turns to the tokenizer (it loads the model first)
+        "model_load_mb": (model_peak[0] - baseline) / 2**20,
+        "model_load_over_stored_plus_largest": (model_peak[0] - baseline) / (stored + largest),
     }
 
 
@@ -172,7 +189,8 @@ def run_loads(args: argparse.Namespace) -> dict[str, Any]:
             ok = [r for r in runs if "error" not in r]
             out[f"load_{model}_{kind}"] = {
                 key: [median([r[key] for r in ok]), min(r[key] for r in ok), max(r[key] for r in ok)]
-                for key in ("peak_mb", "baseline_mb", "load_mb", "stored_mb", "load_over_stored_plus_largest")
+                for key in ("peak_mb", "baseline_mb", "load_mb", "stored_mb", "load_over_stored_plus_largest",
+                            "model_load_mb", "model_load_over_stored_plus_largest")
             } if ok else {"error": runs[0].get("error")}  # fmt: skip
         if model == "llama1b":
             shutil.rmtree(args.scratch / "llama1b", ignore_errors=True)
