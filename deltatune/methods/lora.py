@@ -59,13 +59,16 @@ class LoraConfig(DeltaConfig):
     """peft's LoRA bias training; only 'none' is supported (train biases with the bitfit method)"""
     init_lora_weights: bool | str = True
     """True: Kaiming A, zero B; 'gaussian': normal A (std 1/r); 'pissa', 'pissa_niter_K' (randomized SVD),
-    'olora': A, B from W0's SVD/QR, the residual left in W0; False: skip (debugging)"""
+    'olora': A, B from W0's SVD/QR, the residual left in W0; 'loftq': A, B fit the quantized base's error
+    (loftq_config); False: skip (debugging)"""
     use_dora: bool = False
     """DoRA: also train a magnitude per output (peft's use_dora); a norm per forward, cached while weights stay"""
     rank_pattern: dict[str, int] = field(default_factory=dict)
     """per-module ranks overriding r: {name or regex: rank}, a key matching the module name or a dotted suffix of it"""
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     """per-module lora_alpha overrides: {name or regex: alpha}, matched as rank_pattern"""
+    loftq_config: dict[str, Any] = field(default_factory=dict)
+    """with init_lora_weights='loftq': {'loftq_bits': 4 (nf4 base) or 8 (int8), 'loftq_iter': N} (peft's LoftQConfig)"""
 
     def validate(self) -> None:
         ranks = [self.r, *self.rank_pattern.values()]
@@ -78,6 +81,7 @@ class LoraConfig(DeltaConfig):
                 f"LoRA bias={self.bias!r} is not supported: use bias='none', and BitFitConfig to train biases"
             )
         lora_init.check(self.init_lora_weights)
+        self.loftq_config = lora_init.check_options(self.init_lora_weights, self.loftq_config)
 
     def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
         """peft's per-module overrides: a pattern key matches the name or a dotted suffix of it."""
