@@ -336,7 +336,8 @@ def _compare(runs: dict, a: str, b: str, value, low: bool, mode: str, task: str)
         spread = max(statistics.stdev(v) if len(v) > 1 else 0.0 for v in (
             [value(task, runs[m][s]) for s in seeds] for m in (a, b)))  # fmt: skip
         holds = (mean <= spread) if low else (mean >= -spread)
-        return text, ("yes" if holds else "**no**") + f" (mean difference vs the larger seed std {spread:.4f})"
+        basis = f"mean difference vs the larger seed std {spread:.4f}" if len(seeds) > 1 else "1 seed: no spread"
+        return text, ("yes" if holds else "**no**") + f" ({basis})"
     wins = better if mode == "better" else len(seeds) - better
     return text, "yes" if wins == len(seeds) else ("**no**" if wins == 0 else "mixed")
 
