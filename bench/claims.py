@@ -14,6 +14,10 @@
    Houlsby adapters (the LoRA paper's Table 1 layout): each configuration in its own fresh process, ``--rounds``
    alternating rounds, median over rounds; or, with ``--interleaved``, all four in one process, their forwards
    alternating (the differences are smaller than the speed spread between processes on this machine).
+6. ``lora-family``: LoRA, DoRA, PiSSA (``pissa_niter_4``), LoRA+ (ratio 16), (IA)³ and LoKr at r = 8 on SST-2
+   (rank-sst2's budget and lr) and E2E (the e2e claim's budget and lr), every method at that one lr, per-step
+   training losses kept (convergence); with ``--select-lrs`` (SST-2), each method at the lr its select-split run
+   prefers instead (``lora-family-select`` / ``lora-family-tuned`` lines).
 
 GLUE claims (2-4) reuse bench/glue.py: same report/select/pool splits, batch 16, AdamW with warm-up and linear
 decay, 1 thread. Every subcommand takes ``--seeds``; ``--threads 1`` keeps timings meaningful on a shared machine.
