@@ -25,6 +25,7 @@ def train_parser(method: str, attention: str = "sdpa") -> tuple[argparse.Argumen
     from deltatune import methods
     from deltatune.attention.flags import add_attention_flags
 
+    config_cls = methods.config_class_for_name(method)  # an unknown method: an error listing the known ones
     parser = argparse.ArgumentParser(
         prog="deltatune train",
         description=TRAIN_DESCRIPTION,
@@ -36,7 +37,7 @@ def train_parser(method: str, attention: str = "sdpa") -> tuple[argparse.Argumen
     train_fields = _train_config_flags(parser)
     summary = flags.method_summaries()[method]
     group = parser.add_argument_group(f"{method} options (--method {method})", summary)
-    method_fields = flags.add_dataclass_flags(group, methods.config_class_for_name(method), skip=train_fields)
+    method_fields = flags.add_dataclass_flags(group, config_cls, skip=train_fields)
     parser.set_defaults(attention_fields=add_attention_flags(parser, attention, train_fields | method_fields, False))
     return parser, train_fields, method_fields
 
