@@ -1,5 +1,5 @@
 """The seeds' claims, measured here: one subcommand per claim, each run appending raw lines to
-``bench/results/claims.jsonl`` as it ends (``python bench/claims_report.py`` prints the README table).
+``bench/results/claims.jsonl`` as it ends (``python bench/claims_report.py`` prints the claims table).
 
 1. ``e2e`` (claims 1 and 2, E2E half): SmolLM2 LoRA on q,v trained on E2E at ``--ranks`` x ``--seeds`` through
    ``deltatune.analysis.sweep`` (the library trainer); a ``rank-e2e`` line per run (dev loss), and for every seed

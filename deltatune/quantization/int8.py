@@ -4,11 +4,10 @@ W ≈ diag(s)·Q with Q ∈ [-127, 127] and s = max|W_row| / 127. The codes and 
 form: the forward and the input-gradient backward dequantize a block of rows at a time and multiply in
 the activations' own dtype (``chunked_matmul``), so the error is the weights' rounding alone.
 
-Why weight-only: fbgemm's int8 GEMM (activations rounded per token to 7 bits) was measured on SmolLM2 at a
-relative logits error of 0.20-0.39 and top-1 agreement 0.67-0.89 with float32; the same int8 weights with
-float activations give about 0.035 and 0.95-1.0 (bench/quantized.py, README). torch's
-``_weight_int8pack_mm`` (weight-only int8 kernel) was measured too: faster than dequantizing at 1 token,
-but its time grows linearly with the tokens (40x the float matmul at 512 tokens), so it is not used.
+Why weight-only: an int8 GEMM (fbgemm's, activations rounded per token) adds the activations' rounding
+error to the weights' and agreed less often with float32's top-1 token when tried on SmolLM2; torch's
+``_weight_int8pack_mm`` (weight-only int8 kernel) is fast for a few tokens but its time grows with the tokens
+far faster than the float matmul's. Both trials have no raw line in bench/results, so no figure is quoted.
 """
 
 from __future__ import annotations

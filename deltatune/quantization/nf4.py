@@ -5,8 +5,8 @@ levels (two per byte); ``double_quant`` also quantizes the absmax scales (8-bit,
 from 4.5 to about 4.13 bits per weight. bitsandbytes (≥ 0.48) runs this on x86-64 CPUs and on
 CUDA with the same calls; its ``matmul_4bit`` dequantizes a layer's weight for the matmul
 (a temporary, freed after it) and the backward to the input does the same, so the frozen base
-is stored in 4 bits only. torchao's pure-PyTorch NF4 was measured here too and not wired in:
-1.6–2.2× bitsandbytes' time per forward on SmolLM2's shapes and 7–13× at batch 1 (README).
+is stored in 4 bits only. torchao's pure-PyTorch NF4 was tried too and not wired in: it was slower
+than bitsandbytes per forward on SmolLM2's shapes (a trial with no raw line in bench/results, so no figure).
 """
 
 from __future__ import annotations
