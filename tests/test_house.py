@@ -19,9 +19,7 @@ PACKAGE = Path(deltatune.__file__).parent
 # The public facade re-exports every config class (``from deltatune import LoraConfig``): the one place
 # outside methods/ that may name them.
 FACADE = {"__init__.py"}
-# Files another helper owns, still to move their method knowledge into the method records (issue 26):
-# LoftQ (a LoRA initialisation, in progress; it belongs beside methods/lora_init.py).
-PENDING = {"quantization/loftq.py"}
+PENDING: set[str] = set()  # files still to move their method knowledge into the method records: none
 
 
 def method_vocabulary() -> tuple[set[str], set[str], set[str]]:

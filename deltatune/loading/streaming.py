@@ -30,6 +30,9 @@ __all__ = [
 ]
 
 
+TASKS = ("causal-lm", "classification", "feature-extraction")
+
+
 @contextlib.contextmanager
 def _parameters_on_meta() -> Iterator[None]:
     """Parameters registered inside go to the meta device; buffers stay real (some are computed in
@@ -48,12 +51,25 @@ def _parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = register
 
 
+def auto_class(task: str) -> Any:
+    """The transformers Auto class that builds a model for ``task``."""
+    import transformers
+
+    classes = {
+        "causal-lm": transformers.AutoModelForCausalLM,
+        "classification": transformers.AutoModelForSequenceClassification,
+        "feature-extraction": transformers.AutoModel,
+    }
+    if task not in classes:
+        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    return classes[task]
+
+
 def meta_skeleton(config: Any, task: str = "causal-lm", dtype: torch.dtype | None = None, **kwargs: Any) -> nn.Module:
     """The model for ``config`` (a transformers config, or a directory with config.json) with its
     parameters on the meta device: it costs no memory whatever the model's size."""
     from transformers import AutoConfig
 
-    from deltatune.loading.base_models import _auto_class
 
     if not hasattr(config, "model_type"):
         config = AutoConfig.from_pretrained(config)
@@ -61,7 +77,7 @@ def meta_skeleton(config: Any, task: str = "causal-lm", dtype: torch.dtype | Non
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     with torch.random.fork_rng(), _parameters_on_meta():
-        return _auto_class(task).from_config(config, dtype=dtype, **kwargs)
+        return auto_class(task).from_config(config, dtype=dtype, **kwargs)
 
 
 def checkpoint_files(path: str | Path) -> list[Path]:

@@ -8,7 +8,7 @@
   ``torch.svd_lowrank`` with K subspace iterations instead of a full SVD: seconds, not minutes.
 * ``"olora"`` (Büyükakyüz, 2024): the same with W0's QR decomposition (B = Q[:, :r], A = R[:r]).
 * ``"loftq"`` (Li et al., 2023): for a quantized base, A and B fit the rank-r part of its quantization
-  error, alternating with the base's own quantizer (``loftq_config``; deltatune.quantization.loftq).
+  error, alternating with the base's own quantizer (``loftq_config``; deltatune.methods.lora_loftq).
 * ``False``: leave torch's default init (debugging; the model no longer starts as the base).
 
 The residual inits change the base weights; ``DeltaModel.save_pretrained(...,
@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from deltatune.config import ConfigError
-from deltatune.quantization import loftq
+from deltatune.methods import lora_loftq as loftq
 
 # init(layer, adapter_name, init_string, config) for inits that need the base weight.
 WeightInit = Callable[[Any, str, str, Any], None]
@@ -137,7 +137,7 @@ def olora(layer: Any, name: str, init: str, config: Any) -> None:
 register_init("pissa", pissa)
 register_init("pissa_niter_", pissa)
 register_init("olora", olora)
-register_init("loftq", loftq.initialize)  # a quantized base's own quantizer: deltatune.quantization.loftq
+register_init("loftq", loftq.initialize)  # a quantized base's own quantizer: deltatune.methods.lora_loftq
 
 
 def convert_to_plain_lora(

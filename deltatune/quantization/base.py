@@ -102,7 +102,7 @@ class QuantizedLinear(nn.Linear):
     kind: ClassVar[str] = ""
     bits: ClassVar[float] = 32.0  # storage bits per weight, scales included (see storage_bytes)
     # (checkpoint path, tensor name, stored in×out) of the float weight, set by the streamed loader: LoftQ
-    # reads it again (deltatune.quantization.loftq); None for a layer quantized in memory
+    # reads it again (deltatune.methods.lora_loftq); None for a layer quantized in memory
     float_source: tuple[str, str, bool] | None = None
 
     def __init__(self, linear: nn.Linear) -> None:
