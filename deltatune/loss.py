@@ -73,7 +73,7 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
 def _linear_cross_entropy_sum(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor) -> torch.Tensor:
     weight = getattr(head, "weight", None)
     if hasattr(weight, "device_mesh"):  # --fsdp: a head split by vocabulary rows across the processes
-        from deltatune.training.distributed_vocab import split_cross_entropy_sum
+        from deltatune.vocab_split import split_cross_entropy_sum
 
         return split_cross_entropy_sum(hidden, weight, targets, 256)
     fusable = type(head) is nn.Linear and head.bias is None and not weight.requires_grad and torch.is_grad_enabled()

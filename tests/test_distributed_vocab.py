@@ -34,7 +34,7 @@ def model(tied: bool, device: str = "cpu") -> LlamaForCausalLM:
 def check(rank: int, port: int, tied: bool) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
-    from deltatune.training.distributed_vocab import split_vocabulary
+    from deltatune.vocab_split import split_vocabulary
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)

@@ -187,11 +187,11 @@ def shard(root: nn.Module, base: nn.Module) -> None:
     parameters (prompt encoders, trained head copies). Frozen and trainable tensors share their group.
 
     The frozen vocabulary tables (input embedding, output head: tied or not) are split by rows and used
-    where they lie (:mod:`deltatune.training.distributed_vocab`), never gathered. The other frozen
+    where they lie (:mod:`deltatune.vocab_split`), never gathered. The other frozen
     parameters outside the blocks (final norm) are left whole on every rank."""
     from torch.distributed.fsdp import fully_shard
 
-    from deltatune.training.distributed_vocab import split_vocabulary
+    from deltatune.vocab_split import split_vocabulary
 
     blocks = set(getattr(base, "_no_split_modules", None) or ())
     device_mesh = mesh()
@@ -229,7 +229,7 @@ def load_shards(root: nn.Module, keys: dict[str, list[str]], directory: Path) ->
     memory map read so far leave the process (else they would add up to this rank's share of the file)."""
     from safetensors import safe_open
 
-    from deltatune.training.distributed_vocab import first_row
+    from deltatune.vocab_split import first_row
 
     files = _checkpoint_files(directory)
     params = dict(root.named_parameters())
