@@ -466,15 +466,5 @@ def table() -> str:
     return "\n".join(out)
 
 
-def write(path: Path) -> None:
-    """Regenerate every generated table of ``path`` (the claims table among them), leaving the rest as it is."""
-    from docs_tables import write as write_tables
-
-    write_tables(path)
-
-
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--write"] and len(sys.argv) <= 3:
-        write(Path(sys.argv[2] if len(sys.argv) == 3 else Path(__file__).resolve().parents[1] / "docs/benchmarks.md"))
-    else:
-        print(table())
+    print(table())

@@ -8,8 +8,8 @@ Each table sits between two markers::
 
 and is written as one line saying what it measured and when (dates, commits and raw lines of the records it reads),
 then the table from ``bench/report.py`` (or ``bench/claims_report.py`` for ``claims``). Text outside the markers is
-kept as it is. ``python bench/report.py --write docs/benchmarks.md`` runs :func:`write`; ``tests/test_docs.py``
-checks that the committed file equals :func:`render` of itself.
+kept as it is. ``python bench/docs_tables.py [MD]`` runs :func:`write` (MD: docs/benchmarks.md by default);
+``tests/test_docs.py`` checks that the committed file equals :func:`render` of itself.
 """
 
 from __future__ import annotations
@@ -105,3 +105,7 @@ def write(path: Path) -> None:
     from deltatune.atomic import atomic_write_text
 
     atomic_write_text(path, render(path.read_text(encoding="utf-8")))
+
+
+if __name__ == "__main__":
+    write(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md")

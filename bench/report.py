@@ -3,7 +3,7 @@
 Tables are generated from the committed raw lines, never typed: ``python bench/report.py glue`` (or
 ``train_throughput``, ``methods``, ``lora_train_step``, ``lora_inference``, ``dora``, or no argument for all). Each
 table says which file, campaign and lines it shows. ``--campaign`` picks a campaign; the default is the file's latest
-one. ``python bench/report.py --write docs/benchmarks.md`` regenerates every table between that file's markers
+one. ``python bench/docs_tables.py`` regenerates every table between that file's markers
 (``bench/docs_tables.py``), each headed by what it measured and when.
 """
 
@@ -337,13 +337,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("bench", nargs="*", default=list(TABLES))
     parser.add_argument("--campaign")
-    parser.add_argument("--write", type=Path, metavar="MD", help="regenerate the tables between MD's markers")
     args = parser.parse_args()
-    if args.write:
-        from docs_tables import write
-
-        write(args.write)
-        return
     for bench in args.bench:
         print(f"### {bench}\n")
         if bench in TABLES:

@@ -28,7 +28,7 @@ def test_benchmark_tables_are_generated_from_the_raw_results():
     text = path.read_text(encoding="utf-8")
     assert text.count("<!-- generated: ") >= 7, "the generated-table markers are missing"
     assert docs_tables().render(text) == text, (
-        "docs/benchmarks.md differs from its raw lines: run python bench/report.py --write docs/benchmarks.md"
+        "docs/benchmarks.md differs from its raw lines: run python bench/docs_tables.py"
     )
 
 
