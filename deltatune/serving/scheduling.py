@@ -94,10 +94,8 @@ class Admission:
             self._take(request)
             request.fail(f"adapter {request.adapter!r} was deleted before this request ran", 404, "model_not_found")
             return False
-        if request.adapter not in self.store.recent:
-            if not self.loads_left:
-                return False
-            self.loads_left -= 1
+        if not self._may_load(request.adapter):
+            return False
         try:
             return self.store.ensure(request.adapter, self._in_use() | joining)
         except Exception as err:
@@ -105,6 +103,16 @@ class Admission:
             self._take(request)
             request.fail(f"cannot load adapter {request.adapter!r}: {err}", 500, "adapter_load_failed")
             return False
+
+    def _may_load(self, adapter: str) -> bool:
+        """Whether this step may use ``adapter``: a recently used one always, a load only while the step's load
+        budget lasts (each load spends one), so that decoding rows are not held up behind many loads."""
+        if adapter in self.store.recent:
+            return True
+        if not self.loads_left:
+            return False
+        self.loads_left -= 1
+        return True
 
     def _ready_mix(self, request: Request, joining: set[str]) -> bool:
         """Whether the request's mix is loaded (its parts loaded and combined now, if slots are free)."""
@@ -114,10 +122,8 @@ class Admission:
             message = f"adapter {missing[0]!r} of the mix was deleted before this request ran"
             request.fail(message, 404, "model_not_found")
             return False
-        if request.adapter not in self.store.recent:
-            if not self.loads_left:
-                return False
-            self.loads_left -= 1
+        if not self._may_load(request.adapter):
+            return False
         try:
             return self.store.ensure_mix(request.adapter, request.mix, self._in_use() | joining)
         except Exception as err:  # adapters that cannot combine (DoRA, ranks a strategy cannot mix, ...)
