@@ -8,6 +8,7 @@ each in a fresh process (the script re-invokes itself with ``--worker``), rounds
   deltatune on int8 and on nf4 (its trainer's step, LossModule), peft on float32, peft on a bitsandbytes nf4
   and a bitsandbytes int8 base (transformers' ``BitsAndBytesConfig``; ``model(..., labels=...)``).
   ``--step-sides`` picks some; ``ours_int8_head`` (not in the default set) also quantizes the output head.
+  ``--model DIR``: the step part on another base (a float32 safetensors directory, e.g. a ~1B Llama).
   Goals: int8 <= 0.7x peft float32's step time, nf4 no slower than peft + bitsandbytes nf4; peak RSS int8
   <= 0.5x and nf4 <= 0.35x peft float32's.
 * ``decode``: batch-1 greedy decoding of 32 new tokens from a fixed chat prompt, ms per generated token
@@ -94,6 +95,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--model", default=MODEL, help="step: the base, a built-in name or a model directory (e.g. a ~1B Llama)"
+    )
     return parser.parse_args(argv)
 
 
@@ -104,15 +108,15 @@ def dense_dir() -> Path:
     return _dense_smollm2(resolve_model_dir(MODEL)[0], BUILTIN_MODELS[MODEL])
 
 
-def load(kind: str) -> tuple[nn.Module, Any]:
+def load(kind: str, model: str = MODEL) -> tuple[nn.Module, Any]:
     """Our base: float32, or quantized by deltatune (``int8``/``nf4``; ``int8_head``: the output head too)."""
     if kind == "int8_head":
-        base, tokenizer = dt.load_base(MODEL)
+        base, tokenizer = dt.load_base(model)
         return dt.quantize_base(base, "int8", quantize_head=True), tokenizer
-    return dt.load_base(MODEL, quantize=None if kind == "f32" else kind)
+    return dt.load_base(model, quantize=None if kind == "f32" else kind)
 
 
-def peft_bnb_base(bits: str) -> nn.Module:
+def peft_bnb_base(bits: str, model: str = MODEL) -> nn.Module:
     """The peer's base: transformers + bitsandbytes, quantized while loading (float32 compute)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -121,25 +125,27 @@ def peft_bnb_base(bits: str) -> nn.Module:
         if bits == "nf4"
         else BitsAndBytesConfig(load_in_8bit=True)
     )
-    return AutoModelForCausalLM.from_pretrained(dense_dir(), quantization_config=config, device_map="cpu")
+    source = dense_dir() if model == MODEL else model
+    return AutoModelForCausalLM.from_pretrained(source, quantization_config=config, device_map="cpu")
 
 
-def step_model(side: str) -> nn.Module:
+def step_model(side: str, name: str) -> tuple[nn.Module, int]:
+    """The side's LoRA model on base ``name``, and the base's vocabulary size (for the random batch)."""
     if side.startswith("ours_"):
-        model = wrap_lora(load(side.removeprefix("ours_"))[0], "deltatune")
+        base, library = load(side.removeprefix("ours_"), name)[0], "deltatune"
     elif side == "peft_f32":
-        model = wrap_lora(load("f32")[0], "peft")
+        base, library = load("f32", name)[0], "peft"
     else:
-        model = wrap_lora(peft_bnb_base(side.removeprefix("peft_bnb_")), "peft")
-    return model
+        base, library = peft_bnb_base(side.removeprefix("peft_bnb_"), name), "peft"
+    return wrap_lora(base, library), base.config.vocab_size
 
 
 # --- parts --------------------------------------------------------------------------------------
 def run_step(side: str, args: argparse.Namespace) -> dict[str, Any]:
-    model = step_model(side)
+    model, vocab = step_model(side, args.model)
     info = {"rss_after_load_mb": peak_rss_mb(), "lora_checksum": init_lora(model, args.seed)}
     model.train()
-    ids = torch.randint(0, 49152, (args.batch, args.seq), generator=torch.Generator().manual_seed(args.seed))
+    ids = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(args.seed))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     times, cpus, losses = [], [], []
     reset_peak()
