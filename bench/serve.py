@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import socket
 import subprocess
@@ -48,12 +49,12 @@ ADAPTERS = [f"task{i}" for i in range(8)]
 BASE = "smollm2-135m"
 
 
-def make_adapters(directory: Path, seed: int) -> None:
-    """Eight LoRA adapters with seeded random factors, saved in peft's layout (one folder each)."""
+def make_adapters(directory: Path, seed: int, names: list[str] = ADAPTERS) -> None:
+    """LoRA adapters (the eight by default) with seeded random factors, saved in peft's layout (one folder each)."""
     base, _ = dt.load_base(BASE)
     config = dt.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
-    model = dt.wrap(base, config, ADAPTERS[0])
-    for name in ADAPTERS[1:]:
+    model = dt.wrap(base, config, names[0])
+    for name in names[1:]:
         model.add_adapter(name, config)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -233,6 +234,91 @@ def compare_slots(args: argparse.Namespace, jobs: list[tuple[str, str]]) -> None
     )
 
 
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..1)."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+def time_loads(adapters: Path, names: list[str], slots: int) -> dict[str, float]:
+    """Adapter load time with ``slots`` slots: the server's adapter store (serving/adapters.py) on
+    SmolLM2 in this process, each of ``names`` made loaded twice over in turn, so after the first
+    ``slots`` every load evicts the least recently used one: ms per load (read, load, slot write,
+    eviction), p50 and p99."""
+    from deltatune.serving.adapters import Adapters
+    from deltatune.serving.slots import SlotTable
+
+    base, _ = dt.load_base(BASE)
+    store = Adapters(base, BASE, adapters, slots, SlotTable(slots, 8))
+    times = []
+    for name in names + names:
+        start = time.perf_counter()
+        store.ensure(name, set())
+        times.append((time.perf_counter() - start) * 1000)
+    return {
+        "load_ms_p50": round(percentile(times, 0.5), 1),
+        "load_ms_p99": round(percentile(times, 0.99), 1),
+        "loads_timed": len(times),
+    }
+
+
+def scrape(server: Server, metric: str) -> float:
+    """One counter of the server's /metrics (summed over labels)."""
+    with urllib.request.urlopen(server.url.removesuffix("/v1") + "/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(metric))
+
+
+def compare_many(args: argparse.Namespace, instructions: list[str]) -> None:
+    """``--many-runs N``: ``--many-adapters`` adapters (request i uses adapter i mod that, so with
+    fewer slots every request loads its adapter, evicting another) served with ``--many-slots``
+    slots against all of them resident in slots (each loaded by a warm-up request before timing);
+    N rounds, fresh servers, the order alternating; then the adapter load time (time_loads). One raw
+    line per round in bench/results/serve_slots.jsonl (mode many_adapters), medians printed."""
+    from _common import RunMeter, append_result
+
+    names = [f"task{i}" for i in range(args.many_adapters)]
+    jobs = [(names[i % len(names)], instructions[i % len(instructions)]) for i in range(args.requests)]
+    rounds: list[dict[str, float]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        adapters = Path(tmp) / "adapters"
+        log(f"saving {len(names)} adapters ...")
+        make_adapters(adapters, args.seed, names)
+        ways = {
+            "slots": ["--max-loaded-adapters", str(args.many_slots), "--max-lora-rank", "8"],
+            "all_resident": ["--max-loaded-adapters", str(len(names)), "--max-lora-rank", "8"],
+        }
+        for i in range(args.many_runs):
+            order = list(ways)[i % 2 :] + list(ways)[: i % 2]
+            meter, figures = RunMeter(), {}
+            for way in order:
+                with Server(BASE, adapters, args.concurrency, ways[way]) as server:
+                    warm = [(n, "Hi") for n in names] if way == "all_resident" else jobs[: args.concurrency]
+                    load(server.url, warm, args.concurrency, 1 if way == "all_resident" else 4)
+                    before = scrape(server, "deltatune:adapter_loads_total")
+                    log(f"round {i + 1}: {way} ...")
+                    figures[way] = load(server.url, jobs, args.concurrency, args.max_tokens)["tokens_per_s"]
+                    figures[f"{way}_loads_during_run"] = scrape(server, "deltatune:adapter_loads_total") - before
+            figures["slots_vs_all_resident"] = round(figures["slots"] / figures["all_resident"], 3)
+            log(f"round {i + 1}: timing adapter loads ...")
+            figures |= time_loads(adapters, names, args.many_slots)
+            settings = vars(args) | {"adapters": len(names)}
+            append_result("serve_slots", figures, meter, settings=settings, order=order, mode="many_adapters")
+            rounds.append(figures)
+    emit(
+        {
+            "bench": "serve_slots",
+            "mode": "many_adapters",
+            "rounds": len(rounds),
+            "median (min-max)": {
+                key: [median([r[key] for r in rounds]), min(r[key] for r in rounds), max(r[key] for r in rounds)]
+                for key in rounds[0]
+            },
+            "goal": {"slots_vs_all_resident": 0.95},
+        }
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--requests", type=int, default=64)
@@ -241,10 +327,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-peft", action="store_true")
     parser.add_argument("--slots-runs", type=int, help="compare adapter slots / no slots / merged, N rounds")
+    parser.add_argument("--many-runs", type=int, help="many adapters in few slots vs all resident, N rounds")
+    parser.add_argument("--many-adapters", type=int, default=200, help="with --many-runs: adapters on disk")
+    parser.add_argument("--many-slots", type=int, default=16, help="with --many-runs: adapter slots")
     parser.add_argument("--allow-dirty", action="store_true", help="record figures from uncommitted code")
     args = parser.parse_args()
     instructions = [row["instruction"] for row in json.loads(ALPACA.read_text())]
     jobs = [(ADAPTERS[i % len(ADAPTERS)], instructions[i % len(instructions)]) for i in range(args.requests)]
+    if args.many_runs:
+        compare_many(args, instructions)
+        return
     if args.slots_runs:
         compare_slots(args, jobs)
         return
