@@ -33,7 +33,14 @@ def load(bench: str) -> list[tuple[int, dict[str, Any]]]:
     path = RESULTS / f"{bench}.jsonl"
     if not path.is_file():
         return []
-    return [(n, json.loads(line)) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    records = [(n, json.loads(line)) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    return [(n, r) for n, r in records if not dirty(r)]
+
+
+def dirty(record: dict[str, Any]) -> bool:
+    """Whether the line was measured on uncommitted code: no commit reproduces it, so no table uses it."""
+    git = record.get("git")
+    return bool(record.get("library_dirty") or (isinstance(git, dict) and git.get("library_dirty")))
 
 
 def pick(lines: list[tuple[int, dict]], campaign: str | None) -> tuple[str | None, list[tuple[int, dict]]]:

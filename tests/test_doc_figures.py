@@ -46,3 +46,23 @@ def test_a_link_to_a_dirty_line_is_caught(tmp_path: Path):
     page.parent.mkdir()
     page.write_text("clean [line 1](../bench/results/x.jsonl#L1), dirty [lines 1-2](../bench/results/x.jsonl#L1-L2)\n")
     assert dirty_references(page) == ["../bench/results/x.jsonl#L2"]
+
+
+def test_the_generated_tables_leave_out_lines_measured_on_a_dirty_tree(tmp_path, monkeypatch):
+    import importlib.util
+    import json
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location("report_for_test", ROOT / "bench" / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    records = [
+        {"figures": 1, "git": {"library_dirty": False}},
+        {"figures": 2, "git": {"library_dirty": True}},  # nested, as append_result writes it
+        {"figures": 3, "library_dirty": True},  # top level, as the oldest lines have it
+        {"figures": 4},
+    ]
+    (tmp_path / "x.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert [(n, r["figures"]) for n, r in report.load("x")] == [(1, 1), (4, 4)]
