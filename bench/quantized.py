@@ -64,12 +64,12 @@ STEP_SIDES = ("ours_int8", "ours_nf4", "peft_f32", "peft_bnb_nf4", "peft_bnb_int
 DECODE_SIDES = ("f32", "int8", "nf4", "int8_head")
 QUALITY_SIDES = ("f32", "int8", "nf4", "int8_loftq", "nf4_loftq")
 PROMPT = [{"role": "user", "content": "Write one sentence about a coffee shop by the river."}]
-GOAL = {
-    "int8_step_vs_peft_f32<=": 0.7,
+GOAL = {  # issue 23's goals
+    "int8_step_vs_peft_f32<=": 0.75,
     "nf4_step_vs_peft_bnb_nf4<=": 1.0,
-    "int8_rss_vs_peft_f32<=": 0.5,
-    "nf4_rss_vs_peft_f32<=": 0.35,
-    "int8_decode_vs_f32<=": 0.7,
+    "int8_rss_vs_peft_f32<=": 0.45,
+    "nf4_rss_vs_peft_f32<=": 0.3,
+    "int8_decode_vs_f32<=": 0.75,
     "dev_loss_within": 0.01,
 }
 
