@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RunMeter, append_result, emit, init_lora, log, peak_rss_mb, set_threads, timed_cpu, train_step  # noqa: E402
+from _common import RunMeter, append_result, emit, init_lora, log, peak_rss_mb, set_threads, timed_cpu, train_step
 
 SHAPE = {
     "hidden_size": 4096,
@@ -115,9 +115,9 @@ def make_model(directory: Path, seed: int) -> int:
 
 
 def run_side(side: str, args: argparse.Namespace) -> dict[str, Any]:
-    import deltatune as dt
-
     from _common import wrap_lora
+
+    import deltatune as dt
 
     start = time.perf_counter()
     try:
