@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
 from typing import Any
@@ -108,9 +109,21 @@ _CALL: ContextVar[Call | None] = ContextVar("deltatune_call", default=None)
 EMPTY: dict[str, Any] = {f.name: None for f in dataclasses.fields(Call)}  # scope(**EMPTY): a clean call
 
 
+# Scopes open now, in any thread, that route (name an adapter, rows or a decoding step). While there are none,
+# every layer runs its active adapter without reading the ContextVar, which torch.compile cannot trace: a
+# compiled model guards on this count instead, so the training path has no graph break.
+_ROUTING = 0
+_ROUTING_LOCK = threading.Lock()
+
+
+def routed() -> bool:
+    """Whether any thread has a scope open that names an adapter, rows or a decoding step."""
+    return _ROUTING > 0
+
+
 def current() -> Call | None:
-    """The innermost call scope of this thread (None outside any)."""
-    return _CALL.get()
+    """The innermost call scope of this thread that routes (None outside any, or while none routes)."""
+    return _CALL.get() if _ROUTING else None
 
 
 def state() -> dict[Any, Any] | None:
@@ -121,19 +134,27 @@ def state() -> dict[Any, Any] | None:
 
 def rows() -> RowAdapters | None:
     """The mixed batch this call runs, if any."""
-    call = _CALL.get()
+    call = _CALL.get() if _ROUTING else None
     return None if call is None else call.rows
 
 
 @contextlib.contextmanager
 def scope(**changes: Any) -> Iterator[Call]:
     """Run the block with the current call changed by ``changes`` (fields of :class:`Call`)."""
+    global _ROUTING
     call = dataclasses.replace(_CALL.get() or Call(), **changes)
+    routes = call.adapter is not None or call.rows is not None or call.step is not None
+    if routes:
+        with _ROUTING_LOCK:
+            _ROUTING += 1
     token = _CALL.set(call)
     try:
         yield call
     finally:
         _CALL.reset(token)
+        if routes:
+            with _ROUTING_LOCK:
+                _ROUTING -= 1
 
 
 # --- decoding steps: one forward pre-hook per model, registered once, reading the call scope -----
