@@ -17,7 +17,16 @@ filled identically in both libraries (seeded, library-neutral order).
 to ``bench/results/lora_train_step.jsonl``, then a summary line gives per worker the median over rounds of each run's
 median step time (min-max) and peak RSS, and the ratios of those medians.
 
-Goal: deltatune's step time <= 0.8 x peft's and its peak RSS <= 0.9 x peft's, with the same losses.
+The ``gemms`` worker times the step's GEMMs alone, at the step's shapes, threads and dtype: every frozen linear's
+forward matmul and, where its input needs a gradient, the input-gradient matmul of its backward, and the head's two
+(logits, and the hidden states' gradient) on the labelled positions. ``limit_ratio_of_medians`` is deltatune's step
+time over that: how far the step is from the machine's limit for its GEMMs.
+
+``--profile N`` runs deltatune's worker once under torch.profiler and prints its top N ops by self CPU time per
+step (what the step spends beside its GEMMs); ``--worker W --profile N`` profiles another worker.
+
+Goal: deltatune's step time <= 0.8 x peft's and its peak RSS <= 0.9 x peft's, with the same losses; the step
+<= 1.25 x its GEMMs alone.
 
 Prints the summary as one JSON line on stdout; progress goes to stderr.
 """
@@ -33,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -53,8 +63,8 @@ from _common import (
     wrap_lora,
 )
 
-WORKERS = (*LIBRARIES, "full")
-GOAL = {"step_time_ratio<=": 0.8, "peak_rss_ratio<=": 0.9}
+WORKERS = (*LIBRARIES, "full", "gemms")
+GOAL = {"step_time_ratio<=": 0.8, "peak_rss_ratio<=": 0.9, "limit_ratio<=": 1.25}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -70,6 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-full", action="store_true", help="do not run the full fine-tuning reference")
     parser.add_argument("--runs", type=int, default=3, help="rounds of fresh worker processes, for medians")
     parser.add_argument("--quick", action="store_true", help="1 warm-up and 2 timed steps")
+    parser.add_argument("--profile", type=int, default=0, metavar="N", help="profile one run: its top N ops")
     args = parser.parse_args(argv)
     if args.quick:
         args.warmup, args.steps = 1, 2
@@ -96,21 +107,105 @@ def build(worker: str, seed: int) -> tuple[nn.Module, dict[str, Any]]:
     return model, info
 
 
+def step_gemms(model: nn.Module, ids: torch.Tensor) -> list[tuple[torch.Tensor, int, bool]]:
+    """(weight, rows, input needs a gradient) of every frozen linear in deltatune's step, the head last.
+
+    Found by running the step's forward once with a hook on each frozen ``nn.Linear``; the fused head +
+    cross-entropy calls no module, so the head is added with the labelled positions as its rows."""
+    from deltatune.loss import LossModule
+
+    found: list[tuple[torch.Tensor, int, bool]] = []
+
+    def record(module: nn.Module, inputs: tuple, _output: Any) -> None:
+        x = inputs[0]
+        found.append((module.weight, x.numel() // x.shape[-1], x.requires_grad))
+
+    frozen = [m for m in model.modules() if isinstance(m, nn.Linear) and not m.weight.requires_grad]
+    handles = [m.register_forward_hook(record) for m in frozen]
+    try:
+        LossModule(model, "causal-lm")({"input_ids": ids, "labels": ids})
+    finally:
+        for handle in handles:
+            handle.remove()
+    head = model.base_model.get_output_embeddings().weight
+    if all(weight is not head for weight, _, _ in found):
+        found.append((head, ids.shape[0] * (ids.shape[1] - 1), True))
+    return found
+
+
+def time_gemms(gemms: list[tuple[torch.Tensor, int, bool]], seed: int) -> Any:
+    """A function that runs every GEMM of ``gemms`` once: y = x·Wᵀ, and g·W where the input needs a gradient
+    (inputs random, one per shape, the model's own weights)."""
+    gen = torch.Generator().manual_seed(seed)
+    inputs: dict[tuple[int, int], torch.Tensor] = {}
+
+    def random(rows: int, cols: int) -> torch.Tensor:
+        return inputs.setdefault((rows, cols), torch.randn(rows, cols, generator=gen))
+
+    work = [(random(rows, w.shape[1]), w, random(rows, w.shape[0]) if grad else None) for w, rows, grad in gemms]
+
+    def run() -> None:
+        with torch.no_grad():
+            for x, weight, grad in work:
+                F.linear(x, weight)
+                if grad is not None:
+                    torch.mm(grad, weight)
+
+    return run
+
+
+def gemm_flops(gemms: list[tuple[torch.Tensor, int, bool]]) -> float:
+    return sum(2 * rows * w.numel() * (2 if grad else 1) for w, rows, grad in gemms)
+
+
+def profile_top(fn: Any, steps: int, top: int) -> dict[str, Any]:
+    """The top ``top`` ops of ``steps`` calls of ``fn`` by self CPU time (per step), and the matmuls' share."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            fn()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    matmuls = sum(e.self_cpu_time_total for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm"))
+    return {
+        "self_cpu_ms_per_step": round(total / 1000 / steps, 1),
+        "matmul_share": round(matmuls / total, 3),
+        "top": [
+            {
+                "op": e.key,
+                "self_cpu_ms_per_step": round(e.self_cpu_time_total / 1000 / steps, 2),
+                "calls_per_step": round(e.count / steps, 1),
+                "share": round(e.self_cpu_time_total / total, 3),
+            }
+            for e in events[:top]
+        ],
+    }
+
+
 def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     set_threads(args.threads)
     torch.manual_seed(args.seed)
-    model, info = build(args.worker, args.seed)
+    model, info = build("deltatune" if args.worker == "gemms" else args.worker, args.seed)
     ids = make_batch(model.config.vocab_size, args.batch, args.seq, args.seed)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    step_fn = lambda: train_step(model, optimizer, ids)  # noqa: E731
+    if args.worker == "gemms":
+        gemms = step_gemms(model, ids)
+        info.update(gemm_count=sum(1 + grad for _, _, grad in gemms), gemm_gflop=round(gemm_flops(gemms) / 1e9, 2))
+        run = time_gemms(gemms, args.seed)
+        step_fn = lambda: run() or 0.0  # noqa: E731
     losses, times, cpu_times = [], [], []
     load_before = load_average()
     for step in range(args.warmup + args.steps):
-        seconds, cpu, loss = timed_cpu(lambda: train_step(model, optimizer, ids))
+        seconds, cpu, loss = timed_cpu(step_fn)
         losses.append(loss)
         if step >= args.warmup:
             times.append(seconds)
             cpu_times.append(cpu)
         log(f"[{args.worker}] step {step + 1}: loss {loss:.5f}, {seconds:.3f} s wall, {cpu:.3f} s CPU")
+    if args.profile:
+        info["profile"] = profile_top(step_fn, args.steps, args.profile)
     return {
         **info,
         "step_time_s": round(sum(times) / len(times), 4),
@@ -145,6 +240,8 @@ def spawn(worker: str, args: argparse.Namespace) -> dict[str, Any]:
         str(args.seed),
         "--threads",
         str(args.threads),
+        "--profile",
+        str(args.profile),
     ]
     log(f"running worker {worker} ...")
     done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
@@ -184,6 +281,8 @@ def summarize(lines: dict[str, list[dict[str, Any]]], args: argparse.Namespace) 
     dt_losses, peft_losses = lines["deltatune"][0]["figures"]["losses"], lines["peft"][0]["figures"]["losses"]
     ratio = round(ours["step_time_median_s"]["median"] / theirs["step_time_median_s"]["median"], 3)
     rss_ratio = round(ours["peak_rss_mb"]["median"] / theirs["peak_rss_mb"]["median"], 3)
+    gemms = per.get("gemms")
+    limit = round(ours["step_time_median_s"]["median"] / gemms["step_time_median_s"]["median"], 3) if gemms else None
     return {
         "bench": "lora_train_step",
         "settings": settings(args),
@@ -193,19 +292,34 @@ def summarize(lines: dict[str, list[dict[str, Any]]], args: argparse.Namespace) 
             ours["step_cpu_time_s"]["median"] / theirs["step_cpu_time_s"]["median"], 3
         ),
         "peak_rss_ratio_of_medians": rss_ratio,
+        "limit_ratio_of_medians": limit,  # deltatune's step over its GEMMs alone
         "max_loss_diff": max(abs(a - b) for a, b in zip(dt_losses, peft_losses, strict=True)),
         "goal": GOAL,
         "goal_met": {
             "step_time": ratio <= GOAL["step_time_ratio<="],
             "peak_rss": rss_ratio <= GOAL["peak_rss_ratio<="],
+            "limit": None if limit is None else limit <= GOAL["limit_ratio<="],
         },
     }
+
+
+def run_profile(args: argparse.Namespace) -> None:
+    """``--profile N``: deltatune's worker once, its top ops by self CPU time on stderr and in a result line."""
+    meter = RunMeter()
+    figures = spawn("deltatune", args)
+    for op in figures["profile"]["top"]:
+        log(f"{op['self_cpu_ms_per_step']:10.2f} ms {op['share']:6.1%} {op['calls_per_step']:8.1f}x  {op['op']}")
+    line = append_result("lora_train_step", figures, meter, kind="profile", side="deltatune", settings=settings(args))
+    emit({"run_id": line["run_id"], "step_time_median_s": figures["step_time_median_s"], **figures["profile"]})
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker:
         emit(run_worker(args))
+        return
+    if args.profile:
+        run_profile(args)
         return
     set_threads(args.threads)
     campaign = "lora_train_step-" + time.strftime("%Y%m%dT%H%M%S", time.gmtime())
