@@ -62,6 +62,11 @@ class RowAdapters:
             rows.setdefault(name, []).append(i)
         return {name: torch.tensor(index, device=device) for name, index in rows.items()}
 
+    def held_delta(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """What ``layer`` adds for every row when this routing holds the layer's factors itself (a
+        server's adapter slots: deltatune.serving.slots); None (here, always): the layer computes it."""
+        return None
+
     def per_row(
         self, layer: nn.Module, store: Any, batch: int, device: torch.device, build: Callable[..., tuple]
     ) -> tuple | None:

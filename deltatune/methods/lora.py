@@ -201,6 +201,9 @@ class LoraLinear(dora.KeepsMergedDelta, GathersRows, DeltaLayer):
         """Every row's own adapter in one pass: rows gather their A and B, then two batched
         matmuls (the gather-BMM that Punica/S-LoRA write as kernels); no loop over adapters.
         DoRA rows then scale their outputs by their own g (W0·x is the base output less its bias)."""
+        held = rows.held_delta(self, x)  # a server's adapter slots hold this layer's factors
+        if held is not None:
+            return held
         factors = rows.per_row(self, self.lora_A, x.shape[0], x.device, self.row_factors)
         if factors is None:
             return None
