@@ -4,7 +4,7 @@ method's own file with one ``register(Method(...))`` line, and the interfaces th
     Method(name, config_class, inject, layer_classes, merges, mixes,
            prepare_inputs, generate, finalize_merged, input_keys,
            task_option, packable, rank_option, low_rank_factors, hotswap, layer_types,
-           convert_saved)
+           convert_saved, learning_rates)
 
 * ``inject(model, adapter_name, config) -> list[str]`` adds the adapter to the modules it selects
   (through deltatune.targeting and :func:`~deltatune.methods.base.wrap_modules`) and returns their names.
@@ -33,6 +33,9 @@ method's own file with one ``register(Method(...))`` line, and the interfaces th
   ``torch.compile`` (:class:`HotSwap`); ``convert_saved(config, tensors, initial_dir) -> (config,
   tensors)``, how ``save_pretrained(path_initial_model_for_weight_conversion=...)`` rewrites an adapter
   (LoRA: PiSSA/OLoRA as a plain LoRA). ``mergeable`` and ``mixable`` read ``merges`` and ``mixes``.
+* ``learning_rates``: (task, rate) pairs, the learning rate ``deltatune train`` uses for the method on that task
+  (``causal-lm``, ``classification``) when none is given, chosen by measurement (docs/defaults.md);
+  ``learning_rate_for(task)`` reads it (None: the trainer's general default).
 
 Hooks see the model through :class:`AdapterHost`, the few things of a DeltaModel they may use.
 """
@@ -55,6 +58,7 @@ from deltatune.wrappers import base_of
 Mixes = Literal["weights", "rows", "virtual_tokens", "prefix"]
 ROW_WISE: tuple[Mixes, ...] = ("weights", "rows")  # mixed by the layers themselves
 INPUT_WISE: tuple[Mixes, ...] = ("virtual_tokens", "prefix")  # mixed by padding the inputs
+TASKS = ("causal-lm", "classification")  # the tasks a method's default learning rates are given for
 
 
 class AdapterHost(Protocol):
@@ -126,6 +130,7 @@ class Method:
     hotswap: HotSwap | None = None
     layer_types: tuple[tuple[type[nn.Module], type[DeltaLayer]], ...] = ()
     convert_saved: ConvertSaved | None = None
+    learning_rates: tuple[tuple[str, float], ...] = ()
 
     @property
     def peft_type(self) -> str:
@@ -149,6 +154,10 @@ class Method:
             return []
         tasks = getattr(config, self.task_option) or []
         return [tasks] if isinstance(tasks, str) else list(tasks)
+
+    def learning_rate_for(self, task: str) -> float | None:
+        """The measured default learning rate of this method on ``task`` (None where none was measured)."""
+        return dict(self.learning_rates).get(task)
 
     def rank_of(self, config: DeltaConfig) -> int | None:
         """``config``'s rank (None for a method without one)."""
@@ -202,6 +211,9 @@ class Method:
         stray = [layer.__name__ for _, layer in self.layer_types if layer not in self.layer_classes]
         if stray:
             raise TypeError(f"{what}: layer_types name {', '.join(stray)}, which layer_classes lacks")
+        for task, rate in self.learning_rates:
+            if task not in TASKS or not (isinstance(rate, float) and rate > 0):
+                raise ConfigError(f"{what}: learning_rates pairs are (task, rate > 0), task one of {TASKS}")
         options = {f.name for f in dataclasses.fields(self.config_class)}
         for role, option in (("task_option", self.task_option), ("rank_option", self.rank_option)):
             if option is not None and option not in options:

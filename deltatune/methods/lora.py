@@ -32,7 +32,7 @@ from transformers.pytorch_utils import Conv1D
 
 from deltatune import routing
 from deltatune.config import ConfigError, DeltaConfig, method_config
-from deltatune.methods import dora, lora_init
+from deltatune.methods import dora, lora_fused, lora_init
 from deltatune.methods.base import DeltaLayer, GathersRows, wrap_modules
 from deltatune.methods.contract import Method, register
 from deltatune.methods.lora_embedding import LoraEmbedding, stacked_factors
@@ -102,6 +102,7 @@ class LoraLinear(dora.KeepsMergedDelta, GathersRows, DeltaLayer):
     adapter_attrs = ("lora_A", "lora_B", "lora_dropout", "lora_magnitude_vector")
     adapter_values = ("scaling", "norms")
     loraplus_roles: ClassVar[dict[str, str]] = {"lora_B": "B"}
+    shared_input: lora_fused.SharedInput | None = None  # siblings reading one input share the A matmul
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
@@ -225,13 +226,19 @@ class LoraLinear(dora.KeepsMergedDelta, GathersRows, DeltaLayer):
         return out if bias is None else out - bias
 
     def delta(self, name: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """What adapter ``name`` adds to the base output ``out`` for input ``x``."""
+        """What adapter ``name`` adds to the base output ``out`` for input ``x``.
+
+        Without dropout at work, x itself (no copy) meets A, in one matmul with the A factors of the
+        siblings that read the same x (deltatune.methods.lora_fused) when there are any."""
         lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
-        x = x.to(lora_a.dtype)
         dropping = self.training and name in self.lora_dropout
+        product = None if dropping else lora_fused.shared_product(self, name, x)
+        x = x.to(lora_a.dtype)
         dropped = self.lora_dropout[name](x) if dropping else x
+        if product is None:
+            product = F.linear(dropped, lora_a)
         # Scaling B (r columns) is cheaper than scaling the output (all tokens x out_features).
-        lora = F.linear(F.linear(dropped, lora_a), lora_b * self.scaling[name])
+        lora = F.linear(product, lora_b * self.scaling[name])
         if name not in self.lora_magnitude_vector:
             return lora
         weight = self.base_weight().to(x.dtype)
@@ -288,6 +295,7 @@ def inject(model: nn.Module, adapter_name: str, config: LoraConfig) -> list[str]
             config.use_dora,
             config,
         )
+    lora_fused.group_siblings(model, names, LoraLinear)
     return names
 
 
@@ -317,6 +325,7 @@ LORA = register(
         hotswap=LoraHotSwap((LoraLinear, LoraEmbedding)),
         layer_types=((nn.Embedding, LoraEmbedding), (nn.Linear, LoraLinear), (Conv1D, LoraLinear)),
         convert_saved=lora_init.converted,
+        learning_rates=(("causal-lm", 2e-4), ("classification", 1e-3)),  # docs/defaults.md
     )
 )
 

@@ -31,6 +31,7 @@ from deltatune.model import DeltaModel, wrap
 from deltatune.training import demo, fsdp
 from deltatune.training.checkpoints import Position
 from deltatune.training.config import READ_OPTIONS, TrainConfig
+from deltatune.training.defaults import with_defaults
 from deltatune.training.evaluating import evaluate_all, evaluate_everywhere, log_task_metrics
 from deltatune.training.loop import Steps, make_optimizer, micro_batches, run_steps, total_steps, training_device
 from deltatune.training.report import plot_loss, print_summary
@@ -213,6 +214,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     rank, world = init_distributed(cfg.fsdp)
     main = rank == 0
+    cfg = with_defaults(cfg, cfg.task or task_of(cfg.base), say=main)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.output_dir)
