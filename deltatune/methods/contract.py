@@ -4,7 +4,7 @@ method's own file with one ``register(Method(...))`` line, and the interfaces th
     Method(name, config_class, inject, layer_classes, merges, mixes,
            prepare_inputs, generate, finalize_merged, input_keys,
            task_option, packable, rank_option, low_rank_factors, hotswap, layer_types,
-           convert_saved, learning_rates)
+           convert_saved, learning_rates, compilable, not_compilable_because)
 
 * ``inject(model, adapter_name, config) -> list[str]`` adds the adapter to the modules it selects
   (through deltatune.targeting and :func:`~deltatune.methods.base.wrap_modules`) and returns their names.
@@ -36,6 +36,9 @@ method's own file with one ``register(Method(...))`` line, and the interfaces th
 * ``learning_rates``: (task, rate) pairs, the learning rate ``deltatune train`` uses for the method on that task
   (``causal-lm``, ``classification``) when none is given, chosen by measurement (docs/defaults.md);
   ``learning_rate_for(task)`` reads it (None: the trainer's general default).
+* ``compilable``: whether ``torch.compile`` traces its layers with no graph break (``deltatune train
+  --compile``, ``DeltaModel.compile``); if not, ``not_compilable_because`` says why in one clause, and
+  the model trains uncompiled with that said.
 
 Hooks see the model through :class:`AdapterHost`, the few things of a DeltaModel they may use.
 """
@@ -131,6 +134,8 @@ class Method:
     layer_types: tuple[tuple[type[nn.Module], type[DeltaLayer]], ...] = ()
     convert_saved: ConvertSaved | None = None
     learning_rates: tuple[tuple[str, float], ...] = ()
+    compilable: bool = True
+    not_compilable_because: str | None = None
 
     @property
     def peft_type(self) -> str:
@@ -208,6 +213,8 @@ class Method:
             check_layer(self, layer_class, what)
         if self.mixes in INPUT_WISE and self.prepare_inputs is None:
             raise TypeError(f"{what} mixes by its inputs ({self.mixes!r}) but has no prepare_inputs hook")
+        if self.compilable == (self.not_compilable_because is not None):
+            raise ConfigError(f"{what}: give not_compilable_because exactly when compilable is False")
         stray = [layer.__name__ for _, layer in self.layer_types if layer not in self.layer_classes]
         if stray:
             raise TypeError(f"{what}: layer_types name {', '.join(stray)}, which layer_classes lacks")

@@ -282,5 +282,8 @@ register(
         generate=generate,
         input_keys=INPUT_KEYS,
         task_option="tasks",
+        compilable=False,
+        not_compilable_because="its layers read each row's task from the call's context variable, which "
+        "torch.compile cannot trace (a graph break in every layer)",
     )
 )
