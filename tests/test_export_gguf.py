@@ -168,14 +168,47 @@ def test_bad_exports_fail_before_the_model_loads(tiny_llama_dir, tiny_bert_dir, 
     assert loads == [] and not list(tmp_path.glob("*.gguf")) and not Path(bin_file).exists()
 
 
+# llama.cpp's greedy tokens, run by llama-cpp-python: argv = model path, lora path ("" for none), token ids (JSON).
+LLAMA_CPP_SCRIPT = """
+import json, sys
+import llama_cpp
+options = {"lora_path": sys.argv[2]} if sys.argv[2] else {}
+llm = llama_cpp.Llama(sys.argv[1], n_ctx=128, n_threads=2, verbose=False, **options)
+tokens = []
+for token in llm.generate(json.loads(sys.argv[3]), top_k=1, temp=0.0, repeat_penalty=1.0):
+    tokens.append(token)
+    if len(tokens) == int(sys.argv[4]):
+        break
+print(json.dumps(tokens))
+"""
+
+
+def llama_cpp_python() -> str:
+    """A Python that imports llama_cpp: $DELTATUNE_LLAMA_CPP_PYTHON (llama-cpp-python in a virtual environment of
+    its own, e.g. /tmp/llamacpp-venv/bin/python), else this one if it has llama_cpp; the test skips otherwise."""
+    import importlib.util
+    import os
+    import sys
+
+    given = os.environ.get("DELTATUNE_LLAMA_CPP_PYTHON")
+    if given:
+        return given
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama-cpp-python is not installed (or set DELTATUNE_LLAMA_CPP_PYTHON to a Python that has it)")
+    return sys.executable
+
+
 @pytest.mark.real_model
 @pytest.mark.slow
 def test_llama_cpp_runs_our_adapter_like_deltatune(tmp_path):
     """Opt-in (llama-cpp-python): the base as an f32 GGUF plus our adapter GGUF, in llama.cpp, gives deltatune's
-    greedy tokens; so does our merged GGUF. (Not yet run: llama-cpp-python did not build here; see docs/export.md.)"""
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    greedy tokens; so does our merged GGUF (results: docs/export.md)."""
+    import json
+    import subprocess
+
     from deltatune.export import export_lora, export_merged
 
+    python, count = llama_cpp_python(), 12
     base, tokenizer = dt.load_base("smollm2-135m")
     model = dt.wrap(base, dt.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     randomize_adapters(model, seed=3, std=0.05)
@@ -184,18 +217,14 @@ def test_llama_cpp_runs_our_adapter_like_deltatune(tmp_path):
 
     def ours(m) -> list[int]:
         with torch.no_grad():
-            out = m.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)
+            out = m.generate(torch.tensor([ids]), max_new_tokens=count, do_sample=False)
         return out[0, len(ids) :].tolist()
 
     def llama(path: Path, lora: Path | None = None) -> list[int]:
-        options = {"lora_path": str(lora)} if lora else {}
-        llm = llama_cpp.Llama(str(path), n_ctx=128, n_threads=2, verbose=False, **options)
-        tokens = []
-        for token in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0):
-            tokens.append(token)
-            if len(tokens) == 12:
-                break
-        return tokens
+        argv = [python, "-c", LLAMA_CPP_SCRIPT, str(path), str(lora or ""), json.dumps(ids), str(count)]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
 
     adapted = ours(model)
     with model.disable_adapter():
