@@ -34,7 +34,12 @@ WHAT = {
     "dora": "DoRA's training step and unmerged forward against LoRA and peft's DoRA; PiSSA's init time",
     "claims": "the seeds' claims (subspace, rank, freezing, BitFit/Houlsby vs full, latency) and the LoRA family's "
     "(DoRA, PiSSA, LoRA+, (IA)³, LoKr against LoRA), re-run here",
+    "defaults": "SST-2 accuracy of `deltatune train` (MiniLM-L6, classification) per method over a grid of learning "
+    "rates, which chose each method's default rate",
+    "e2e_eval": "`deltatune eval` over E2E devset inputs with all their references, beam search: wall time, tokens/s "
+    "and multi-reference scores",
 }
+USER_TABLES = ("defaults", "e2e_eval")  # in bench/user_report.py
 
 
 def _claims_lines(table: str) -> list[int]:
@@ -52,6 +57,8 @@ def _used(table: str, campaign: str | None, text: str) -> tuple[str, list[int]]:
     lines = report.load(table)
     if table == "claims":
         return table, _claims_lines(text)
+    if table in USER_TABLES:
+        return table, [n for n, r in lines if r.get("kind") in ("run", "summary")]
     if table == "lora_inference":
         return table, [n for n, r in lines if r.get("kind") == "summary"][-3:]
     if table == "dora":
@@ -83,6 +90,10 @@ def generate(table: str, campaign: str | None) -> str:
         import claims_report
 
         text = claims_report.table() + "\n"
+    elif table in USER_TABLES:
+        import user_report
+
+        text = getattr(user_report, table)(campaign)
     else:
         text = getattr(report, table)(campaign)
     bench, numbers = _used(table, campaign, text)
