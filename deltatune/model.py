@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -277,6 +278,34 @@ class DeltaModel(AdapterCheckpoints, ForwardsAttributes, nn.Module):
                 layer.disabled = False
             if merged is not None:
                 self.merge_adapter(merged)
+
+    # --- torch.compile ----------------------------------------------------------------------
+    def not_compilable(self) -> str | None:
+        """Why ``torch.compile`` cannot run this model's adapters, as one line naming the method; None if it can."""
+        for config in self.peft_config.values():
+            method = methods.method_for(config)
+            if not method.compilable:
+                return f"{method.name} cannot be compiled: {method.not_compilable_because}"
+        return None
+
+    def compiled_part(self) -> nn.Module:
+        """The part :meth:`compile` compiles: the transformer body that holds the adapters (transformers'
+        ``base_model``: ``LlamaForCausalLM.model``), so every path through it (forward, generate, the
+        trainer's loss, which runs body and head apart) uses the compiled graph."""
+        body = getattr(self.base_model, "base_model", None)
+        return body if isinstance(body, nn.Module) else self.base_model
+
+    def compile(self, *args: Any, **kwargs: Any) -> bool:
+        """``torch.compile`` (same arguments) the transformer body in place; module names and state-dict keys
+        stay as they are. The output head stays eager (the trainer fuses it with the loss). A model whose
+        method cannot be compiled warns one line naming it and why, and runs uncompiled. Returns whether
+        it compiled. (``torch.compile(model)`` of the whole DeltaModel also works, with no graph break.)"""
+        reason = self.not_compilable()
+        if reason is not None:
+            warnings.warn(f"{reason}; running uncompiled", stacklevel=2)
+            return False
+        self.compiled_part().compile(*args, **kwargs)
+        return True
 
     # --- parameters -------------------------------------------------------------------------
     def trainable_parameters(self) -> tuple[int, int]:

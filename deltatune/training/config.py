@@ -99,6 +99,13 @@ class TrainConfig:
     """batch examples of similar length together (less padding)"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass: less memory, more time"""
+    compile: bool = False
+    """torch.compile the model's body (decoder blocks with their adapters) for the training steps: faster steps
+    after the first ones, which include compiling (see docs/training.md); a method that cannot be compiled
+    says so and trains uncompiled"""
+    compile_backend: str = "inductor"
+    """torch.compile backend for --compile: inductor (generated kernels, CPU and CUDA); aot_eager compiles
+    without generating code (checks tracing quickly)"""
     fsdp: bool = False
     """under torchrun: shard the frozen base and the adapter across processes (FSDP2) instead of a whole copy
     per process (DDP); for a base that does not fit one process's memory (see docs/distributed.md)"""
@@ -163,6 +170,8 @@ class TrainConfig:
                 raise ConfigError(f"--eval-data names tasks {sorted(unknown)} that --data lacks: {list(self.data)}")
         elif self.eval_data is not None and isinstance(self.data, dict):
             raise ConfigError("with several --data tasks, give --eval-data as NAME=PATH entries too")
+        if self.compile and self.fsdp:
+            raise ConfigError("--compile is not supported with --fsdp (sharded bodies are untested compiled); drop one")
         if self.task_column is not None and isinstance(self.data, dict):
             raise ConfigError("use --task-column with one --data file, or NAME=PATH data files, not both")
 
@@ -265,6 +274,8 @@ FLAG_GROUPS: dict[str, tuple[str, ...]] = {
         "batch_size",
         "grad_accum",
         "gradient_checkpointing",
+        "compile",
+        "compile_backend",
         "fsdp",
         "seed",
         "threads",

@@ -28,7 +28,7 @@ from deltatune.loading.base_models import load_base
 from deltatune.loading.tasks import load_tokenizer, task_of
 from deltatune.loss import LossModule
 from deltatune.model import DeltaModel, wrap
-from deltatune.training import demo, fsdp
+from deltatune.training import compiling, demo, fsdp
 from deltatune.training.checkpoints import Position
 from deltatune.training.config import READ_OPTIONS, TrainConfig
 from deltatune.training.defaults import with_defaults
@@ -230,6 +230,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     warmup = cfg.warmup_steps or int(cfg.warmup_ratio * steps)
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
     position = start(prepared, cfg, resume_from, optimizer, scheduler, main, world)
+    compiling.compile_for_training(model, cfg, say=main)
     runner = prepared.root if prepared.root is not None else LossModule(model, prepared.task)
     if prepared.root is None and dist.is_initialized():
         device_ids = [training_device()] if torch.cuda.is_available() else None
@@ -241,7 +242,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 "continue with the same command plus --resume"
             )
         return {"interrupted": True, "step": position.step}
-    return _finish(prepared, cfg, out, position, main)
+    with compiling.eager():
+        return _finish(prepared, cfg, out, position, main)
 
 
 _optimizer = make_optimizer  # the name tests and benches import
