@@ -81,6 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=3, help="rounds of fresh worker processes, for medians")
     parser.add_argument("--quick", action="store_true", help="1 warm-up and 2 timed steps")
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="profile one run: its top N ops")
+    parser.add_argument(
+        "--compile", action="store_true", help="DeltaModel.compile (inductor) before deltatune's steps (warm-up >= 1)"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.warmup, args.steps = 1, 2
@@ -187,6 +190,8 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     set_threads(args.threads)
     torch.manual_seed(args.seed)
     model, info = build("deltatune" if args.worker == "gemms" else args.worker, args.seed)
+    if args.compile and args.worker == "deltatune":
+        info["compiled"] = model.compile()
     ids = make_batch(model.config.vocab_size, args.batch, args.seq, args.seed)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     step_fn = lambda: train_step(model, optimizer, ids)  # noqa: E731
@@ -242,6 +247,7 @@ def spawn(worker: str, args: argparse.Namespace) -> dict[str, Any]:
         str(args.threads),
         "--profile",
         str(args.profile),
+        *(["--compile"] if args.compile else []),
     ]
     log(f"running worker {worker} ...")
     done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
@@ -258,6 +264,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         "threads": args.threads,
         "dtype": "float32",
         "runs": args.runs,
+        "compile": args.compile,
     }
 
 
