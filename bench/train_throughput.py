@@ -29,6 +29,10 @@ deltatune's ``generate`` so that both sides get the same prompts.
 (``--worker``). Every worker run appends a raw line to ``bench/results/train_throughput.jsonl``, and a summary line
 follows: per side the median tokens/s with its min-max, and the ratio of the medians.
 
+``--compile``: both sides torch.compile the model (deltatune ``train --compile``, Trainer ``torch_compile=True``),
+inductor. The first steps then include compiling (and, with varying lengths, the first step of another length), so
+``tokens_per_s_after_step2`` (steps 3 on) is recorded beside the whole loop's figure, with its ratio.
+
 Goal: deltatune's median tokens/s >= 1.5 x peft's. Prints the summary as one JSON line on stdout; progress goes to
 stderr.
 """
@@ -98,6 +102,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="6 steps")
+    parser.add_argument("--compile", action="store_true", help="torch.compile on both sides (inductor)")
     args = parser.parse_args(argv)
     if args.quick:
         args.steps = 6
@@ -156,6 +161,8 @@ def throughput(tokens: list[int], times: list[float]) -> dict[str, Any]:
         "train_seconds": round(total, 3),
         "tokens_per_s": round(sum(tokens) / total, 1),
         "tokens_per_s_after_step1": round(sum(tokens[1:]) / sum(times[1:]), 1) if len(times) > 1 else None,
+        # With --compile: the steps after the compiles (the first shape, then the first other length).
+        "tokens_per_s_after_step2": round(sum(tokens[2:]) / sum(times[2:]), 1) if len(times) > 2 else None,
         # Robust to other processes taking the cores for part of the run (a 2-thread step then takes many times longer).
         "tokens_per_s_median_step": round(median([n / t for n, t in zip(tokens, times, strict=True)]), 1),
         "step_seconds": [round(t, 3) for t in times],
@@ -224,6 +231,7 @@ def run_deltatune(args: argparse.Namespace) -> dict[str, Any]:
         "--output-dir", str(out),
         "--log-every", "1",
         "--save-every", "100000",
+        *(["--compile"] if args.compile else []),
     ]  # fmt: skip
     load_before, counters = load_average(), cpu_counters()
     log("[deltatune]", " ".join(cmd[1:]))
@@ -322,6 +330,7 @@ def run_peft_trainer(args: argparse.Namespace) -> dict[str, Any]:
         train_sampling_strategy="group_by_length",
         seed=args.seed,
         disable_tqdm=True,
+        torch_compile=args.compile,
     )
     trainer = Trainer(
         model=model,
@@ -373,6 +382,7 @@ def spawn(worker: str, args: argparse.Namespace, work: Path, round_index: int, c
         "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
         "--bleu-examples", str(args.bleu_examples), "--seed", str(args.seed), "--threads", str(args.threads),
         *([] if bleu else ["--no-bleu"]),
+        *(["--compile"] if args.compile else []),
     ]  # fmt: skip
     log(f"round {round_index + 1}/{args.runs}: running worker {worker} ...")
     meter = RunMeter()
@@ -406,6 +416,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         "bleu_rounds": 0 if args.no_bleu else min(args.bleu_rounds, args.runs),
         "max_new_tokens": MAX_NEW_TOKENS,
         "peft_sampler": "train_sampling_strategy=group_by_length",
+        "compile": args.compile,
     }
 
 
@@ -423,6 +434,7 @@ def summarize(lines: dict[str, list[dict]], data: dict[str, Any], campaign: str)
         sides[side] = {
             "run_ids": [line["run_id"] for line in runs],
             "tokens_per_s": spread([f["tokens_per_s"] for f in figs]),
+            "tokens_per_s_after_step2": spread([f["tokens_per_s_after_step2"] for f in figs]),
             "train_seconds": spread([f["train_seconds"] for f in figs]),
             "tokens": sorted({f["tokens"] for f in figs}),
             "peak_rss_mb": spread([f["peak_rss_mb"] for f in figs]),
@@ -440,6 +452,9 @@ def summarize(lines: dict[str, list[dict]], data: dict[str, Any], campaign: str)
         "sides": sides,
         "same_tokens": dt_s["tokens"] == hf_s["tokens"],
         "tokens_per_s_ratio_of_medians": ratio,
+        "tokens_per_s_after_step2_ratio_of_medians": round(
+            dt_s["tokens_per_s_after_step2"]["median"] / hf_s["tokens_per_s_after_step2"]["median"], 3
+        ),
         # the extremes: deltatune's slowest run over peft's fastest, and the other way round
         "tokens_per_s_ratio_range": [
             round(dt_s["tokens_per_s"]["min"] / hf_s["tokens_per_s"]["max"], 3),
