@@ -225,26 +225,43 @@ class LoraLinear(dora.KeepsMergedDelta, GathersRows, DeltaLayer):
         bias = self.base_layer.bias
         return out if bias is None else out - bias
 
-    def delta(self, name: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """What adapter ``name`` adds to the base output ``out`` for input ``x``.
+    def forward_active(self, names: list[str], x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The base output plus each adapter's update. A plain LoRA's B matmul adds into the output in the
+        GEMM itself (``addmm``), so no separate pass over the (tokens x out_features) output adds it."""
+        base = self.base_layer(x, *args, **kwargs)
+        out = base
+        for name in names:
+            b = self.lora_B[name].weight
+            if name in self.lora_magnitude_vector or out.dtype != b.dtype:
+                out = out + self.delta(name, x, base).to(out.dtype)
+                continue
+            h = self.a_product(name, x)[0]
+            flat = torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), (b * self.scaling[name]).T)
+            out = flat.view(out.shape)
+        return out
 
-        Without dropout at work, x itself (no copy) meets A, in one matmul with the A factors of the
-        siblings that read the same x (deltatune.methods.lora_fused) when there are any."""
-        lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
+    def a_product(self, name: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x·Aᵀ, the input A saw). Without dropout at work that input is x itself (no copy), and the
+        product a slice of one matmul with the siblings that read the same x (deltatune.methods.lora_fused)."""
+        lora_a = self.lora_A[name].weight
         dropping = self.training and name in self.lora_dropout
         product = None if dropping else lora_fused.shared_product(self, name, x)
         x = x.to(lora_a.dtype)
         dropped = self.lora_dropout[name](x) if dropping else x
-        if product is None:
-            product = F.linear(dropped, lora_a)
+        return (F.linear(dropped, lora_a) if product is None else product), dropped
+
+    def delta(self, name: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """What adapter ``name`` adds to the base output ``out`` for input ``x``."""
+        product, dropped = self.a_product(name, x)
         # Scaling B (r columns) is cheaper than scaling the output (all tokens x out_features).
-        lora = F.linear(product, lora_b * self.scaling[name])
+        lora = F.linear(product, self.lora_B[name].weight * self.scaling[name])
         if name not in self.lora_magnitude_vector:
             return lora
-        weight = self.base_weight().to(x.dtype)
+        weight = self.base_weight().to(dropped.dtype)
         gain = self.dora_gain(name, weight)
         # As peft: with dropout at work W0 sees the same dropped input as the LoRA branch.
-        base = F.linear(dropped, weight) if dropping else self.without_bias(out).to(x.dtype)
+        dropping = self.training and name in self.lora_dropout
+        base = F.linear(dropped, weight) if dropping else self.without_bias(out).to(dropped.dtype)
         return (gain - 1) * base + gain * lora
 
 
