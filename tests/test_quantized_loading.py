@@ -16,7 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import deltatune as dt
 from deltatune.loading import quantized as streamed
 from deltatune.loading.streaming import checkpoint_files, iter_checkpoint_tensors, meta_skeleton
-from deltatune.quantization import quantize_base
+from deltatune.quantization import memory, quantize_base
 
 HAS_BNB = __import__("importlib").util.find_spec("bitsandbytes") is not None
 KINDS = ["int8", pytest.param("nf4", marks=pytest.mark.skipif(not HAS_BNB, reason="needs the bitsandbytes package"))]
@@ -117,3 +117,53 @@ def test_streamed_int8_load_peaks_near_the_quantized_model_not_the_float_one(tmp
     used = figures["peak"] - figures["baseline"]
     assert used <= 1.2 * (figures["stored"] + largest), (figures, largest)
     assert used < 0.4 * float_bytes
+
+
+STEPS = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    import deltatune as dt
+    from deltatune.loading.quantized import load_streamed
+    from deltatune.loss import LossModule
+    def status(key):
+        return int(open("/proc/self/status").read().split(key + ":")[1].split()[0]) * 1024
+    torch.set_num_threads(1)
+    base = load_streamed(sys.argv[1], "causal-lm", sys.argv[2])
+    model = dt.wrap(base, dt.LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    ids = torch.randint(0, 4096, (4, 128), generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    loaded = status("VmRSS")
+    open("/proc/self/clear_refs", "w").write("5")  # VmHWM from here: the steps' own peak
+    loss_module = LossModule(model, "causal-lm")
+    for _ in range(3):
+        total, count = loss_module({"input_ids": ids, "labels": ids})
+        (total / count).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        del total, count
+    print(json.dumps({"loaded": loaded, "peak": status("VmHWM"), "end": status("VmRSS")}))
+    """
+)
+
+
+@pytest.mark.skipif(sys.platform != "linux" or memory._LIBC is None, reason="needs glibc and /proc (Linux)")
+def test_training_steps_on_a_quantized_base_give_their_freed_blocks_back(tmp_path):
+    """Each matmul frees a dequantized weight block; glibc would keep such blocks in a fragmenting heap
+    (deltatune/quantization/memory.py). After 3 LoRA steps on an int8 base, what the steps took must be
+    given back: measured, 94% of the steps' growth stayed in the process without the fix, 21% with it."""
+    config = LlamaConfig(vocab_size=4096, hidden_size=512, intermediate_size=2048, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=True)  # fmt: skip
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model = model.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    model.save_pretrained(tmp_path)
+    del model
+    run = subprocess.run([sys.executable, "-c", STEPS, str(tmp_path), "int8"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    figures = json.loads(run.stdout.strip().splitlines()[-1])
+    grown, kept = figures["peak"] - figures["loaded"], figures["end"] - figures["loaded"]
+    assert grown > 0 and kept <= 0.5 * grown, figures

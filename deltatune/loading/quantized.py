@@ -17,6 +17,7 @@ from torch import nn
 
 from deltatune.config import ConfigError
 from deltatune.loading.streaming import checkpoint_tensor_bytes, iter_checkpoint_tensors, meta_skeleton
+from deltatune.quantization.memory import release_freed_memory, return_large_blocks
 
 # stored bytes per weight of a quantized linear layer (codes and scales), by kind
 BYTES_PER_WEIGHT = {None: 4.0, "int8": 1.0, "nf4": 0.5 + 4 / 64, "gguf": 0.625}
@@ -134,6 +135,7 @@ def load_streamed(
         from deltatune.quantization.gguf import make_layer
     else:
         make_layer = _quantizer(layer_cls or _layer_class(quantize))
+    return_large_blocks()  # the steps' dequantized blocks must not fragment the heap (quantization/memory.py)
     model = meta_skeleton(config if config is not None else path, task, **kwargs)
     targets = {id(m) for m in quantize_targets(model).values()}
     if quantize == "gguf":  # the token embedding keeps its blocks too (a lookup dequantizes its rows)
@@ -149,7 +151,7 @@ def load_streamed(
         del item
         if tensors is None and id(module) in targets and attr == "weight":
             _record_source(model.get_submodule(module_name), module, path, name)
-        _release_freed_memory()
+        release_freed_memory()  # the float tensor just freed (glibc keeps it otherwise)
     _finish(model, quantize)
     return model
 
@@ -162,28 +164,6 @@ def _record_source(layer: nn.Module, float_module: nn.Module, path: str | Path, 
 
     if isinstance(layer, QuantizedLinear):
         layer.float_source = (str(path), name, type(float_module) is Conv1D)
-
-
-def _release_freed_memory() -> None:
-    """Give the float tensor just freed back to the system. glibc's malloc raises its mmap threshold after
-    large frees, so later tensors come from the heap and their freed pages stay in the process: measured,
-    peak memory while loading then grew by 2-4x the quantized model. ``malloc_trim`` returns them."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _libc() -> Any:
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None
-    except OSError:  # not glibc (macOS, musl): nothing to trim
-        return None
-
-
-_LIBC = _libc()
 
 
 def _finish(model: nn.Module, quantize: str) -> None:

@@ -16,6 +16,7 @@ from transformers.pytorch_utils import Conv1D
 
 from deltatune.config import ConfigError
 from deltatune.quantization.base import QuantizedLinear, QuantizedWeight
+from deltatune.quantization.memory import return_large_blocks
 
 KINDS = ("int8", "nf4")  # what quantize_base makes from a float model
 LOAD_KINDS = (*KINDS, "gguf")  # what load_base can load: also a GGUF file's own blocks
@@ -81,6 +82,7 @@ def quantize_base(model: nn.Module, kind: str, quantize_head: bool = False, doub
         if type(module) in (nn.Linear, Conv1D) and name not in skip
     ]
     options = {"double_quant": double_quant} if kind == "nf4" else {}
+    return_large_blocks()  # freed dequantized blocks go back to the system (see quantization/memory.py)
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
