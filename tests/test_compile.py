@@ -10,11 +10,14 @@ ATen ops as eager, so its steps match eager to float rounding: atol 1e-6, rtol 1
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from conftest import batch, randomize_adapters, tiny_llama
-from test_train import FAST, adapter_tensors, alpaca_file, run_cli
+from test_train import FAST, ROOT, adapter_tensors, alpaca_file, run_cli
 from torch._dynamo.backends.registry import lookup_backend, register_backend
 
 import deltatune as dt
@@ -244,3 +247,25 @@ def test_train_compile_with_packing_and_checkpointing(tiny_llama_dir, tmp_path):
     )
     for name in eager:
         torch.testing.assert_close(compiled_adapter[name], eager[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.slow
+def test_train_compile_under_two_process_ddp_equals_one_eager_process(tiny_llama_dir, tmp_path):
+    data = alpaca_file(tmp_path / "train.jsonl", count=32)
+    common = ["train", "--base", tiny_llama_dir, "--data", data, "--max-steps", 5, "--no-eval-generate"]
+    common += ["--learning-rate", "1e-2", "--threads", 1, "--eval-fraction", "0.25"]
+
+    def launch(out, batch, *prefix) -> str:
+        argv = [str(a) for a in (*common, "--batch-size", batch, "--output-dir", out)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        done = subprocess.run([*prefix, *argv], cwd=ROOT, capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
+    launch(tmp_path / "single", 4, sys.executable, "-m", "deltatune")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29537"]
+    common += ["--compile", "--compile-backend", "aot_eager"]
+    assert "--compile: torch.compile (aot_eager)" in launch(tmp_path / "ddp", 2, *torchrun, "-m", "deltatune")
+    expected, got = adapter_tensors(tmp_path / "single" / "adapter"), adapter_tensors(tmp_path / "ddp" / "adapter")
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], atol=1e-5, rtol=1e-4, msg=key)

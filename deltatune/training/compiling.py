@@ -36,10 +36,11 @@ def compile_for_training(model: DeltaModel, cfg: TrainConfig, say: bool = True) 
         if say:
             print(f"--compile: {reason}; training uncompiled")
         return False
-    if cfg.gradient_checkpointing:
+    drop_hook = getattr(model.base_model, "disable_input_require_grads", None)
+    if cfg.gradient_checkpointing and drop_hook is not None:
         # transformers adds a hook making the embeddings' output require grad, which only reentrant
         # checkpointing needs (the trainer's is not); the hook is a graph break.
-        model.base_model.disable_input_require_grads()
+        drop_hook()
     model.compile(backend=cfg.compile_backend)
     if say:
         print(
