@@ -264,3 +264,21 @@ def test_sharing_ends_with_the_layers_it_joined():
     assert not plain.model.layers[0].self_attn._forward_hooks
     assert len(attention._forward_pre_hooks) == 1 and len(attention._forward_hooks) == 1
     assert lora_fused.ungroup(copied) == 4 and not attention._forward_pre_hooks
+
+
+def test_compiles_in_one_graph_with_the_plain_path(monkeypatch):
+    """Under torch.compile (fullgraph: a graph break fails) the parent's hooks open no scope and each layer
+    takes its own A product; outputs and gradients equal the eager fused run."""
+    counts = count_shared(monkeypatch)
+    model = wrapped(QKV_GATE_UP)
+    compiled_model = copy.deepcopy(model)
+    compiled = torch.compile(compiled_model.base_model, fullgraph=True, backend="eager")
+    ids = torch.randint(3, 100, (2, 9))
+    model(input_ids=ids, labels=ids).loss.backward()
+    eager_counts = list(counts)
+    compiled(input_ids=ids, labels=ids).loss.backward()
+    assert eager_counts == [3, 2] * 2 and counts == eager_counts  # nothing shared inside the compiled graph
+    grads = dict(compiled_model.named_parameters())
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[name].grad, **TOL)
