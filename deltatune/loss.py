@@ -8,6 +8,8 @@ the hidden states is computed right away, so the (tokens x vocabulary) logits ar
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -49,18 +51,21 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    def forward(ctx, hidden: torch.Tensor, weight: Any, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        """``weight``: the head's float weight, or the frozen quantized head itself (a QuantizedLinear: its
+        weight is dequantized a block of vocabulary rows at a time, never whole)."""
         total = hidden.new_zeros((), dtype=torch.float32)
         grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
         for start in range(0, len(hidden), chunk):
-            logits = (hidden[start : start + chunk] @ weight.T).float()
+            logits = _times_transposed(hidden[start : start + chunk], weight).float()
             target = targets[start : start + chunk]
             log_norm = torch.logsumexp(logits, dim=-1)
             total += (log_norm - logits.gather(1, target[:, None]).squeeze(1)).sum()
             if grad_hidden is not None:
                 probs = logits.sub_(log_norm[:, None]).exp_()
                 probs[torch.arange(len(target)), target] -= 1
-                grad_hidden[start : start + chunk] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
+                dtype = weight.dtype if isinstance(weight, torch.Tensor) else weight.compute_dtype
+                grad_hidden[start : start + chunk] = _times(probs.to(dtype), weight).to(hidden.dtype)
         ctx.save_for_backward(grad_hidden)
         return total
 
@@ -68,6 +73,22 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_total: torch.Tensor):
         (grad_hidden,) = ctx.saved_tensors
         return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None
+
+
+def _times_transposed(x: torch.Tensor, weight: Any) -> torch.Tensor:
+    if isinstance(weight, torch.Tensor):
+        return x @ weight.T
+    from deltatune.quantization.base import chunked_matmul
+
+    return chunked_matmul(x, weight)  # x carries no autograd graph here: plain row blocks
+
+
+def _times(x: torch.Tensor, weight: Any) -> torch.Tensor:
+    if isinstance(weight, torch.Tensor):
+        return x @ weight
+    from deltatune.quantization.base import times_weight
+
+    return times_weight(x, weight)
 
 
 def _linear_cross_entropy_sum(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor) -> torch.Tensor:
@@ -79,7 +100,15 @@ def _linear_cross_entropy_sum(hidden: torch.Tensor, head: nn.Module, targets: to
     fusable = type(head) is nn.Linear and head.bias is None and not weight.requires_grad and torch.is_grad_enabled()
     if fusable:
         return FusedLinearCrossEntropy.apply(hidden, weight, targets, 256)
+    if _is_quantized_head(head) and torch.is_grad_enabled():  # frozen by construction: fused on its stored form
+        return FusedLinearCrossEntropy.apply(hidden, head, targets, 256)
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+def _is_quantized_head(head: nn.Module) -> bool:
+    from deltatune.quantization.base import QuantizedLinear
+
+    return isinstance(head, QuantizedLinear) and head.bias is None
 
 
 def to_model_device(batch: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:

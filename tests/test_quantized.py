@@ -328,3 +328,47 @@ def test_nf4_adapter_loads_into_peft_on_a_bitsandbytes_base(tmp_path):
         torch.testing.assert_close(theirs(**batch()).logits, logits, atol=1e-2, rtol=0)
         with theirs.disable_adapter():
             assert (theirs(**batch()).logits - logits).abs().max() > 1e-1  # the adapter is what matches
+
+
+def tied_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
+def test_int8_embedding_is_per_row_rounding_and_a_tied_head_shares_its_codes():
+    model = tied_llama()
+    table = model.get_input_embeddings().weight.detach().clone()
+    quantize_base(model, "int8", quantize_embedding=True)
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    assert type(embedding).__name__ == "Int8Embedding" and isinstance(head, Int8Linear)
+    assert head.weight_int8 is embedding.weight_int8 and head.weight_scale is embedding.weight_scale
+    assert not any(p.is_floating_point() and p.numel() >= table.numel() for p in model.parameters())
+    ids = torch.tensor([[0, 5, 299, 5], [17, 3, 2, 1]])
+    assert torch.equal(embedding(ids), int8_reference(table)[ids])  # a lookup dequantizes only its rows
+    assert torch.equal(head.dequantize(), int8_reference(table))
+    assert base_storage(model)[0] < base_storage(tied_llama())[0] / 3
+
+
+def test_the_loss_fuses_a_quantized_head_with_cross_entropy_and_equals_the_full_logits(monkeypatch):
+    """A frozen quantized head runs the fused head + cross-entropy (no tokens x vocabulary logits kept for the
+    backward), a block of vocabulary rows dequantized at a time; value and hidden gradient equal the plain loss."""
+    from deltatune import loss
+    from deltatune.quantization import base
+
+    model = quantize_base(tied_llama(), "int8", quantize_embedding=True)
+    head = model.get_output_embeddings()
+    calls = []
+    fused_apply = loss.FusedLinearCrossEntropy.apply
+    monkeypatch.setattr(loss.FusedLinearCrossEntropy, "apply", lambda *a: calls.append(1) or fused_apply(*a))
+    monkeypatch.setattr(base, "CHUNK_WEIGHTS", 32 * 70)  # several vocabulary blocks
+    hidden = torch.randn(40, 32, requires_grad=True)
+    targets = torch.randint(0, 300, (40,))
+    fused = loss._linear_cross_entropy_sum(hidden, head, targets)
+    (grad,) = torch.autograd.grad(fused, hidden)
+    plain = nn.functional.cross_entropy(hidden @ head.dequantize().T, targets, reduction="sum")
+    (expected,) = torch.autograd.grad(plain, hidden)
+    assert calls == [1]
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-5)

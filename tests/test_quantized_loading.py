@@ -46,8 +46,26 @@ def test_meta_skeleton_holds_no_weights(saved_llama):
 @pytest.mark.parametrize("kind", KINDS)
 def test_streamed_load_equals_quantizing_the_float_model(kind, saved_llama):
     model = streamed.load_streamed(saved_llama, "causal-lm", kind)
-    reference = quantize_base(tiny_llama(), kind)
+    reference = quantize_base(tiny_llama(), kind, quantize_embedding=True)  # as load_base does
     assert not any(p.is_meta for p in model.parameters())
+    with torch.no_grad():
+        assert torch.equal(model(**batch()).logits, reference(**batch()).logits)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_streamed_load_of_a_tied_model_keeps_embedding_and_head_in_one_int8_table(kind, tmp_path):
+    """The vocabulary table (the largest float tensor of a small LM) is stored once, as int8 rows: the lookup
+    and the tied head both read those codes, and the model equals quantize_base's with quantize_embedding."""
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    model = streamed.load_streamed(tmp_path, "causal-lm", kind)
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    assert type(embedding).__name__ == "Int8Embedding" and head.weight_int8 is embedding.weight_int8
+    assert not any(p.is_floating_point() and p.numel() >= 128 * 64 for p in model.parameters())
+    torch.manual_seed(0)
+    reference = quantize_base(LlamaForCausalLM(config).eval(), kind, quantize_embedding=True)
     with torch.no_grad():
         assert torch.equal(model(**batch()).logits, reference(**batch()).logits)
 

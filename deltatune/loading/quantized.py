@@ -93,10 +93,12 @@ def _quantizer(layer_cls: Any) -> Any:
     from deltatune.quantization import _as_linear
 
     def make(module: nn.Module, tensor: torch.Tensor) -> nn.Module:
+        from deltatune.quantization.int8 import Int8Embedding
+
         current = module._parameters["weight"]
         module._parameters["weight"] = nn.Parameter(tensor.to(current.dtype), requires_grad=False)
         try:
-            return layer_cls(_as_linear(module))
+            return Int8Embedding(module) if isinstance(module, nn.Embedding) else layer_cls(_as_linear(module))
         finally:
             module._parameters["weight"] = current  # the float tensor dies with the caller's frame
 
@@ -138,8 +140,9 @@ def load_streamed(
     return_large_blocks()  # the steps' dequantized blocks must not fragment the heap (quantization/memory.py)
     model = meta_skeleton(config if config is not None else path, task, **kwargs)
     targets = {id(m) for m in quantize_targets(model).values()}
-    if quantize == "gguf":  # the token embedding keeps its blocks too (a lookup dequantizes its rows)
-        targets.add(id(model.get_input_embeddings()))
+    embedding = model.get_input_embeddings()
+    if quantize == "gguf" or (type(embedding) is nn.Embedding and embedding.max_norm is None):
+        targets.add(id(embedding))  # gguf: its own blocks; else int8 rows (and a head tied to it: the same codes)
     prefix = getattr(model, "base_model_prefix", "")
     for name, item in tensors if tensors is not None else iter_checkpoint_tensors(path):
         found = _resolve(model, name, prefix)
@@ -169,11 +172,11 @@ def _record_source(layer: nn.Module, float_module: nn.Module, path: str | Path, 
 def _finish(model: nn.Module, quantize: str) -> None:
     """Tie shared weights, initialise what the checkpoint does not hold (a fresh classification head,
     as from_pretrained does), quantize it, freeze everything."""
-    blocks = False
     if quantize == "gguf":
         from deltatune.quantization.gguf import tie_head
-
-        blocks = tie_head(model)  # a head tied to an embedding kept in blocks shares them
+    else:
+        from deltatune.quantization.int8 import tie_head
+    blocks = tie_head(model)  # a head tied to a quantized embedding shares its stored form
     if hasattr(model, "tie_weights") and not blocks:
         model.tie_weights()
     missing = [(n, m) for n, m in model.named_modules() if any(p.is_meta for p in m.parameters(recurse=False))]

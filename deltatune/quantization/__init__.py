@@ -65,16 +65,24 @@ def _head_names(model: nn.Module) -> set[str]:
     return {name for name, module in model.named_modules() if head is not None and module is head}
 
 
-def quantize_base(model: nn.Module, kind: str, quantize_head: bool = False, double_quant: bool = False) -> nn.Module:
+def quantize_base(
+    model: nn.Module, kind: str, quantize_head: bool = False, double_quant: bool = False,
+    quantize_embedding: bool = False,
+) -> nn.Module:  # fmt: skip
     """Quantize ``model``'s linear layers in place (``kind``: ``int8`` or ``nf4``) and return it.
 
     The output head stays float unless ``quantize_head`` (it shares its weight with the embeddings
     in tied models, which stay float). ``double_quant`` (nf4 only) also quantizes the block scales.
-    Call it before adding adapters: a wrapped layer is refused.
+    ``quantize_embedding``: the token embedding becomes int8 rows (a head tied to it shares them), as
+    ``load_base(..., quantize=...)`` does. Call it before adding adapters: a wrapped layer is refused.
     """
     cls = _layer_class(kind)
     if any(hasattr(m, "base_layer") for m in model.modules()):
         raise ConfigError("quantize_base the model before adding adapters (it already carries some)")
+    if quantize_embedding:
+        from deltatune.quantization.int8 import quantize_embedding as to_int8
+
+        to_int8(model)  # before the head is looked at: a tied head is now the embedding's Int8Linear
     skip = set() if quantize_head else _head_names(model)
     targets = [
         (name, module)
@@ -126,17 +134,19 @@ def base_storage(model: nn.Module) -> tuple[int, int]:
 
 def dequantize_base(model: nn.Module) -> nn.Module:
     """Replace every quantized layer (wrapped or not) with a float ``nn.Linear`` of its dequantized
-    weight, and a GGUF-block embedding with a float ``nn.Embedding``, in place (a head tied to that
-    embedding is tied again to the float one); returns the model."""
+    weight, and a quantized embedding (GGUF blocks, int8 rows) with a float ``nn.Embedding``, in place (a head
+    tied to that embedding is tied again to the float one); returns the model."""
     from deltatune.quantization.gguf import GGUFEmbedding
+    from deltatune.quantization.int8 import Int8Embedding
 
+    embedding_types = (GGUFEmbedding, Int8Embedding)
     embeddings = 0
     for name, module in list(model.named_modules()):
-        if isinstance(module, (QuantizedLinear, GGUFEmbedding)):
+        if isinstance(module, (QuantizedLinear, *embedding_types)):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, module.to_float())
-            embeddings += isinstance(module, GGUFEmbedding)
+            embeddings += isinstance(module, embedding_types)
     top = next((m for m in model.modules() if hasattr(m, "tie_weights") and hasattr(m, "config")), None)
     if embeddings and top is not None and getattr(top.config, "tie_word_embeddings", False):
         top.tie_weights()

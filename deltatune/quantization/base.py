@@ -40,11 +40,16 @@ class _ChunkedMatmul(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None]:
         if not ctx.needs_input_grad[0]:
             return None, None
-        layer, dx = ctx.layer, None
-        for i, j in _row_chunks(layer):
-            part = grad[..., i:j] @ layer.dequantize_rows(i, j).to(grad.dtype)
-            dx = part if dx is None else dx.add_(part)
-        return dx, None
+        return times_weight(grad, ctx.layer), None
+
+
+def times_weight(grad: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:
+    """``grad @ layer.dequantize()`` (the input gradient of x·Wᵀ), a block of rows of W at a time."""
+    dx = None
+    for i, j in _row_chunks(layer):
+        part = grad[..., i:j] @ layer.dequantize_rows(i, j).to(grad.dtype)
+        dx = part if dx is None else dx.add_(part)
+    return dx
 
 
 def chunked_matmul(x: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:

@@ -15,18 +15,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from deltatune.quantization.base import QuantizedLinear, chunked_matmul
+from deltatune.quantization.base import CHUNK_WEIGHTS, QuantizedLinear, QuantizedWeight, chunked_matmul
 
 QMAX = 127
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 codes, float32 per-row scales): symmetric, one scale per output channel. One float32
-    temporary of the weight's size at most (the rounding runs in place on it)."""
-    w = weight.detach().float()
-    scale = (torch.linalg.vector_norm(w, ord=float("inf"), dim=1) / QMAX).clamp(min=torch.finfo(torch.float32).tiny)
-    w = w / scale[:, None]  # a new tensor: the caller's weight is left alone
-    codes = w.round_().clamp_(-QMAX, QMAX).to(torch.int8)
+    """(int8 codes, float32 per-row scales): symmetric, one scale per output channel. Rows are rounded a
+    block at a time, so the float temporaries are one block's (CHUNK_WEIGHTS), whatever the weight's size."""
+    codes = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scale = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+    step = max(1, CHUNK_WEIGHTS // max(1, weight.shape[1]))
+    for i in range(0, weight.shape[0], step):
+        w = weight.detach()[i : i + step].float()
+        s = (torch.linalg.vector_norm(w, ord=float("inf"), dim=1) / QMAX).clamp(min=torch.finfo(torch.float32).tiny)
+        codes[i : i + step] = (w / s[:, None]).round_().clamp_(-QMAX, QMAX)  # w / s: the caller's weight stays
+        scale[i : i + step] = s
     return codes, scale
 
 
@@ -36,8 +40,11 @@ class Int8Linear(QuantizedLinear):
     kind = "int8"
     bits = 8.0
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, stored: tuple[nn.Parameter, nn.Parameter] | None = None) -> None:
         super().__init__(linear)
+        if stored is not None:  # a head tied to an Int8Embedding: the same two parameters, stored once
+            self.weight_int8, self.weight_scale = stored
+            return
         codes, scale = quantize_rows(linear.weight)
         self.weight_int8 = nn.Parameter(codes.to(linear.weight.device), requires_grad=False)
         self.register_buffer("weight_scale", scale.to(linear.weight.device))
@@ -58,3 +65,90 @@ class Int8Linear(QuantizedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = chunked_matmul(x, self)
         return out if self.bias is None else out + self.bias.to(out.dtype)
+
+
+class Int8Embedding(nn.Embedding):
+    """A frozen token embedding stored as int8 row codes and float32 row scales (a row per token): a lookup
+    gathers and dequantizes only the rows it needs. A tied output head is an :class:`Int8Linear` on the same
+    two parameters (:func:`tie_head`), so the vocabulary table is stored once, in int8."""
+
+    kind = "int8"
+
+    def __init__(self, embedding: nn.Embedding) -> None:
+        nn.Module.__init__(self)  # nn.Embedding's own __init__ would allocate a float table
+        self.num_embeddings, self.embedding_dim = embedding.num_embeddings, embedding.embedding_dim
+        self.padding_idx, self.max_norm, self.norm_type = embedding.padding_idx, None, 2.0
+        self.scale_grad_by_freq, self.sparse = False, False
+        self.compute_dtype = embedding.weight.dtype
+        codes, scale = quantize_rows(embedding.weight)
+        self.weight_int8 = nn.Parameter(codes, requires_grad=False)
+        self.weight_scale = nn.Parameter(scale, requires_grad=False)  # a parameter: a tied head shares it
+
+    # what QuantizedWeight reads: the table is out_features (tokens) x in_features (dimensions)
+    @property
+    def out_features(self) -> int:
+        return self.num_embeddings
+
+    @property
+    def in_features(self) -> int:
+        return self.embedding_dim
+
+    @property
+    def weight(self) -> QuantizedWeight:  # type: ignore[override]
+        return QuantizedWeight(self)  # type: ignore[arg-type]
+
+    def storage_device(self) -> torch.device:
+        return self.weight_int8.device
+
+    def dequantize(self) -> torch.Tensor:
+        return Int8Linear.dequantize_rows(self, 0, self.num_embeddings)  # type: ignore[arg-type]
+
+    def requantize_(self, weight: torch.Tensor) -> None:
+        Int8Linear.requantize_(self, weight)  # type: ignore[arg-type]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        rows = self.weight_int8[flat].float() * self.weight_scale[flat, None]
+        return rows.to(self.compute_dtype).reshape(*ids.shape, self.embedding_dim)
+
+    def to_float(self) -> nn.Embedding:
+        """A plain ``nn.Embedding`` with the dequantized table (what a float merge writes)."""
+        embedding = nn.Embedding(self.num_embeddings, self.embedding_dim, self.padding_idx, device="meta")
+        embedding.weight = nn.Parameter(self.dequantize(), requires_grad=False)
+        return embedding
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, kind=int8"
+
+
+def tie_head(model: nn.Module) -> bool:
+    """For a model whose token embedding is an :class:`Int8Embedding`: an output head tied to it (not loaded:
+    still on the meta device) becomes an Int8Linear on the same parameters. Returns whether the embedding is
+    int8 (then transformers' ``tie_weights``, which would tie a float weight, must not run)."""
+    embedding = model.get_input_embeddings()
+    if not isinstance(embedding, Int8Embedding):
+        return False
+    head = model.get_output_embeddings()
+    if head is not None and getattr(model.config, "tie_word_embeddings", False) and head.weight.is_meta:
+        name = next(n for n, m in model.named_modules() if m is head)
+        parent_name, _, child = name.rpartition(".")
+        layer = Int8Linear(head, stored=(embedding.weight_int8, embedding.weight_scale))
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+    return True
+
+
+def quantize_embedding(model: nn.Module) -> None:
+    """Make ``model``'s token embedding an :class:`Int8Embedding` in place (a plain ``nn.Embedding`` only),
+    and a head tied to it an Int8Linear on the same codes."""
+    embedding = model.get_input_embeddings()
+    if type(embedding) is not nn.Embedding or embedding.max_norm is not None:
+        return
+    head = model.get_output_embeddings()
+    tied = head is not None and getattr(head, "weight", None) is embedding.weight
+    quantized = Int8Embedding(embedding)
+    model.set_input_embeddings(quantized)
+    if tied:
+        name = next(n for n, m in model.named_modules() if m is head)
+        parent_name, _, child = name.rpartition(".")
+        layer = Int8Linear(head, stored=(quantized.weight_int8, quantized.weight_scale))
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
