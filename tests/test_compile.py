@@ -1,6 +1,6 @@
 """torch.compile of a DeltaModel and ``deltatune train --compile``: no graph break in the adapter path, compiled
 steps equal eager ones, no recompilation across steps (same or varying lengths, packed), with gradient
-checkpointing and --resume, and a method that cannot be compiled says so and trains uncompiled.
+checkpointing, --packing, --resume and DDP, and a method that cannot be compiled says so and trains uncompiled.
 
 Compiles are counted by a backend of our own (it counts, then hands the graph to aot_eager, which runs the same
 ATen ops as eager, so its steps match eager to float rounding: atol 1e-6, rtol 1e-5). One test runs inductor
