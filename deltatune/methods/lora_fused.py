@@ -22,7 +22,8 @@ forward, so nothing outlives the call, and gradient checkpointing, which reruns 
 takes the same path.
 
 Not shared: an adapter with dropout at work (each layer drops its own copy of x), a mixed batch
-(each row gathers its own factors), a merged or disabled adapter. Under ``torch.compile`` each layer
+(each row gathers its own factors), a merged or disabled adapter, siblings whose A is no plain tensor
+(``--fsdp`` shards each projection apart, so only the called one's A is whole then). Under ``torch.compile`` each layer
 runs its own product: no scope is opened or read, so the compiled graph has no break.
 """
 
@@ -131,7 +132,9 @@ def shares(layer: nn.Module, name: str, like: torch.Tensor) -> bool:
     if layer.training and name in layer.lora_dropout:
         return False
     a = layer.lora_A[name].weight
-    return a.shape[1] == like.shape[1] and a.dtype == like.dtype and a.device == like.device
+    # Another tensor type is no A to stack: under --fsdp each projection is its own shard group, so only
+    # the called one's A is whole (a plain tensor); its siblings' are still split across the processes.
+    return type(a) is type(like) and a.shape[1] == like.shape[1] and a.dtype == like.dtype and a.device == like.device
 
 
 def shared_product(layer: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor | None:
