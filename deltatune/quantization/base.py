@@ -9,6 +9,7 @@ weight is never stored; its quantized form lives in the subclass's own parameter
 
 from __future__ import annotations
 
+import threading
 from typing import Any, ClassVar
 
 import torch
@@ -22,8 +23,24 @@ def _row_chunks(layer: QuantizedLinear) -> list[tuple[int, int]]:
     return [(i, min(i + step, layer.out_features)) for i in range(0, layer.out_features, step)]
 
 
+_SCRATCH = threading.local()  # per thread: {(device, dtype): the float block buffer}
+
+
+def _block(layer: QuantizedLinear, start: int, end: int, like: torch.Tensor) -> torch.Tensor:
+    """Rows ``start:end`` of the float weight in ``like``'s dtype, written into this thread's reused buffer (valid
+    until the next call): a fresh block per matmul would cost page faults, hundreds of times per step."""
+    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
+    key, numel = (like.device, like.dtype), (end - start) * layer.in_features
+    buffer = buffers.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffer = buffers[key] = torch.empty(max(numel, CHUNK_WEIGHTS), dtype=like.dtype, device=like.device)
+    out = buffer[:numel].view(end - start, layer.in_features)
+    layer.dequantize_rows_into(start, end, out)
+    return out
+
+
 def _forward(x: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:
-    parts = [x @ layer.dequantize_rows(i, j).to(x.dtype).T for i, j in _row_chunks(layer)]
+    parts = [x @ _block(layer, i, j, x).T for i, j in _row_chunks(layer)]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 
@@ -47,7 +64,7 @@ def times_weight(grad: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:
     """``grad @ layer.dequantize()`` (the input gradient of x·Wᵀ), a block of rows of W at a time."""
     dx = None
     for i, j in _row_chunks(layer):
-        part = grad[..., i:j] @ layer.dequantize_rows(i, j).to(grad.dtype)
+        part = grad[..., i:j] @ _block(layer, i, j, grad)
         dx = part if dx is None else dx.add_(part)
     return dx
 
@@ -134,6 +151,10 @@ class QuantizedLinear(nn.Linear):
     def dequantize_rows(self, start: int, end: int) -> torch.Tensor:
         """Rows ``start:end`` of the float weight (what chunked_matmul multiplies by)."""
         raise NotImplementedError
+
+    def dequantize_rows_into(self, start: int, end: int, out: torch.Tensor) -> None:
+        """Write rows ``start:end`` of the float weight into ``out`` (any float dtype: cast as ``.to`` would)."""
+        out.copy_(self.dequantize_rows(start, end))
 
     def requantize_(self, weight: torch.Tensor) -> None:
         raise NotImplementedError
