@@ -19,8 +19,11 @@ from deltatune.training.defaults import DEFAULT_LEARNING_RATE, default_learning_
 MEASURED = {
     ("lora", "causal-lm"): 2e-4,
     ("lora", "classification"): 1e-3,
+    ("bitfit", "classification"): 5e-3,
+    ("adapter", "classification"): 2e-4,
+    ("prompt_tuning", "classification"): 1e-1,
 }
-UNMEASURED = [("ia3", "classification"), ("lokr", "causal-lm")]
+UNMEASURED = [("ia3", "classification"), ("lokr", "causal-lm"), ("bitfit", "causal-lm")]
 
 
 @pytest.mark.parametrize(("method", "task"), sorted(MEASURED))

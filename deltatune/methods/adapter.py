@@ -199,5 +199,6 @@ ADAPTER = register(
         (BottleneckAdapter, ModulesToSave),
         mixes="rows",
         layer_types=((nn.Linear, BottleneckAdapter), (Conv1D, BottleneckAdapter)),
+        learning_rates=(("classification", 2e-4),),  # docs/defaults.md (1e-3 ties it)
     )
 )

@@ -189,5 +189,14 @@ def inject(model: nn.Module, adapter_name: str, config: BitFitConfig) -> list[st
 
 
 register(
-    Method("bitfit", BitFitConfig, inject, (BitFitLayer,), merges=True, mixes="rows", finalize_merged=finalize_merged)
+    Method(
+        "bitfit",
+        BitFitConfig,
+        inject,
+        (BitFitLayer,),
+        merges=True,
+        mixes="rows",
+        finalize_merged=finalize_merged,
+        learning_rates=(("classification", 5e-3),),  # docs/defaults.md
+    )
 )

@@ -111,5 +111,6 @@ register(
         prepare_inputs=prepare_inputs,
         generate=generate,
         packable=False,  # virtual tokens take the positions that keep packed examples apart
+        learning_rates=(("classification", 1e-1),),  # docs/defaults.md
     )
 )
