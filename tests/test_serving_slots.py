@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import torch
 from test_server import adapters_dir, tiny_model  # noqa: F401 (adapters_dir: a fixture)
 
@@ -25,16 +26,16 @@ def test_a_load_writes_its_slot_and_an_eviction_resets_it(adapters_dir, smol_tok
     slot = table.slot_of["poet"]
     assert slot == 1 and len(table.tables) == len(lora_layers(store.model))
     for layer in lora_layers(store.model):
-        _, a, b = table.tables[id(layer)]
-        assert a.shape[0] == b.shape[0] == 2 and a.shape[-1] == b.shape[1] == 8
-        assert torch.equal(a[slot, :, :4], layer.lora_A["poet"].weight.T) and not a[slot, :, 4:].any()
+        _, a, b, _ = table.tables[id(layer)]
+        assert a.shape[:2] == b.shape[:2] == (2, 8)
+        assert torch.equal(a[slot, :4], layer.lora_A["poet"].weight) and not a[slot, 4:].any()
         assert torch.equal(b[slot, :4], (layer.lora_B["poet"].weight * layer.scaling["poet"]).T)
         assert not b[slot, 4:].any() and not a[0].any() and not b[0].any()
     assert store.ensure("coder", set())  # evicts poet: its slot is coder's now
     assert table.slot_of == {"coder": 1} and store.evictions == 1
     for layer in lora_layers(store.model):  # coder's layers only (poet's were unwrapped)
-        _, a, b = table.tables[id(layer)]
-        assert torch.equal(a[1, :, :2], layer.lora_A["coder"].weight.T) and not a[1, :, 2:].any()
+        _, a, b, _ = table.tables[id(layer)]
+        assert torch.equal(a[1, :2], layer.lora_A["coder"].weight) and not a[1, 2:].any()
     store.unload("coder")
     assert table.slot_of == {} and not table.tables
 
@@ -54,7 +55,55 @@ def test_rows_over_slots_equal_each_adapter_alone(adapters_dir, smol_tokenizer):
     assert store.slots.rows(names).ids == [2, 0, 1, 2]
     store.unload("poet")  # its slot is reset: zeros in every layer that is left
     assert store.slots.slot_of == {"coder": 2}
-    assert all(not a[1].any() and not b[1].any() for _, a, b in store.slots.tables.values())
+    assert all(not a[1].any() and not b[1].any() for _, a, b, _ in store.slots.tables.values())
+
+
+@pytest.mark.parametrize(
+    ("names", "tokens", "sliced", "masked"),
+    [
+        (["coder", BASE_ADAPTER, "poet", "coder"], 1, True, True),  # a decoding step: slots 1-2 at once, masked
+        (["coder", BASE_ADAPTER, "poet", "coder"], 7, False, True),  # a prompt over two slots: rows gather
+        (["poet", BASE_ADAPTER, "poet"], 7, True, True),  # one slot and a base row: its mask zeroes that row
+        (["poet", "poet"], 7, True, False),  # one slot, every row: no mask
+    ],
+)
+def test_each_form_of_a_step_equals_each_adapter_alone(adapters_dir, smol_tokenizer, names, tokens, sliced, masked):  # noqa: F811
+    """The slice (with and without its mask) and the gather, each against the one-adapter forward of
+    every row; coder's rows also pass q/v layers where its slot holds zeros, and base rows every layer."""
+    store = Adapters(tiny_model(len(smol_tokenizer)), "tiny", adapters_dir, 4, SlotTable(slots=4, max_rank=8))
+    for name in ("poet", "coder"):
+        store.ensure(name, set())
+    rows = store.slots.rows(names)
+    assert rows.sliced(tokens) is sliced and (rows._mask(torch.zeros(1, 1)) is not None) is masked
+    ids = torch.randint(0, len(smol_tokenizer), (len(names), tokens), generator=torch.Generator().manual_seed(1))
+    model = store.model
+    with torch.no_grad():
+        with routing.scope(adapter=None, rows=rows):
+            mixed = model.base_model(input_ids=ids).logits
+        for i, name in enumerate(names):
+            alone = model(input_ids=ids[i : i + 1], adapter_name=name).logits
+            torch.testing.assert_close(mixed[i : i + 1], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_a_repeated_step_skips_the_check_until_the_adapters_change(adapters_dir, smol_tokenizer, monkeypatch):  # noqa: F811
+    """Stepping._checked: a decoding step with the last step's adapters reuses its check; an unload runs it again."""
+    from deltatune.mixed import check as real_check
+    from deltatune.serving import stepping
+
+    store = Adapters(tiny_model(len(smol_tokenizer)), "tiny", adapters_dir, 2, SlotTable(slots=2, max_rank=8))
+    store.ensure("poet", set())
+    calls = []
+    monkeypatch.setattr(stepping, "check", lambda model, names: calls.append(names) or real_check(model, names))
+    steps = stepping.Stepping()
+    assert steps._checked(store.model, ["poet", BASE_ADAPTER]) == ["poet", BASE_ADAPTER]
+    steps._checked(store.model, [BASE_ADAPTER, "poet"])
+    assert len(calls) == 1
+    store.ensure("coder", set())
+    steps._checked(store.model, ["poet"])
+    store.unload("poet")
+    with pytest.raises(KeyError, match="poet"):
+        steps._checked(store.model, ["poet"])
+    assert len(calls) == 3
 
 
 def test_ranks_past_the_slots_are_refused_clearly(adapters_dir, smol_tokenizer):  # noqa: F811

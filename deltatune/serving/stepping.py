@@ -35,6 +35,7 @@ class Stepping:
     pad_id: int
     prefill_chunk: int
     steps: collections.deque[tuple[str, ...]]
+    checked_key: tuple | None = None  # what the last mixed.check passed (Stepping._checked)
 
     def _forward(self, names: list[str], cache: DynamicCache, **inputs: Any) -> torch.Tensor:
         """Last-position logits of one forward, each row through its own adapter."""
@@ -42,13 +43,23 @@ class Stepping:
         if model is None or all(n == BASE_ADAPTER for n in names):
             scope = routing.scope(adapter=BASE_ADAPTER, rows=None) if model is not None else contextlib.nullcontext()
         else:
-            slots, names = self.store.slots, check(model, names)
+            slots, names = self.store.slots, self._checked(model, names)
             rows = slots.rows(names) if slots is not None else routing.RowAdapters(names)
             scope = routing.scope(adapter=None, rows=rows)
         set_cache(inputs, self.base_model, cache)
         with scope:
             out = self.base_model(**inputs, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1]
+
+    def _checked(self, model: Any, names: list[str]) -> list[str]:
+        """``names`` once ``mixed.check`` passes them; a step whose adapters and the model's loaded ones are those
+        the last check passed skips it (decoding steps repeat their names; ``check`` walks every layer for a
+        merged adapter, and the server never merges one or disables adapters)."""
+        key = (id(model), frozenset(names), tuple(model.peft_config))
+        if key != self.checked_key:
+            names = check(model, names)
+            self.checked_key = key
+        return names
 
     def _prefill(self, group: list[Request]) -> None:
         """Prefill rows together (left-padded), pick their first tokens, and add them to the batch."""
