@@ -90,9 +90,20 @@ def check(delta_model: MixingHost, names: Sequence[str]) -> list[str]:
     return list(names)
 
 
-def routed(delta_model: MixingHost, names: Sequence[str]) -> contextlib.AbstractContextManager[routing.Call]:
-    """A call scope in which every layer routes its rows by ``names`` (see deltatune.routing)."""
-    return routing.scope(adapter=None, rows=RowAdapters(check(delta_model, names)))
+def row_adapters(delta_model: MixingHost, names: Sequence[str] | RowAdapters) -> RowAdapters:
+    """The routing of a per-row call: ``names`` checked (:func:`check`), or a routing the caller built for rows it
+    has checked itself (a server's adapter slots: deltatune.serving.slots.SlotTable.rows), used as it is. With
+    such a routing, a forward on a non-empty KV cache takes its inputs as they are: rows with virtual tokens or a
+    prefix got them at their own prefill, and the caller's attention mask and positions cover them."""
+    return names if isinstance(names, RowAdapters) else RowAdapters(check(delta_model, names))
+
+
+def routed(delta_model: MixingHost, rows: RowAdapters) -> contextlib.AbstractContextManager[routing.Call]:
+    """A call scope in which every layer routes its rows by ``rows`` (see deltatune.routing); rows that all run the
+    base need no routing: the call names the base, and layers run as the plain model."""
+    if all(name == BASE_ADAPTER for name in rows.names):
+        return routing.scope(adapter=BASE_ADAPTER, rows=None)
+    return routing.scope(adapter=None, rows=rows)
 
 
 def _counts(host: AdapterHost, rows: list[str], kind: Mixes) -> list[int]:
@@ -186,17 +197,23 @@ def _add_prefixes(
     return _right_aligned(counts, device)
 
 
-def forward(delta_model: MixingHost, names: Sequence[str], kwargs: dict[str, Any]) -> Any:
-    with routed(delta_model, names) as call:
-        return delta_model.base_model(**prepare_inputs(delta_model, call.rows, kwargs))
+def forward(delta_model: MixingHost, names: Sequence[str] | RowAdapters, kwargs: dict[str, Any]) -> Any:
+    rows = row_adapters(delta_model, names)
+    with routed(delta_model, rows):
+        if rows is names and rows.extra_mask is None and not pl.is_empty(get_cache(kwargs)):
+            # a caller's routing on a later step of rows it prefilled itself (a server's decoding step): their
+            # virtual tokens and prefixes are in the cache already, and the caller's mask and positions cover them
+            return delta_model.base_model(**kwargs)
+        return delta_model.base_model(**prepare_inputs(delta_model, rows, kwargs))
 
 
-def generate(delta_model: MixingHost, names: Sequence[str], *args: Any, **kwargs: Any) -> Any:
-    with routed(delta_model, names) as call:
-        if not _changes_inputs(delta_model, call.rows.names):  # weights only: transformers' generate as it is
+def generate(delta_model: MixingHost, names: Sequence[str] | RowAdapters, *args: Any, **kwargs: Any) -> Any:
+    rows = row_adapters(delta_model, names)
+    with routed(delta_model, rows):
+        if not _changes_inputs(delta_model, rows.names):  # weights only: transformers' generate as it is
             return delta_model.base_model.generate(*args, **kwargs)
 
         def step(inputs: dict[str, Any]) -> dict[str, Any]:
-            return prepare_inputs(delta_model, call.rows, inputs, generating=True)
+            return prepare_inputs(delta_model, rows, inputs, generating=True)
 
         return pl.generate_stepping(delta_model, step, *args, **kwargs)

@@ -77,12 +77,18 @@ class DeltaModel(AdapterCheckpoints, ForwardsAttributes, nn.Module):
 
     # --- forwarding -------------------------------------------------------------------------
     def forward(
-        self, *args: Any, adapter_names: list[str] | None = None, adapter_name: str | None = None, **kwargs: Any
+        self,
+        *args: Any,
+        adapter_names: list[str] | routing.RowAdapters | None = None,
+        adapter_name: str | None = None,
+        **kwargs: Any,
     ) -> Any:
         """The base model's forward with the active adapter; or with ``adapter_name`` for this call
         only (``"__base__"``: none); or with ``adapter_names``: one adapter per row, all rows in one
-        pass (see deltatune.mixed). The per-call forms change nothing on the model, so threads may
-        use them at once (see deltatune.routing)."""
+        pass (see deltatune.mixed). ``adapter_names`` may also be a :class:`~deltatune.routing.RowAdapters`
+        built for the rows by the caller, whose names it has checked (``mixed.check``): ``deltatune serve``
+        passes its adapter slots' routing (``SlotTable.rows``) this way, every step. The per-call forms
+        change nothing on the model, so threads may use them at once (see deltatune.routing)."""
         if adapter_names is not None:
             _one_of(adapter_name, adapter_names)
             return mixed.forward(self, adapter_names, self._keywords(args, kwargs))
@@ -92,10 +98,14 @@ class DeltaModel(AdapterCheckpoints, ForwardsAttributes, nn.Module):
             return self.base_model(*args, **self.prepare_inputs(kwargs, adapter_name))
 
     def generate(
-        self, *args: Any, adapter_names: list[str] | None = None, adapter_name: str | None = None, **kwargs: Any
+        self,
+        *args: Any,
+        adapter_names: list[str] | routing.RowAdapters | None = None,
+        adapter_name: str | None = None,
+        **kwargs: Any,
     ) -> Any:
         """transformers' generate with the active adapter, ``adapter_name`` for this call, or one
-        adapter per row (``adapter_names``). Inputs that would run past the model's positions are
+        adapter per row (``adapter_names``, as in :meth:`forward`). Inputs that would run past the model's positions are
         refused (transformers only warns, then computes garbage)."""
         _check_generate_positions(self, args, kwargs)
         if adapter_names is not None:

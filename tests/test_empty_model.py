@@ -142,6 +142,6 @@ def test_the_server_reads_adapter_config_once_per_load(tmp_path, monkeypatch):
     assert store.ensure("poet", set())
     assert len(reads) == 1
     model = store.model
-    store.unload("poet")  # the last one: deleted, not unloaded, leaving a valid model with no adapter
-    assert store.model is None and model.peft_config == {} and wrappers(model) == []
-    assert store.ensure("poet", set()) and len(reads) == 2
+    store.unload("poet")  # the last one: deleted, not unloaded; the server keeps the model, with no adapter
+    assert store.model is model and model.peft_config == {} and wrappers(model) == []
+    assert store.ensure("poet", set()) and len(reads) == 2 and store.model is model

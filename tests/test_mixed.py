@@ -73,6 +73,28 @@ def test_forward_rows_equal_each_row_alone():
 
 
 @torch.no_grad()
+def test_a_routing_built_by_the_caller_runs_as_its_names():
+    """forward/generate also take a RowAdapters the caller built for rows it checked (the server passes its
+    adapter slots' routing): the same rows as the names; rows that all run the base run as the plain model."""
+    model = many_adapters()
+    names = ["sql", BASE_ADAPTER, "chat", "soft"]
+    ids, mask = left_padded(texts(len(names), lengths=[5, 7]))
+    expected = model(input_ids=ids, attention_mask=mask, adapter_names=names).logits
+    got = model(input_ids=ids, attention_mask=mask, adapter_names=routing.RowAdapters(names)).logits
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    settings = {"input_ids": ids, "attention_mask": mask, "max_new_tokens": 3, "do_sample": False, "pad_token_id": 0}
+    torch.testing.assert_close(
+        model.generate(**settings, adapter_names=routing.RowAdapters(names)),
+        model.generate(**settings, adapter_names=names),
+    )
+    with model.disable_adapter():
+        plain = model(input_ids=ids, attention_mask=mask).logits
+    bases = model(input_ids=ids, attention_mask=mask, adapter_names=[BASE_ADAPTER] * len(names)).logits
+    torch.testing.assert_close(bases, plain, atol=0, rtol=0)
+    assert routing.current() is None
+
+
+@torch.no_grad()
 def test_lora_only_batch_keeps_the_models_positions_and_labels():
     """Without prompt-learning rows the inputs pass through as they are (a loss comes back too)."""
     model = many_adapters()

@@ -542,11 +542,14 @@ def test_adapters_load_after_the_last_one_is_deleted(adapters_dir, smol_tokenize
     engine = small_engine(smol_tokenizer, tmp_path)
     with running(engine) as url:
         client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0, timeout=60)
+        model = engine.model  # one DeltaModel for the server's life, with no adapter before the first load
         client.delete("/adapters/only", cast_to=object)
-        assert engine.model is None and engine.adapters == []
+        assert engine.model is model and model.peft_config == {} and engine.adapters == []
+        base = client.completions.create(model="tiny", prompt="Hello", max_tokens=5, temperature=0).choices[0].text
+        assert base == reference(engine, BASE_ADAPTER, prompt_ids(engine, "Hello"), 5)
         client.post("/adapters", body={"name": "again", "path": "only"}, cast_to=object)
         text = client.completions.create(model="again", prompt="Hello", max_tokens=5, temperature=0).choices[0].text
-        assert text == reference(engine, "again", prompt_ids(engine, "Hello"), 5)
+        assert text == reference(engine, "again", prompt_ids(engine, "Hello"), 5) and engine.model is model
 
 
 def test_close_stops_the_worker_and_answers_open_requests(adapters_dir, smol_tokenizer):

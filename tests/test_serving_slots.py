@@ -47,8 +47,7 @@ def test_rows_over_slots_equal_each_adapter_alone(adapters_dir, smol_tokenizer):
     model, names = store.model, ["coder", BASE_ADAPTER, "poet", "coder"]
     ids = torch.randint(0, len(smol_tokenizer), (4, 7), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        with routing.scope(adapter=None, rows=store.slots.rows(names)):
-            mixed = model.base_model(input_ids=ids).logits
+        mixed = model(input_ids=ids, adapter_names=store.slots.rows(names)).logits  # the public per-row call
         for i, name in enumerate(names):
             alone = model(input_ids=ids[i : i + 1], adapter_name=name).logits
             torch.testing.assert_close(mixed[i : i + 1], alone, rtol=1e-5, atol=1e-5)
@@ -119,16 +118,26 @@ def test_ranks_past_the_slots_are_refused_clearly(adapters_dir, smol_tokenizer):
     assert "poet" not in store.model.peft_config  # the failed load left nothing behind
 
 
-def test_a_server_with_slots_answers_each_row_as_alone(adapters_dir, smol_tokenizer):  # noqa: F811
-    """Through the engine: rows of two adapters and the base decode together from the slots."""
+def test_a_server_with_slots_answers_each_row_as_alone(adapters_dir, smol_tokenizer, monkeypatch):  # noqa: F811
+    """Through the engine: rows of two adapters and the base decode together from the slots, every step through
+    the model's public per-row call (DeltaModel.forward with adapter_names: the slots' routing)."""
     import json
     from concurrent.futures import ThreadPoolExecutor
 
     from test_server import reference, running
     from test_serving_vllm import call
 
+    from deltatune.model import DeltaModel
     from deltatune.serving import Engine
+    from deltatune.serving.slots import SlotRows
 
+    calls, forward = [], DeltaModel.forward
+
+    def recorded(self, *args, adapter_names=None, **kwargs):
+        calls.append(adapter_names)
+        return forward(self, *args, adapter_names=adapter_names, **kwargs)
+
+    monkeypatch.setattr(DeltaModel, "forward", recorded)
     engine = Engine(
         tiny_model(len(smol_tokenizer)), smol_tokenizer, "tiny", adapters_dir, max_loaded=3, max_lora_rank=4
     )
@@ -141,6 +150,8 @@ def test_a_server_with_slots_answers_each_row_as_alone(adapters_dir, smol_tokeni
                 time.sleep(0.01)
         texts = [json.loads(f.result()[2])["choices"][0]["text"] for f in futures]
         assert set(engine.store.slots.slot_of) == {"poet", "coder"}
+        steps = [rows for rows in calls if isinstance(rows, SlotRows)]
+        assert len(steps) == len(calls) and {"poet", "coder", BASE_ADAPTER} <= {n for r in steps for n in r.names}
         for (model, prompt), text in zip(jobs, texts, strict=True):
             adapter = BASE_ADAPTER if model == "tiny" else model
             assert text == reference(engine, adapter, smol_tokenizer(prompt)["input_ids"], 6), model

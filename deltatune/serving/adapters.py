@@ -78,7 +78,7 @@ class Adapters:
     ) -> None:
         self.base_model, self.base_name, self.directory = base_model, base_name, directory
         self.max_loaded, self.slots = max_loaded, slots
-        self.model: DeltaModel | None = None
+        self.model = DeltaModel(base_model)  # no adapter yet; the one model for the server's life, even with none
         self.paths: dict[str, Path] = {}
         self.recent: OrderedDict[str, None] = OrderedDict()  # loaded, least recently used first
         self.deleted: set[str] = set()  # deleted through the API: not found on disk again until re-added
@@ -175,13 +175,7 @@ class Adapters:
 
     def _load(self, name: str, path: Path) -> None:
         config = check_mixable(path)  # the one read of its adapter_config.json for this load
-        if self.model is None:
-            self.model = DeltaModel(self.base_model)  # no adapter yet; it stays valid when the last one goes
-        try:
-            self.model.load_adapter(path, name, config=config)
-        finally:
-            if not self.model.peft_config:
-                self.model = None  # a first load that failed: nothing loaded, the plain base as before
+        self.model.load_adapter(path, name, config=config)  # a load that fails leaves the model as it was
         self.model.eval()
         self._write_slot(name)
         self.recent[name] = None
@@ -207,9 +201,7 @@ class Adapters:
     def _remove(self, name: str) -> None:
         if self.slots is not None:
             self.slots.reset(name)
-        self.model.delete_adapter(name)  # the last one gone, every module is the plain base again
-        if not self.model.peft_config:
-            self.model = None  # nothing loaded: the engine runs the plain base model
+        self.model.delete_adapter(name)  # the last one gone, the model holds none and runs the plain base
         if self.slots is not None:
             self.slots.sync(self.model)  # layers unwrapped with it drop their tables
         log.info("unloaded adapter %s", name)

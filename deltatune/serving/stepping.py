@@ -5,7 +5,6 @@ its own adapter. A call that raises is retried row by row, so a failure stays wi
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
 from typing import Any
 
@@ -13,9 +12,8 @@ import torch
 from transformers import DynamicCache
 
 from deltatune import routing
-from deltatune.compat import get_cache, output_cache, set_cache
-from deltatune.constants import BASE_ADAPTER
-from deltatune.mixed import check, prepare_inputs
+from deltatune.compat import output_cache, set_cache
+from deltatune.mixed import check
 from deltatune.serving.adapters import Adapters
 from deltatune.serving.kv import Batch
 from deltatune.serving.rows import Request
@@ -38,17 +36,13 @@ class Stepping:
     checked_key: tuple | None = None  # what the last mixed.check passed (Stepping._checked)
 
     def _forward(self, names: list[str], cache: DynamicCache, **inputs: Any) -> torch.Tensor:
-        """Last-position logits of one forward, each row through its own adapter."""
-        model = self.model
-        if model is None or all(n == BASE_ADAPTER for n in names):
-            scope = routing.scope(adapter=BASE_ADAPTER, rows=None) if model is not None else contextlib.nullcontext()
-        else:
-            slots, names = self.store.slots, self._checked(model, names)
-            rows = slots.rows(names) if slots is not None else routing.RowAdapters(names)
-            scope = routing.scope(adapter=None, rows=rows)
+        """Last-position logits of one forward, each row through its own adapter: the model's public per-row
+        call (``DeltaModel.forward(adapter_names=...)``), given the slots' routing when the server keeps slots."""
+        model, slots = self.model, self.store.slots
+        names = self._checked(model, names)
+        rows = slots.rows(names) if slots is not None else routing.RowAdapters(names)
         set_cache(inputs, self.base_model, cache)
-        with scope:
-            out = self.base_model(**inputs, use_cache=True, logits_to_keep=1)
+        out = model(**inputs, use_cache=True, logits_to_keep=1, adapter_names=rows)
         return out.logits[:, -1]
 
     def _checked(self, model: Any, names: list[str]) -> list[str]:
@@ -97,12 +91,9 @@ class Stepping:
         """A prompt-learning row: its virtual tokens or prefix go in first (mixed.prepare_inputs)."""
         try:
             ids = torch.tensor([request.prompt_ids])
-            rows = routing.RowAdapters(check(self.model, [request.adapter]))
-            with routing.scope(adapter=None, rows=rows):
-                inputs = prepare_inputs(self.model, rows, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
-                if get_cache(inputs) is None:
-                    set_cache(inputs, self.base_model, DynamicCache(config=self.base_model.config))
-                out = self.base_model(**inputs, use_cache=True, logits_to_keep=1)
+            inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+            set_cache(inputs, self.base_model, DynamicCache(config=self.base_model.config))
+            out = self.model(**inputs, use_cache=True, logits_to_keep=1, adapter_names=[request.adapter])
             cache = output_cache(out)
             request.length = cache.get_seq_length()
             self._join([request], out.logits[:, -1], cache, torch.ones(1, request.length, dtype=torch.long))
