@@ -106,6 +106,33 @@ def test_models_list_parent_and_root_as_vllm(server):
         assert cards[name]["parent"] == "tiny" and cards[name]["root"] == str((directory / name).resolve())
 
 
+def test_the_openai_client_drives_the_vllm_routes(server):
+    """Where the openai client applies: its generic post for the two routes (the plain-text answers, vLLM's
+    error body as the client parses it), models.list with parent and root, a completion of the added adapter."""
+    openai = pytest.importorskip("openai")
+    _, url, directory = server
+    client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0, timeout=60)
+    added = client.post("/load_lora_adapter", body={"lora_name": "verse", "lora_path": "poet"}, cast_to=str)
+    assert added == "Success: LoRA adapter 'verse' added successfully."
+    card = next(m for m in client.models.list().data if m.id == "verse")
+    assert card.model_extra == {"parent": "tiny", "root": str((directory / "poet").resolve())}
+    text = client.completions.create(model="verse", prompt="Hello", max_tokens=5, temperature=0).choices[0].text
+    assert text == completion(url.removesuffix("/v1"), "poet")
+    removed = client.post("/unload_lora_adapter", body={"lora_name": "verse"}, cast_to=str)
+    assert removed == "Success: LoRA adapter 'verse' removed successfully."
+    with pytest.raises(openai.NotFoundError) as raised:
+        client.post("/unload_lora_adapter", body={"lora_name": "verse"}, cast_to=str)
+    assert raised.value.body == {
+        "message": "The lora adapter 'verse' cannot be found.",
+        "type": "NotFoundError",
+        "param": None,
+        "code": 404,
+    }
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.post("/load_lora_adapter", body={"lora_name": "verse"}, cast_to=str)
+    assert raised.value.type == "InvalidUserInput" and raised.value.body["code"] == 400
+
+
 # --- GET /metrics ------------------------------------------------------------------------------------
 def scrape(url: str) -> dict[tuple[str, tuple], float]:
     """Every sample of /metrics (no API key, as Prometheus scrapes), parsed by prometheus_client."""
