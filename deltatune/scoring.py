@@ -91,8 +91,6 @@ def corpus_scores(
     if "rougeL" in metrics:
         out["rougeL"] = 100 * _mean(rouge_l(p, refs) for p, refs in zip(predictions, references, strict=True))
     if "nist" in metrics:
-        from nltk.translate.nist_score import corpus_nist
-
         hyps = [p.split() for p in predictions]
         out["nist"] = corpus_nist([[r.split() for r in refs] for refs in references], hyps, n=5)
     if "exact_match" in metrics:
@@ -100,6 +98,41 @@ def corpus_scores(
         hits = (any(match(p, r) for r in refs) for p, refs in zip(predictions, references, strict=True))
         out["exact_match"] = 100 * _mean(hits)
     return out
+
+
+def corpus_nist(references: Sequence[Sequence[list[str]]], hypotheses: Sequence[list[str]], n: int = 5) -> float:
+    """nltk's ``corpus_nist`` (nltk 3.10, the same arithmetic step by step), except that an n-gram order no
+    hypothesis is long enough for adds 0 to the score instead of dividing by zero: NIST's reference script
+    (mteval-v13a.pl) divides by ``max(count, 1)``. nltk raises ZeroDivisionError when every hypothesis has fewer
+    than ``n`` words; on any other input both give the same value (tests/test_eval_output.py)."""
+    from collections import Counter
+
+    from nltk.translate.nist_score import nist_length_penalty
+    from nltk.util import ngrams
+
+    freq: Counter = Counter()
+    total_words = 0
+    for refs in references:
+        for ref in refs:
+            for i in range(1, n + 1):
+                freq.update(ngrams(ref, i))
+            total_words += len(ref)
+    weight = {g: math.log((freq[g[:-1]] if g[:-1] and g[:-1] in freq else total_words) / c, 2) for g, c in freq.items()}
+    score, ref_len, sys_len = 0.0, 0, 0
+    for i in range(1, n + 1):
+        numerator = denominator = 0
+        for refs, hyp in zip(references, hypotheses, strict=True):
+            hyp_grams = Counter(ngrams(hyp, i)) if len(hyp) >= i else Counter()
+            per_ref = []
+            for ref in refs:
+                overlap = hyp_grams & (Counter(ngrams(ref, i)) if len(ref) >= i else Counter())
+                num, den = sum(weight[g] * c for g, c in overlap.items()), sum(hyp_grams.values())
+                per_ref.append((0 if den == 0 else num / den, num, den, len(ref)))
+            _, num, den, length = max(per_ref)  # nltk's choice of reference, ties and all
+            numerator, denominator = numerator + num, denominator + den
+            ref_len, sys_len = ref_len + length, sys_len + len(hyp)
+        score += numerator / denominator if denominator else 0.0
+    return score * nist_length_penalty(ref_len, sys_len) if ref_len else 0.0
 
 
 def example_scores(prediction: str, references: Sequence[str], metrics: Sequence[str]) -> dict[str, float]:

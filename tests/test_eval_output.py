@@ -60,6 +60,42 @@ def test_rouge_l_is_the_best_reference_and_nist_is_nltks():
     assert ours["exact_match"] == 25.0  # "hello world" matches its first reference
 
 
+def test_nist_of_predictions_shorter_than_five_words():
+    """Every prediction under 5 words: nltk's corpus_nist divides by zero; ours adds 0 for the orders no
+    prediction reaches (mteval-v13a's max(count, 1)), so it is Doddington's formula over orders 1 and 2."""
+    import math
+
+    from nltk.translate.nist_score import corpus_nist
+
+    predictions, references = ["hello world", "it rains"], [["hello world"], ["it rains today"]]
+    refs, hyps = [[r.split() for r in rs] for rs in references], [p.split() for p in predictions]
+    with pytest.raises(ZeroDivisionError):
+        corpus_nist(refs, hyps, n=5)
+    # by hand: 5 reference words; each matched unigram carries log2(5 / 1), each matched bigram log2(1 / 1) = 0;
+    # 4 words against 5 give the brevity factor exp(beta * ln(4/5)^2), beta = ln(0.5) / ln(1.5)^2
+    beta = math.log(0.5) / math.log(1.5) ** 2
+    wanted = (4 * math.log2(5) / 4 + 0 / 2) * math.exp(beta * math.log(4 / 5) ** 2)
+    assert corpus_scores(predictions, references, ("nist",))["nist"] == pytest.approx(wanted, rel=1e-12)
+    assert corpus_nist(refs, hyps, n=2) == pytest.approx(wanted, rel=1e-12)  # nltk up to the longest prediction
+    assert corpus_scores(["", ""], references, ("nist",))["nist"] == 0.0
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_nist_equals_nltk_whenever_nltk_has_a_value(seed):
+    from nltk.translate.nist_score import corpus_nist
+
+    rng = np.random.default_rng(seed)
+    words = ["a", "b", "c", "d", "e", "f"]
+
+    def sentence(low: int) -> str:
+        return " ".join(rng.choice(words, size=int(rng.integers(low, 9))))
+
+    predictions = [sentence(0) for _ in range(6)] + [sentence(5)]  # one of 5+ words: nltk divides by nothing 0
+    references = [[sentence(1) for _ in range(int(rng.integers(1, 4)))] for _ in predictions]
+    wanted = corpus_nist([[r.split() for r in rs] for rs in references], [p.split() for p in predictions], n=5)
+    assert corpus_scores(predictions, references, ("nist",))["nist"] == wanted
+
+
 def test_example_scores_are_sacrebleus_sentence_scores():
     import sacrebleu
 
