@@ -198,13 +198,20 @@ def test_metrics_move_as_requests_run(adapters_dir, smol_tokenizer):  # noqa: F8
 # --- per-request mixes (LoRAX's merged_adapters) --------------------------------------------------------
 def mixed_reference(directory, vocab: int, tokenizer, prompt: str, tokens: int, **options) -> str:
     """The mix computed by the library itself (add_weighted_adapter), greedy, alone."""
+    return library_mix(directory, {"poet": 0.7, "coder": -0.4}, vocab, tokenizer, prompt, tokens, **options)
+
+
+def library_mix(directory, parts: dict[str, float], vocab: int, tokenizer, prompt: str, tokens: int, **options) -> str:
+    """``parts`` (adapter: weight, folders in ``directory``) combined by the library's add_weighted_adapter,
+    greedy, alone."""
     import torch
 
     import deltatune as dt
 
-    model = dt.DeltaModel.from_pretrained(tiny_model(vocab), directory / "poet", "poet")
-    model.load_adapter(directory / "coder", "coder")
-    model.add_weighted_adapter(["poet", "coder"], [0.7, -0.4], "mix", **options)
+    model = dt.DeltaModel(tiny_model(vocab))
+    for name in parts:
+        model.load_adapter(directory / name, name)
+    model.add_weighted_adapter(list(parts), list(parts.values()), "mix", **options)
     ids = torch.tensor([tokenizer(prompt)["input_ids"]])
     with torch.no_grad():
         out = model.generate(input_ids=ids, adapter_name="mix", max_new_tokens=tokens, do_sample=False, pad_token_id=0)
@@ -228,6 +235,49 @@ def test_a_mix_equals_the_library_combination(server, smol_tokenizer, strategy):
     loads = engine.store.loads
     assert json.loads(call(url, "/completions", body)[2])["choices"][0]["text"] == got
     assert engine.store.loads == loads  # computed once, then cached as a loaded adapter
+
+
+@pytest.fixture(scope="module")
+def same_layers(smol_tokenizer, tmp_path_factory):
+    """A server of two LoRA adapters of one rank on the same layers, so that every strategy combines them
+    differently (poet and coder share no layer: there, svd and linear give one result)."""
+    import torch
+
+    import deltatune as dt
+
+    directory = tmp_path_factory.mktemp("same-layers")
+    lora = dt.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    model = dt.wrap(tiny_model(len(smol_tokenizer)), lora, "left")
+    model.add_adapter("right", lora)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    model.save_pretrained(directory)
+    with running(Engine(tiny_model(len(smol_tokenizer)), smol_tokenizer, "tiny", directory)) as url:
+        yield url, directory
+
+
+def test_each_strategy_equals_the_library_combination(same_layers, smol_tokenizer):
+    url, directory = same_layers
+    weights, expected = {"left": 0.8, "right": 0.6}, {}
+    for strategy in ("linear", "cat", "svd", "ties", "magnitude_prune"):
+        options = {"combination_type": strategy}
+        mix = {"ids": list(weights), "weights": list(weights.values()), "merge_strategy": strategy}
+        if strategy in ("ties", "magnitude_prune"):  # what serving/mixes.build passes these
+            mix["density"] = 0.5
+            options |= {"density": 0.5, "majority_sign_method": "total"}
+        body = {"model": "tiny", "prompt": "Once upon", "max_tokens": 12, "temperature": 0, "merged_adapters": mix}
+        status, _, text = call(url, "/completions", body)
+        assert status == 200, text
+        expected[strategy] = library_mix(
+            directory, weights, len(smol_tokenizer), smol_tokenizer, "Once upon", 12, **options
+        )
+        assert json.loads(text)["choices"][0]["text"] == expected[strategy], strategy
+    # a server that ran another strategy than asked would fail above: these give four texts (cat and linear
+    # coincide here, both exact sums of the two deltas)
+    assert len({expected[s] for s in ("linear", "svd", "ties", "magnitude_prune")}) == 4, expected
 
 
 def test_mix_requests_are_checked(server):
