@@ -168,71 +168,109 @@ def test_bad_exports_fail_before_the_model_loads(tiny_llama_dir, tiny_bert_dir, 
     assert loads == [] and not list(tmp_path.glob("*.gguf")) and not Path(bin_file).exists()
 
 
-# llama.cpp's greedy tokens, run by llama-cpp-python: argv = model path, lora path ("" for none), token ids (JSON).
+# llama.cpp's greedy tokens and their log-probabilities, run by xllamacpp (prebuilt wheels on PyPI) or else by
+# llama-cpp-python (tokens only). argv = model path, lora path ("" for none), prompt token ids (JSON), count.
+# xllamacpp runs with an f32 KV cache and flash attention off, so that llama.cpp computes in f32 as torch does.
 LLAMA_CPP_SCRIPT = """
-import json, sys
-import llama_cpp
-options = {"lora_path": sys.argv[2]} if sys.argv[2] else {}
-llm = llama_cpp.Llama(sys.argv[1], n_ctx=128, n_threads=2, verbose=False, **options)
-tokens = []
-for token in llm.generate(json.loads(sys.argv[3]), top_k=1, temp=0.0, repeat_penalty=1.0):
-    tokens.append(token)
-    if len(tokens) == int(sys.argv[4]):
-        break
-print(json.dumps(tokens))
+import importlib.util, json, sys
+model, lora, ids, count = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
+if importlib.util.find_spec("xllamacpp") is not None:
+    import xllamacpp as xlc
+    params = xlc.CommonParams()
+    params.model.path = model
+    params.n_ctx, params.n_parallel = 128, 1
+    params.cpuparams.n_threads = params.cpuparams_batch.n_threads = 2
+    params.cache_type_k = params.cache_type_v = xlc.ggml_type.GGML_TYPE_F32
+    params.flash_attn_type = xlc.llama_flash_attn_type.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    if lora:
+        adapter = xlc.CommonAdapterLoraInfo()
+        adapter.path, adapter.scale = lora, 1.0
+        params.lora_adapters = [adapter]
+    request = {"prompt": ids, "max_tokens": count, "temperature": 0.0, "top_k": 1, "repeat_penalty": 1.0,
+               "n_probs": 1, "cache_prompt": False}
+    steps = xlc.Server(params).handle_completions(request)["choices"][0]["logprobs"]["content"]
+    out = {"tokens": [s["id"] for s in steps], "logprobs": [s["logprob"] for s in steps],
+           "runner": "xllamacpp " + xlc.__version__}
+else:
+    import llama_cpp
+    options = {"lora_path": lora} if lora else {}
+    llm = llama_cpp.Llama(model, n_ctx=128, n_threads=2, verbose=False, **options)
+    tokens = []
+    for token in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0):
+        tokens.append(token)
+        if len(tokens) == count:
+            break
+    out = {"tokens": tokens, "logprobs": None, "runner": "llama-cpp-python " + llama_cpp.__version__}
+print(json.dumps(out))
 """
+RUNNERS = "import importlib.util as u; print(any(u.find_spec(m) for m in ('xllamacpp', 'llama_cpp')))"
 
 
 def llama_cpp_python() -> str:
-    """A Python that imports llama_cpp: $DELTATUNE_LLAMA_CPP_PYTHON (llama-cpp-python in a virtual environment of
-    its own, e.g. /tmp/llamacpp-venv/bin/python), else this one if it has llama_cpp; the test skips otherwise."""
-    import importlib.util
+    """A Python that imports xllamacpp or llama_cpp: $DELTATUNE_LLAMA_CPP_PYTHON (either in a virtual environment
+    of its own, e.g. /tmp/xl/bin/python), else this one if it has either; the test skips otherwise."""
     import os
+    import subprocess
     import sys
 
-    given = os.environ.get("DELTATUNE_LLAMA_CPP_PYTHON")
-    if given:
-        return given
-    if importlib.util.find_spec("llama_cpp") is None:
-        pytest.skip("llama-cpp-python is not installed (or set DELTATUNE_LLAMA_CPP_PYTHON to a Python that has it)")
-    return sys.executable
+    python = os.environ.get("DELTATUNE_LLAMA_CPP_PYTHON") or sys.executable
+    try:
+        done = subprocess.run([python, "-c", RUNNERS], capture_output=True, text=True, timeout=120)
+    except OSError as error:
+        pytest.skip(f"DELTATUNE_LLAMA_CPP_PYTHON={python} does not run: {error}")
+    if done.returncode != 0 or done.stdout.strip() != "True":
+        where = "$DELTATUNE_LLAMA_CPP_PYTHON" if os.environ.get("DELTATUNE_LLAMA_CPP_PYTHON") else "this Python"
+        pytest.skip(
+            f"{where} ({python}) imports neither xllamacpp nor llama_cpp: set DELTATUNE_LLAMA_CPP_PYTHON to a Python "
+            "that has one (pip install xllamacpp, prebuilt CPU wheels; docs/export.md)"
+        )
+    return python
 
 
 @pytest.mark.real_model
 @pytest.mark.slow
 def test_llama_cpp_runs_our_adapter_like_deltatune(tmp_path):
-    """Opt-in (llama-cpp-python): the base as an f32 GGUF plus our adapter GGUF, in llama.cpp, gives deltatune's
-    greedy tokens; so does our merged GGUF (results: docs/export.md)."""
+    """Opt-in (xllamacpp or llama-cpp-python): the base as an f32 GGUF plus our adapter GGUF, in llama.cpp, gives
+    deltatune's greedy tokens, and (xllamacpp) their log-probabilities within f32 kernel noise; so does our merged
+    f32 GGUF. The adapter moves the tokens from the second one on, so a wrong layout or scale cannot pass
+    (results: docs/export.md)."""
     import json
     import subprocess
 
     from deltatune.export import export_lora, export_merged
 
-    python, count = llama_cpp_python(), 12
+    python, count = llama_cpp_python(), 16
     base, tokenizer = dt.load_base("smollm2-135m")
     model = dt.wrap(base, dt.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-    randomize_adapters(model, seed=3, std=0.05)
+    randomize_adapters(model, seed=3, std=0.1)
     model.save_pretrained(tmp_path / "lora")
     ids = tokenizer("The capital of France is a city where")["input_ids"]
 
-    def ours(m) -> list[int]:
+    def ours(m) -> tuple[list[int], list[float]]:
         with torch.no_grad():
-            out = m.generate(torch.tensor([ids]), max_new_tokens=count, do_sample=False)
-        return out[0, len(ids) :].tolist()
+            greedy = {"max_new_tokens": count, "do_sample": False}
+            out = m.generate(torch.tensor([ids]), output_scores=True, return_dict_in_generate=True, **greedy)
+        tokens = out.sequences[0, len(ids) :].tolist()
+        return tokens, [torch.log_softmax(s[0].double(), -1)[t].item() for s, t in zip(out.scores, tokens, strict=True)]
 
-    def llama(path: Path, lora: Path | None = None) -> list[int]:
+    def llama(path: Path, lora: Path | None = None) -> dict:
         argv = [python, "-c", LLAMA_CPP_SCRIPT, str(path), str(lora or ""), json.dumps(ids), str(count)]
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, done.stderr[-3000:]
         return json.loads(done.stdout.strip().splitlines()[-1])
+
+    def check(run: dict, tokens: list[int], logprobs: list[float]) -> None:
+        assert run["tokens"] == tokens, run["runner"]
+        if run["logprobs"] is not None:
+            assert run["logprobs"] == pytest.approx(logprobs, abs=1e-3), run["runner"]
 
     adapted = ours(model)
     with model.disable_adapter():
         plain = ours(model)
-    assert adapted != plain
+    assert adapted[0][0] == plain[0][0] and adapted[0][1] != plain[0][1]  # the adapter changes the 2nd token on
     export_merged("smollm2-135m", None, tmp_path / "base.gguf", "f32")
     export_lora("smollm2-135m", tmp_path / "lora", tmp_path / "lora.gguf")
     export_merged("smollm2-135m", tmp_path / "lora", tmp_path / "merged.gguf", "f32")
-    assert llama(tmp_path / "base.gguf") == plain
-    assert llama(tmp_path / "base.gguf", tmp_path / "lora.gguf") == adapted
-    assert llama(tmp_path / "merged.gguf") == adapted
+    check(llama(tmp_path / "base.gguf"), *plain)
+    check(llama(tmp_path / "base.gguf", tmp_path / "lora.gguf"), *adapted)
+    check(llama(tmp_path / "merged.gguf"), *adapted)
