@@ -85,7 +85,7 @@ def test_each_form_of_a_step_equals_each_adapter_alone(adapters_dir, smol_tokeni
 
 
 def test_a_repeated_step_skips_the_check_until_the_adapters_change(adapters_dir, smol_tokenizer, monkeypatch):  # noqa: F811
-    """Stepping._checked: a decoding step with the last step's adapters reuses its check; an unload runs it again."""
+    """Runner.checked: a decoding step with the last step's adapters reuses its check; an unload runs it again."""
     from deltatune.mixed import check as real_check
     from deltatune.serving import stepping
 
@@ -93,15 +93,15 @@ def test_a_repeated_step_skips_the_check_until_the_adapters_change(adapters_dir,
     store.ensure("poet", set())
     calls = []
     monkeypatch.setattr(stepping, "check", lambda model, names: calls.append(names) or real_check(model, names))
-    steps = stepping.Stepping()
-    assert steps._checked(store.model, ["poet", BASE_ADAPTER]) == ["poet", BASE_ADAPTER]
-    steps._checked(store.model, [BASE_ADAPTER, "poet"])
+    runner = stepping.Runner(store, store.base_model, 0)
+    assert runner.checked(store.model, ["poet", BASE_ADAPTER]) == ["poet", BASE_ADAPTER]
+    runner.checked(store.model, [BASE_ADAPTER, "poet"])
     assert len(calls) == 1
     store.ensure("coder", set())
-    steps._checked(store.model, ["poet"])
+    runner.checked(store.model, ["poet"])
     store.unload("poet")
     with pytest.raises(KeyError, match="poet"):
-        steps._checked(store.model, ["poet"])
+        runner.checked(store.model, ["poet"])
     assert len(calls) == 3
 
 

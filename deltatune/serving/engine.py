@@ -22,8 +22,10 @@ temperature/seed, stop strings and on-demand adapter loading must live.
 A failure stays with its rows: a prefill or step that raises is retried row by row, and only the
 rows that fail alone get an error.
 
-This module holds the worker, its commands and the per-row sampling; who joins a step is
-:mod:`deltatune.serving.scheduling`'s, the model calls (prefill, decode) :mod:`deltatune.serving.stepping`'s.
+This module holds the worker, its commands, each step's prefills and decoding (with their row-by-row retries)
+and the per-row sampling. The engine holds three parts, each readable alone: who joins a step is the
+:class:`~deltatune.serving.scheduling.Scheduler`'s, the model calls the :class:`~deltatune.serving.stepping.Runner`'s,
+what is loaded the :class:`~deltatune.serving.adapters.Adapters` store's (LRU over the slots).
 """
 
 from __future__ import annotations
@@ -44,15 +46,17 @@ from deltatune.serving.adapters import Adapters
 from deltatune.serving.kv import Batch
 from deltatune.serving.metrics import Metrics
 from deltatune.serving.rows import Detokenizer, QueueFull, Request, pick
-from deltatune.serving.scheduling import Admission
+from deltatune.serving.scheduling import Scheduler
 from deltatune.serving.slots import SlotTable
-from deltatune.serving.stepping import Stepping
+from deltatune.serving.stepping import Runner
 
 log = logging.getLogger("deltatune.serve")
 
 
-class Engine(Admission, Stepping):
-    """A base model, its adapters, and the worker that runs requests across them in one batch."""
+class Engine:
+    """A base model, its adapters, and the worker that runs requests across them in one batch. It holds three
+    parts that read alone: the adapter store (``store``: what is loaded, LRU over the slots), the scheduler
+    (``scheduler``: who joins each step) and the runner (``runner``: one forward for a batch of rows)."""
 
     def __init__(
         self,
@@ -76,21 +80,28 @@ class Engine(Admission, Stepping):
         self.adapters_dir = Path(adapters_dir).resolve() if adapters_dir else None
         slots = SlotTable(max_loaded, max_lora_rank) if max_loaded and max_lora_rank else None
         self.store = Adapters(self.base_model, base_name, self.adapters_dir, max_loaded, slots)
-        self.max_batch, self.max_queue, self.scheduler = max_batch, max_queue, scheduler
-        self.prefill_chunk, self.batch_window_s, self.arrival_gap_s = prefill_chunk, batch_window_s, arrival_gap_s
+        self.max_queue = max_queue
         self.context_length = getattr(base_model.config, "max_position_embeddings", None) or 2048
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.runner = Runner(self.store, self.base_model, self.pad_id)
         self.metrics = Metrics(self)
         self.detokenizer = Detokenizer(tokenizer, self.metrics.token)
-        self.waiting: collections.deque[Request] = collections.deque()
         self.commands: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future]] = collections.deque()
-        self.cond = threading.Condition()
+        self.cond = threading.Condition()  # guards the waiting queue, the commands and ``stopping``
+        self.scheduler = Scheduler(
+            self.store,
+            self.cond,
+            self.runner.new_cache,
+            policy=scheduler,
+            max_batch=max_batch,
+            prefill_chunk=prefill_chunk,
+            batch_window_s=batch_window_s,
+            arrival_gap_s=arrival_gap_s,
+        )
         self.lock = threading.Lock()  # held by the worker for each step; tests hold it to pause the worker
         self.batch = Batch()
-        self.partial: tuple[Request, DynamicCache, int] | None = None  # a long prompt prefilled chunk by chunk
         self.steps: collections.deque[tuple[str, ...]] = collections.deque(maxlen=256)  # recent steps' adapters
         self.stopping = False
-        self.loads_left = 1
         if max_loaded is None:  # everything on disk, loaded now (as before on-demand loading)
             for name in self.store.servable:
                 self.store.ensure(name, set())
@@ -101,6 +112,20 @@ class Engine(Admission, Stepping):
     @property
     def model(self) -> Any:
         return self.store.model
+
+    @property
+    def waiting(self) -> collections.deque[Request]:
+        """Requests not admitted yet (the scheduler's queue)."""
+        return self.scheduler.waiting
+
+    @property
+    def partial(self) -> tuple[Request, DynamicCache, int] | None:
+        """The long prompt being prefilled a chunk per step (the scheduler's): its request, cache and tokens done."""
+        return self.scheduler.partial
+
+    @partial.setter
+    def partial(self, value: tuple[Request, DynamicCache, int] | None) -> None:
+        self.scheduler.partial = value
 
     @property
     def adapters(self) -> list[str]:
@@ -215,6 +240,18 @@ class Engine(Admission, Stepping):
                 self._decode()
         self._drop_finished()
 
+    def _admit(self) -> None:
+        """The rows the scheduler admits are prefilled (and join the batch); a long prompt takes its next chunk."""
+        joining = self.scheduler.admit(self.batch.rows)
+        if joining is None:
+            return
+        for request in joining.alone:
+            self._prefill_alone(request)
+        if joining.group:
+            self._prefill(joining.group)
+        if self.partial is not None:
+            self._prefill_chunk()
+
     def _in_use(self) -> set[str]:
         rows = [*self.batch.rows, *([self.partial[0]] if self.partial else [])]
         return {r.adapter for r in rows}
@@ -227,6 +264,86 @@ class Engine(Admission, Stepping):
             self.partial = None
         if self.batch.rows:
             self.batch.keep([i for i, r in enumerate(self.batch.rows) if not r.cancelled and r.finish_reason is None])
+
+    # --- a step's prefills and decoding: the runner's calls, a failure kept to its rows -------------
+    def _prefill(self, group: list[Request]) -> None:
+        """Prefill rows together (left-padded), pick their first tokens, and add them to the batch."""
+        try:
+            logits, cache, mask = self.runner.prefill(group)
+            for request in group:
+                request.length = len(request.prompt_ids)
+            self._join(group, logits, cache, mask)
+        except Exception as err:
+            if len(group) == 1:
+                log.exception("prefill failed")
+                group[0].fail(f"generation failed: {type(err).__name__}: {err}")
+                return
+            for request in group:  # find the row that fails: each alone
+                self._prefill([request])
+
+    def _prefill_alone(self, request: Request) -> None:
+        """A prompt-learning row: its virtual tokens or prefix go in first."""
+        try:
+            logits, cache, mask = self.runner.prefill_alone(request)
+            request.length = mask.shape[1]
+            self._join([request], logits, cache, mask)
+        except Exception as err:
+            log.exception("prefill failed")
+            request.fail(f"generation failed: {type(err).__name__}: {err}")
+
+    def _prefill_chunk(self) -> None:
+        """The next chunk of the long prompt being prefilled; the last one joins the batch."""
+        request, cache, done = self.partial
+        try:
+            logits, end = self.runner.prefill_chunk(request, cache, done, self.scheduler.prefill_chunk)
+        except Exception as err:
+            log.exception("prefill failed")
+            self.partial = None
+            request.fail(f"generation failed: {type(err).__name__}: {err}")
+            return
+        if end < len(request.prompt_ids):
+            self.partial = (request, cache, end)
+            return
+        self.partial = None
+        request.length = end
+        self._join([request], logits, cache, torch.ones(1, end, dtype=torch.long))
+
+    def _decode(self) -> None:
+        batch = self.batch
+        rows, width = list(batch.rows), batch.length
+        self.steps.append(tuple(r.adapter for r in rows))
+        try:
+            logits = self.runner.decode(rows, batch.cache, batch.mask)
+        except Exception:
+            log.exception("a decoding step failed; retrying its rows one by one")
+            batch.crop(width)
+            logits = self._decode_each(rows)
+        else:
+            batch.mask = torch.nn.functional.pad(batch.mask, (0, 1), value=1)
+        for request in rows:
+            request.length += 1
+        self._advance(rows, logits)
+
+    def _decode_each(self, rows: list[Request]) -> torch.Tensor:
+        """Each row's step alone; rows that fail alone fail, the others are stacked back together."""
+        vocab, kept, logits = None, [], []
+        for i, request in enumerate(rows):
+            cache, mask = self.batch.row(i)
+            try:
+                row_logits = self.runner.decode([request], cache, mask)
+            except Exception as err:
+                request.fail(f"generation failed: {type(err).__name__}: {err}")
+                logits.append(None)
+                continue
+            vocab = row_logits.shape[-1]
+            kept.append((request, cache, torch.nn.functional.pad(mask, (0, 1), value=1)))
+            logits.append(row_logits[0])
+        fresh = Batch()
+        for request, cache, mask in kept:
+            fresh.add([request], cache, mask)
+        self.batch.rows, self.batch.cache, self.batch.mask = fresh.rows, fresh.cache, fresh.mask
+        filler = torch.zeros(vocab or 1)
+        return torch.stack([row if row is not None else filler for row in logits])
 
     def _join(self, group: list[Request], logits: torch.Tensor, cache: DynamicCache, mask: torch.Tensor) -> None:
         self._advance(group, logits)

@@ -1,14 +1,17 @@
-"""Which waiting requests join the batch each step (the Engine's scheduling half): a token budget per step,
-one adapter load per step, long prompts prefilled a chunk per step, and the ``dynamic`` policy's gathering
-window. The model calls are in :mod:`deltatune.serving.stepping`."""
+"""The scheduler: which waiting requests join the batch each step. A token budget per step, one adapter load per
+step, long prompts prefilled a chunk per step (one at a time), and the ``dynamic`` policy's gathering window.
+It owns the waiting queue and the long prompt being prefilled, asks the adapter store to load what a request
+needs, and answers with the rows that join; the engine (:mod:`deltatune.serving.engine`) prefills them through
+its runner (:mod:`deltatune.serving.stepping`)."""
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
 
 from transformers import DynamicCache
 
@@ -16,40 +19,57 @@ from deltatune.constants import BASE_ADAPTER
 from deltatune.methods.contract import INPUT_WISE
 from deltatune.mixed import mixes
 from deltatune.serving.adapters import Adapters
-from deltatune.serving.kv import Batch
 from deltatune.serving.rows import Request
 
 log = logging.getLogger("deltatune.serve")
 
 
-class Admission:
-    """Admitting waiting requests; mixed into :class:`~deltatune.serving.engine.Engine`, whose state it reads."""
+@dataclasses.dataclass
+class Joining:
+    """The rows one step admits: prefilled together (``group``), and one by one (``alone``: prompt learning).
+    A long prompt admitted is :attr:`Scheduler.partial`, prefilled a chunk per step."""
 
-    waiting: collections.deque[Request]
-    cond: threading.Condition
-    store: Adapters
-    batch: Batch
-    partial: tuple[Request, DynamicCache, int] | None
-    scheduler: str
-    max_batch: int
-    prefill_chunk: int
-    batch_window_s: float
-    arrival_gap_s: float
-    loads_left: int
-    base_model: Any
-    model: Any
+    group: list[Request]
+    alone: list[Request]
 
-    def _admit(self) -> None:
-        """Waiting requests join within a token budget per step; a prompt longer than the budget
-        is prefilled a chunk per step, and short requests keep joining (and decoding) meanwhile."""
-        if self.scheduler == "dynamic":
-            if self.batch.rows:
-                return
+
+class Scheduler:
+    """Admission of waiting requests under ``policy`` (``continuous``, or ``dynamic``: rows join only an empty
+    batch, gathered within a window, and the batch runs until its last row ends)."""
+
+    def __init__(
+        self,
+        store: Adapters,
+        cond: threading.Condition,
+        new_cache: Callable[[], DynamicCache],
+        policy: str = "continuous",
+        max_batch: int = 16,
+        prefill_chunk: int = 512,
+        batch_window_s: float = 0.5,
+        arrival_gap_s: float = 0.05,
+    ) -> None:
+        self.store, self.cond, self.new_cache, self.policy = store, cond, new_cache, policy
+        self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
+        self.batch_window_s, self.arrival_gap_s = batch_window_s, arrival_gap_s
+        self.waiting: collections.deque[Request] = collections.deque()  # guarded by ``cond``
+        self.partial: tuple[Request, DynamicCache, int] | None = None  # a long prompt prefilled chunk by chunk
+        self.loads_left = 1
+
+    def admit(self, running: list[Request]) -> Joining | None:
+        """The waiting requests that join a batch running ``running`` now, within a token budget; a prompt longer
+        than the budget becomes :attr:`partial`, and short requests keep joining (and decoding) meanwhile.
+        None: nobody may join this step (the dynamic policy while its batch runs)."""
+        if self.policy == "dynamic":
+            if running:
+                return None
             self._gather()
         self.loads_left = 1  # one adapter load per step: rows of loaded adapters wait at most one load
-        budget, group = self.prefill_chunk if self.scheduler == "continuous" else float("inf"), []
-        free = self.max_batch - len(self.batch.rows) - (self.partial is not None)
+        budget = self.prefill_chunk if self.policy == "continuous" else float("inf")
+        joining = Joining([], [])
+        busy = {r.adapter for r in running} | ({self.partial[0].adapter} if self.partial else set())
+        free = self.max_batch - len(running) - (self.partial is not None)
         for request in list(self.waiting):
+            group = joining.group
             if len(group) >= free or budget <= 0:
                 break
             long = len(request.prompt_ids) > budget
@@ -57,22 +77,19 @@ class Admission:
                 continue  # one long prompt at a time: this one starts when it has joined
             if long and group:
                 break  # prefill what fits now; the long prompt starts next step
-            if not self._ready(request, {r.adapter for r in group}):
+            if not self._ready(request, busy | {r.adapter for r in [*group, *joining.alone]}):
                 continue
-            self._take(request)
+            self.take(request)
             if self._alone(request):
-                self._prefill_alone(request)
+                joining.alone.append(request)
                 free -= 1
             elif long:
-                self.partial = (request, DynamicCache(config=self.base_model.config), 0)
+                self.partial = (request, self.new_cache(), 0)
                 break
             else:
                 group.append(request)
                 budget -= len(request.prompt_ids)
-        if group:
-            self._prefill(group)
-        if self.partial is not None:
-            self._prefill_chunk()
+        return joining
 
     def _gather(self) -> None:
         """Dynamic batching: wait for requests that arrive close together before starting a batch."""
@@ -84,23 +101,23 @@ class Admission:
                 if len(self.waiting) == count:
                     break
 
-    def _ready(self, request: Request, joining: set[str]) -> bool:
+    def _ready(self, request: Request, busy: set[str]) -> bool:
         """Whether the request's adapter is loaded (loading it now if a slot is free)."""
         if request.adapter == BASE_ADAPTER:
             return True
         if request.mix is not None:
-            return self._ready_mix(request, joining)
+            return self._ready_mix(request, busy)
         if not self.store.find(request.adapter):
-            self._take(request)
+            self.take(request)
             request.fail(f"adapter {request.adapter!r} was deleted before this request ran", 404, "model_not_found")
             return False
         if not self._may_load(request.adapter):
             return False
         try:
-            return self.store.ensure(request.adapter, self._in_use() | joining)
+            return self.store.ensure(request.adapter, busy)
         except Exception as err:
             log.exception("loading adapter %s failed", request.adapter)
-            self._take(request)
+            self.take(request)
             request.fail(f"cannot load adapter {request.adapter!r}: {err}", 500, "adapter_load_failed")
             return False
 
@@ -114,31 +131,31 @@ class Admission:
         self.loads_left -= 1
         return True
 
-    def _ready_mix(self, request: Request, joining: set[str]) -> bool:
+    def _ready_mix(self, request: Request, busy: set[str]) -> bool:
         """Whether the request's mix is loaded (its parts loaded and combined now, if slots are free)."""
         missing = [p for p in request.mix["ids"] if not self.store.find(p)]
         if missing:
-            self._take(request)
+            self.take(request)
             message = f"adapter {missing[0]!r} of the mix was deleted before this request ran"
             request.fail(message, 404, "model_not_found")
             return False
         if not self._may_load(request.adapter):
             return False
         try:
-            return self.store.ensure_mix(request.adapter, request.mix, self._in_use() | joining)
+            return self.store.ensure_mix(request.adapter, request.mix, busy)
         except Exception as err:  # adapters that cannot combine (DoRA, ranks a strategy cannot mix, ...)
             log.warning("mixing %s failed: %s", request.mix, err)
-            self._take(request)
+            self.take(request)
             request.fail(f"cannot mix these adapters: {err}", 400, "invalid_mix")
             return False
 
-    def _take(self, request: Request) -> None:
+    def take(self, request: Request) -> None:
+        """Take ``request`` out of the waiting queue (it joins, or it has failed)."""
         with self.cond:
             if request in self.waiting:
                 self.waiting.remove(request)
 
     def _alone(self, request: Request) -> bool:
         """Rows whose adapter adds virtual tokens or a prefix are prefilled on their own."""
-        model = self.model
-        config = model.peft_config.get(request.adapter) if model is not None else None
+        config = self.store.model.peft_config.get(request.adapter)
         return config is not None and mixes(config) in INPUT_WISE
