@@ -34,6 +34,8 @@ WHAT = {
     "dora": "DoRA's training step and unmerged forward against LoRA and peft's DoRA; PiSSA's init time",
     "claims": "the seeds' claims (subspace, rank, freezing, BitFit/Houlsby vs full, latency) and the LoRA family's "
     "(DoRA, PiSSA, LoRA+, (IA)³, LoKr against LoRA), re-run here",
+    "demo": "the README's main job, `deltatune train` with no arguments, in a fresh process at two commits: how "
+    "long it takes and what it scores",
     "defaults": "SST-2 accuracy of `deltatune train` (MiniLM-L6, classification) per method over a grid of learning "
     "rates, which chose each method's default rate",
     "e2e_eval": "`deltatune eval` over E2E devset inputs with all their references, beam search: wall time, tokens/s "
@@ -61,6 +63,8 @@ def _used(table: str, campaign: str | None, text: str) -> tuple[str, list[int]]:
         return table, [n for n, r in lines if r.get("kind") in ("run", "summary")]
     if table == "lora_inference":
         return table, [n for n, r in lines if r.get("kind") == "summary"][-3:]
+    if table == "demo":
+        return table, [n for n, _ in report.demo_lines(campaign)]
     if table == "dora":
         chosen = set(re.findall(r"campaign `([^`]+)`", text))
         return table, [n for n, r in lines if r.get("campaign") in chosen]

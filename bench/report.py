@@ -259,6 +259,12 @@ def lora_train_step(campaign: str | None) -> str:
         f"{f['max_loss_diff']:.1e}.",
         "Contention: " + contention_note([r for _, r in lines if r.get("kind") == "worker"]) + ".",
     ]
+    st = f.get("settings") or {}
+    notes.append(
+        f"Settings: batch {st.get('batch')}×{st.get('seq')}, {st.get('threads')} thread(s), compile "
+        f"{'on' if st.get('compile') else 'off'}, gradient checkpointing "
+        f"{'on' if st.get('gradient_checkpointing') else 'off'}."
+    )
     return "\n".join(out) + "\n\n" + "\n".join(notes) + "\n"
 
 
@@ -341,6 +347,47 @@ def simple(bench: str, campaign: str | None) -> str:
     if not lines:
         return f"{bench}: no results\n"
     return "\n".join(f"line {n} ({r['date']}): {json.dumps(r['figures'])[:400]}" for n, r in lines) + "\n"
+
+
+def demo_lines(campaign: str | None) -> list[tuple[int, dict[str, Any]]]:
+    """The README main job's runs at the two commits ``campaign`` names as ``OLD..NEW`` (short hashes)."""
+    old, new = (campaign or "..").split("..")
+    return [(n, r) for n, r in load("demo") if old and new and r["git"]["commit"].startswith((old, new))]
+
+
+def demo(campaign: str | None) -> str:
+    """``deltatune train`` with no arguments at two commits (``OLD..NEW``): wall time, training time, scores."""
+    lines = demo_lines(campaign)
+    if not campaign or not lines:
+        return "demo: name two commits, OLD..NEW, that have runs in bench/results/demo.jsonl\n"
+    out = [
+        "| commit | runs | whole command s, median (min–max) | training s, median (min–max) | loss after "
+        "| exact match after | other procs' cores |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    medians = {}
+    for prefix in campaign.split(".."):
+        runs = [r for _, r in lines if r["git"]["commit"].startswith(prefix)]
+        wall = [r["run"]["wall_s"] for r in runs]
+        train = [r["figures"]["train_seconds"] for r in runs]
+        after = [r["figures"]["after"] for r in runs]
+        medians[prefix] = (statistics.median(wall), statistics.median(train))
+        busy = ", ".join(f"{r['run']['other_procs_cores']:.2f}" for r in runs)
+        losses = ", ".join(f"{a['loss']:.5f}" for a in after)
+        exact = ", ".join(f"{a['exact_match']:.2f}" for a in after)
+        out.append(
+            f"| {prefix} | {len(runs)} | {statistics.median(wall):.0f} ({min(wall):.0f}–{max(wall):.0f}) | "
+            f"{statistics.median(train):.0f} ({min(train):.0f}–{max(train):.0f}) | "
+            f"{losses} | {exact} | {busy} |"
+        )
+    (old_wall, old_train), (new_wall, new_train) = medians.values()
+    notes = [
+        f"Speed-up, ratio of medians (old / new): whole command **{old_wall / new_wall:.2f}×**, training "
+        f"**{old_train / new_train:.2f}×** (goal ≥ 1.3×: {'met' if old_wall / new_wall >= 1.3 else '**not met**'} on "
+        "the whole command). Command: `python bench/demo.py` (the README's `deltatune train`), runs alternating "
+        f"between the two commits. Source: `bench/results/demo.jsonl` lines {span([n for n, _ in lines])}."
+    ]
+    return "\n".join(out) + "\n\n" + "\n".join(notes) + "\n"
 
 
 TABLES = ("glue", "train_throughput", "methods", "lora_train_step", "lora_inference", "dora")
