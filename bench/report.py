@@ -165,12 +165,14 @@ def train_throughput(campaign: str | None) -> str:
         f"({lo:.2f}–{hi:.2f} at the extremes) | | {f['peak_rss_ratio_of_medians']:.2f} | | | | |"
     )
     met = "met" if f["goal_met"] else "**not met**"
+    scored = any(side["bleu"] for side in f["sides"].values())
+    bleu_note = f"BLEU on {st['bleu_examples']} devset MRs." if scored else "no BLEU."
     notes = [
         f"Source: `bench/results/train_throughput.jsonl`, campaign `{chosen}`: worker lines "
         f"{span([n for n, _ in workers])}, summary line {n_sum}. Goal {met}. "
         f"Same tokens on both sides: {f['same_tokens']}.",
         f"Settings: {st['train_examples']} E2E examples, {st['steps']} steps x {st['batch_size']}, {st['threads']} "
-        f"thread(s), {st['runs']} alternating rounds, fresh process each; BLEU on {st['bleu_examples']} devset MRs. "
+        f"thread(s), {st['runs']} alternating rounds, fresh process each; {bleu_note} "
         f"Command: `python bench/{' '.join(rec['argv'])}`.",
     ]
     return "\n".join(out) + "\n\n" + "\n".join(notes) + "\n"
