@@ -252,7 +252,7 @@ def lora_train_step(campaign: str | None) -> str:
     if f.get("limit_ratio_of_medians") is not None:
         out.append(
             f"| deltatune's step / its GEMMs alone (goal ≤ {goal['limit_ratio<=']}) | "
-            f"**{f['limit_ratio_of_medians']:.2f}** ({'met' if met['limit'] else 'not met'}) | | |"
+            f"**{f['limit_ratio_of_medians']:.3f}** ({'met' if met['limit'] else 'not met'}) | | |"
         )
     workers = [n for n, r in lines if r.get("kind") == "worker"]
     notes = [
