@@ -386,8 +386,9 @@ def demo(campaign: str | None) -> str:
     notes = [
         f"Speed-up, ratio of medians (old / new): whole command **{old_wall / new_wall:.2f}×**, training "
         f"**{old_train / new_train:.2f}×** (goal ≥ 1.3×: {'met' if old_wall / new_wall >= 1.3 else '**not met**'} on "
-        "the whole command). Command: `python bench/demo.py` (the README's `deltatune train`), runs alternating "
-        f"between the two commits. Source: `bench/results/demo.jsonl` lines {span([n for n, _ in lines])}."
+        "the whole command). Command: `python bench/demo.py` (the README's `deltatune train`), each run "
+        "alternating with another commit's, fresh processes. "
+        f"Source: `bench/results/demo.jsonl` lines {span([n for n, _ in lines])}."
     ]
     return "\n".join(out) + "\n\n" + "\n".join(notes) + "\n"
 
