@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import sys
 
 import pytest
@@ -13,7 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import deltatune as dt
 from deltatune.cli import main
 from deltatune.config import ConfigError
-from deltatune.quantization import QuantizedLinear, base_storage, quantize_base
+from deltatune.quantization import QuantizedLinear, base_storage, int8, quantize_base
 from deltatune.quantization.int8 import Int8Linear
 from deltatune.training.config import FLAG_GROUPS
 
@@ -124,6 +125,76 @@ def test_a_quantized_layer_holds_its_weight_in_one_form(kind):
     weight_sized = [t for t in tensors if t.numel() * t.element_size() >= 64 * 48 / 2]  # 4-bit codes at least
     assert len(weight_sized) == 1 and not weight_sized[0].is_floating_point(), [t.shape for t in weight_sized]
     assert not [k for k, v in vars(layer).items() if isinstance(v, dict) and v and k.startswith("_cache")]
+
+
+def count_compiled_calls(monkeypatch) -> list[int]:
+    """Record the rows of each product the compiled few-rows kernel ran."""
+    calls: list[int] = []
+    compiled = int8._compiled_rows_times_codes
+    monkeypatch.setattr(int8, "_compiled_rows_times_codes", lambda x, *a: calls.append(x.shape[0]) or compiled(x, *a))
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 64), (2, 3, 64), (int8.FEW_ROWS, 64)])
+def test_few_rows_without_gradient_run_the_compiled_codes_product(shape, dtype, monkeypatch):
+    """Decoding's products (a few rows, no gradient) read the int8 codes directly: x·(s·Q)ᵀ + b, as the
+    dequantized weight gives it, with no float weight made."""
+    calls = count_compiled_calls(monkeypatch)
+    _, layer = quantized_layer("int8")
+    x = torch.randn(shape).to(dtype)
+    with torch.no_grad():
+        out = layer(x)
+    expected = (x.float() @ int8_reference(layer.dequantize()).T + layer.bias).to(dtype)
+    tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 3e-2, "rtol": 2e-2}
+    torch.testing.assert_close(out, expected, **tolerance)
+    assert out.dtype == dtype and calls == [x.numel() // 64]
+
+
+def test_many_rows_or_a_gradient_take_the_chunked_product(monkeypatch):
+    calls = count_compiled_calls(monkeypatch)
+    _, layer = quantized_layer("int8")
+    with torch.no_grad():
+        layer(torch.randn(int8.FEW_ROWS + 1, 64))
+    x = torch.randn(2, 64, requires_grad=True)
+    layer(x).sum().backward()
+    torch.testing.assert_close(x.grad, torch.ones(2, 48) @ layer.dequantize(), atol=1e-5, rtol=1e-5)
+    assert calls == []
+
+
+def test_the_few_rows_kernel_falls_back_once_where_inductor_cannot_compile(monkeypatch, caplog):
+    def fail(*_):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(int8, "_compiled_rows_times_codes", fail)
+    monkeypatch.setattr(int8, "_compiled_works", True)
+    _, layer = quantized_layer("int8")
+    x = torch.randn(2, 64)
+    with torch.no_grad(), caplog.at_level("WARNING"):
+        outs = [layer(x), layer(x)]
+    for out in outs:
+        torch.testing.assert_close(out, x @ layer.dequantize().T + layer.bias, atol=1e-5, rtol=1e-5)
+    assert int8._compiled_works is False
+    assert [r.message for r in caplog.records if "int8 decoding kernel" in r.message] == [
+        "int8 decoding kernel unavailable (RuntimeError: no C++ compiler); using dequantize-then-matmul"
+    ]
+
+
+def test_greedy_decoding_on_an_int8_base_equals_the_dequantized_float_model():
+    """generate() runs prefill (many rows: chunked) then one row a step (compiled): the same greedy tokens as the
+    float model made of the dequantized weights."""
+    torch.manual_seed(0)
+    quantized = quantize_base(tiny_llama(), "int8").eval()
+    dequantized = copy.deepcopy(quantized)
+    for name, module in list(dequantized.named_modules()):
+        if isinstance(module, Int8Linear):
+            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            linear.weight.data, linear.bias = module.dequantize(), module.bias
+            dequantized.set_submodule(name, linear)
+    ids = torch.randint(3, 100, (1, 7))
+    kwargs = {"max_new_tokens": 12, "min_new_tokens": 12, "do_sample": False}
+    with torch.no_grad():
+        assert torch.equal(quantized.generate(ids, **kwargs), dequantized.generate(ids, **kwargs))
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -7,10 +7,22 @@ the activations' own dtype (``chunked_matmul``), so the error is the weights' ro
 Why weight-only: an int8 GEMM (fbgemm's, activations rounded per token) adds the activations' rounding
 error to the weights' and agreed less often with float32's top-1 token when tried on SmolLM2; torch's
 ``_weight_int8pack_mm`` (weight-only int8 kernel) is fast for a few tokens but its time grows with the tokens
-far faster than the float matmul's. Both trials have no raw line in bench/results, so no figure is quoted.
+far faster than the float matmul's (on this CPU it was slower than float32 even for one token).
+
+Decoding multiplies a few rows by each weight, and there dequantizing the whole weight per token costs far more
+than the product itself. So a product of at most :data:`FEW_ROWS` rows, with no gradient to keep, runs
+:func:`few_rows_times_codes`: the sum over the int8 codes written as one broadcast reduction and compiled by
+inductor, which reads each code once and never writes a float weight (batch-1 decoding figures:
+bench/quantized.py ``--parts decode``, docs/quantization.md). Compiling costs about a second per process and
+dtype; where inductor cannot compile (no C++ compiler), the path switches off with one warning and the chunked
+product runs.
 """
 
 from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -18,6 +30,45 @@ from torch import nn
 from deltatune.quantization.base import CHUNK_WEIGHTS, QuantizedLinear, QuantizedWeight, chunked_matmul
 
 QMAX = 127
+FEW_ROWS = 16  # rows of x up to which the compiled product beats dequantize-then-matmul (bench: 1-16 measured)
+
+log = logging.getLogger(__name__)
+
+
+def _rows_times_codes(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x·(diag(scale)·codes)ᵀ for a 2-d x, as one reduction over the input dimension."""
+    return ((x[:, None, :] * codes.to(x.dtype)).sum(-1) * scale).to(x.dtype)
+
+
+def _compiled_rows_times_codes(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return _compile_once()(x, codes, scale)
+
+
+@functools.cache
+def _compile_once() -> Callable[..., torch.Tensor]:
+    """Compiled at first use: importing dynamo adds ~110 MB of RSS, which a process that only trains should not pay."""
+    return torch.compile(_rows_times_codes, dynamic=True)
+
+
+_compiled_works = True  # False after inductor failed once in this process
+
+
+def few_rows_times_codes(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
+    """``x @ (scale·codes)ᵀ`` for x of at most FEW_ROWS rows (any leading dims) through the compiled kernel, or
+    None where the kernel is unavailable (the caller then takes the chunked path)."""
+    global _compiled_works
+    rows = x.reshape(-1, x.shape[-1])
+    if torch.compiler.is_compiling():  # inside a caller's compiled graph: inductor fuses the plain expression
+        return _rows_times_codes(rows, codes, scale).reshape(*x.shape[:-1], codes.shape[0])
+    if not _compiled_works:
+        return None
+    try:
+        out = _compiled_rows_times_codes(rows, codes, scale)
+    except Exception as err:  # any compile failure: fall back, once, loudly
+        _compiled_works = False
+        log.warning("int8 decoding kernel unavailable (%s: %s); using dequantize-then-matmul", type(err).__name__, err)
+        return None
+    return out.reshape(*x.shape[:-1], codes.shape[0])
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,7 +120,11 @@ class Int8Linear(QuantizedLinear):
             self.weight_scale.copy_(scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = chunked_matmul(x, self)
+        out = None
+        if x.numel() <= FEW_ROWS * self.in_features and not (torch.is_grad_enabled() and x.requires_grad):
+            out = few_rows_times_codes(x, self.weight_int8, self.weight_scale)
+        if out is None:
+            out = chunked_matmul(x, self)
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
 
