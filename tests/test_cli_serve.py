@@ -17,9 +17,10 @@ def test_every_serve_config_field_is_a_flag_and_back():
     fields = {f.name for f in dataclasses.fields(ServeConfig)}
     flags = {a.dest for a in serve_parser()._actions if a.dest != "help"}
     assert flags == fields
-    config = serve_config(["--max-batch", "3", "--scheduler", "dynamic", "--max-loaded-adapters", "2"])
-    assert (config.max_batch, config.scheduler, config.max_loaded_adapters) == (3, "dynamic", 2)
-    assert config.max_queue == 256 and config.port == 8000 and config.prefill_chunk == 512  # unset: the defaults
+    config = serve_config(["--max-batch", "3", "--prefill-chunk", "64", "--max-loaded-adapters", "2"])
+    assert (config.max_batch, config.prefill_chunk, config.max_loaded_adapters) == (3, 64, 2)
+    defaults = serve_config([])
+    assert config.max_queue == 256 and config.port == 8000 and defaults.prefill_chunk == 512  # unset: the defaults
 
 
 def test_api_key_defaults_to_the_environment(monkeypatch):
@@ -38,7 +39,6 @@ def test_api_key_defaults_to_the_environment(monkeypatch):
         (["--max-streams-per-key", "0"], "--max-streams-per-key must be at least 1"),
         (["--port", "70000"], "--port must be between 1 and 65535"),
         (["--drain-timeout", "-1"], "--drain-timeout must be 0 or more"),
-        (["--scheduler", "fifo"], "--scheduler must be one of continuous, dynamic, got 'fifo'"),
         (["--quantize", "int4"], "--quantize must be one of int8, nf4, gguf"),
         (["--max-lora-rank", "8"], "--max-lora-rank sizes the adapter slots: give --max-loaded-adapters"),
         (["--adapters", "/no/such/folder"], "--adapters /no/such/folder is not a directory"),

@@ -70,9 +70,7 @@ def running(engine: Engine, **app_options):
 
 @pytest.fixture(scope="module")
 def server(adapters_dir, smol_tokenizer):
-    engine = Engine(
-        tiny_model(len(smol_tokenizer)), smol_tokenizer, "tiny", adapters_dir, max_queue=4, arrival_gap_s=0.2
-    )
+    engine = Engine(tiny_model(len(smol_tokenizer)), smol_tokenizer, "tiny", adapters_dir, max_queue=4)
     with running(engine) as url:
         yield engine, url
 
@@ -159,9 +157,15 @@ def test_two_adapters_in_flight_share_a_batch_and_match_alone(client, server):
     jobs = [("poet", "A quiet morning", 7), ("coder", "def main():", 4), ("tiny", "Numbers:", 5)]
     engine.steps.clear()
     with ThreadPoolExecutor(len(jobs)) as pool:
-        answers = list(
-            pool.map(lambda j: client.completions.create(model=j[0], prompt=j[1], max_tokens=j[2], temperature=0), jobs)
-        )
+        with engine.lock:  # the worker waits until all three are queued: they join one step, however busy the CPU
+            futures = [
+                pool.submit(client.completions.create, model=m, prompt=p, max_tokens=n, temperature=0)
+                for m, p, n in jobs
+            ]
+            deadline = time.monotonic() + 60
+            while len(engine.waiting) < len(jobs) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        answers = [f.result() for f in futures]
     steps = list(engine.steps)
     assert any({"poet", "coder"} <= set(step) for step in steps), steps
     for (model, prompt, tokens), answer in zip(jobs, answers, strict=True):

@@ -42,7 +42,7 @@ def test_a_request_cancelled_during_prefill_never_joins_the_batch(smol_tokenizer
         if len(rows_per_forward) == 1:
             gone.cancel()  # the client hangs up while both prompts are being prefilled
 
-    engine = Engine(model, tokenizer, "tiny", max_batch=4, arrival_gap_s=0.0, batch_window_s=0.0)
+    engine = Engine(model, tokenizer, "tiny", max_batch=4)
     model.register_forward_pre_hook(cancel_during_the_first_forward, with_kwargs=True)
     try:
         with engine.lock:  # both requests join the same first step, so they are prefilled together

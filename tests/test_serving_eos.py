@@ -77,7 +77,7 @@ class Events:
 def _run(setup, prompts: list[str], max_tokens: int) -> list[tuple[str, str, int]]:
     """Each prompt's (text, finish_reason, tokens) from an engine, all submitted into one batch."""
     _, tokenizer, _ = setup
-    engine = Engine(_model(len(tokenizer)), tokenizer, "tiny", max_batch=4, arrival_gap_s=0.0, batch_window_s=0.0)
+    engine = Engine(_model(len(tokenizer)), tokenizer, "tiny", max_batch=4)
     sinks = [Events() for _ in prompts]
     try:
         with engine.lock:  # the worker waits: every request joins the same first step

@@ -1,10 +1,13 @@
 """The engine's parts, each used alone, without the engine or its thread: the scheduler (who joins a step: the
-token budget, a long prompt a chunk at a time, one adapter load per step, the dynamic policy) and the runner (one
-forward for a batch of rows, each row what its adapter computes alone)."""
+token budget, a long prompt a chunk at a time, one adapter load per step; and another policy handed to the engine:
+the bench's dynamic batching) and the runner (one forward for a batch of rows, each row what its adapter computes
+alone)."""
 
 from __future__ import annotations
 
+import sys
 import threading
+from pathlib import Path
 
 import torch
 from test_server import adapters_dir, tiny_model  # noqa: F401 (adapters_dir: a fixture)
@@ -17,13 +20,16 @@ from deltatune.serving.scheduling import Scheduler
 from deltatune.serving.slots import SlotTable
 from deltatune.serving.stepping import Runner
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from serve_load import GatheringScheduler  # bench/ is not a package
+
 
 def job(adapter: str, length: int) -> Request:
     return Request(adapter, list(range(5, 5 + length)), 4, lambda event: None)
 
 
-def scheduler(store: Adapters, **options) -> Scheduler:
-    return Scheduler(store, threading.Condition(), lambda: DynamicCache(), **options)
+def scheduler(store: Adapters, kind: type[Scheduler] = Scheduler, **options) -> Scheduler:
+    return kind(store, threading.Condition(), lambda: DynamicCache(), **options)
 
 
 def test_the_scheduler_admits_within_its_budget_and_a_long_prompt_a_chunk_at_a_time(adapters_dir, smol_tokenizer):  # noqa: F811
@@ -51,15 +57,40 @@ def test_the_scheduler_loads_one_adapter_per_step(adapters_dir, smol_tokenizer):
     assert plan.admit([poet, base]).group == [coder] and store.loaded == ["poet", "coder"]
 
 
-def test_the_dynamic_policy_admits_only_into_an_empty_batch(adapters_dir, smol_tokenizer):  # noqa: F811
+def test_the_benchs_dynamic_policy_admits_only_into_an_empty_batch(adapters_dir, smol_tokenizer, monkeypatch):  # noqa: F811
     store = Adapters(tiny_model(len(smol_tokenizer)), "tiny", adapters_dir, max_loaded=2)
-    plan = scheduler(store, policy="dynamic", batch_window_s=0.0)
+    monkeypatch.setattr(GatheringScheduler, "window_s", 0.0)
+    plan = scheduler(store, GatheringScheduler, prefill_chunk=10)
     first, second = job(BASE_ADAPTER, 3), job(BASE_ADAPTER, 300)
     plan.waiting.append(first)
     assert plan.admit([]).group == [first]
     plan.waiting.append(second)
     assert plan.admit([first]) is None and list(plan.waiting) == [second]
     assert plan.admit([]).group == [second] and plan.partial is None  # no budget: a long prompt joins whole
+
+
+def test_the_engine_runs_the_scheduler_it_is_given(smol_tokenizer):
+    """A policy is a Scheduler subclass handed to the engine: its admit decides who joins every step."""
+    from deltatune.serving import Engine
+
+    admitted: list[int] = []
+
+    class Counting(Scheduler):
+        def admit(self, running):
+            joining = super().admit(running)
+            admitted.extend(len(r.prompt_ids) for r in joining.group)
+            return joining
+
+    engine = Engine(tiny_model(len(smol_tokenizer)), smol_tokenizer, "tiny", scheduler=Counting)
+    events, done = [], threading.Event()
+    try:
+        assert isinstance(engine.scheduler, Counting)
+        sink = lambda e: events.append(e) or (e[0] == "done" and done.set())  # noqa: E731
+        engine.submit(Request(BASE_ADAPTER, [7, 8, 9], 3, sink))
+        assert done.wait(60), events
+        assert admitted == [3] and events[-1][0] == "done"
+    finally:
+        engine.close()
 
 
 def test_the_runner_computes_each_row_as_its_adapter_alone(adapters_dir, smol_tokenizer):  # noqa: F811

@@ -26,7 +26,11 @@ def serve_config(argv: list[str]) -> ServeConfig:
 
 
 def cmd_serve(argv: list[str]) -> int:
-    config = serve_config(argv)
+    return run_server(serve_config(argv))
+
+
+def run_server(config: ServeConfig, scheduler: type | None = None) -> int:
+    """Load the base and serve until SIGTERM; ``scheduler``: another admission policy (a Scheduler subclass)."""
     from deltatune.loading import load_base
     from deltatune.serving import Engine, Limits, create_app
     from deltatune.serving.server import serve
@@ -41,8 +45,8 @@ def cmd_serve(argv: list[str]) -> int:
         max_queue=config.max_queue,
         max_loaded=config.max_loaded_adapters,
         max_lora_rank=config.max_lora_rank,
-        scheduler=config.scheduler,
         prefill_chunk=config.prefill_chunk,
+        **({"scheduler": scheduler} if scheduler else {}),
     )
     limits = Limits(
         max_tokens=config.max_tokens_limit,
@@ -50,7 +54,7 @@ def cmd_serve(argv: list[str]) -> int:
         max_prompt_tokens=config.max_prompt_tokens,
         max_streams_per_key=config.max_streams_per_key,
     )
-    name, batching = config.model_name, config.scheduler
-    print(f"serving {name} with {len(engine.adapters)} adapters ({batching} batching)", file=sys.stderr)
+    batching = type(engine.scheduler).__name__
+    print(f"serving {config.model_name} with {len(engine.adapters)} adapters ({batching})", file=sys.stderr)
     serve(engine, create_app(engine, config.api_key, limits=limits), config.host, config.port, config.drain_timeout)
     return 0

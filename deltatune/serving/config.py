@@ -11,7 +11,6 @@ from typing import Literal
 from deltatune.config import ConfigError
 
 QUANTIZE_FORMS = ("int8", "nf4", "gguf")
-SCHEDULERS = ("continuous", "dynamic")
 
 
 @dataclass
@@ -43,8 +42,6 @@ class ServeConfig:
     max_lora_rank: int | None = None
     """with --max-loaded-adapters: keep LoRA factors in preallocated slots padded to this rank (a step gathers by
     slot id); adapters of a higher rank are refused (default: no slots)"""
-    scheduler: Literal["continuous", "dynamic"] = "continuous"
-    """continuous: rows join and leave at every step; dynamic: a batch runs until its last row ends"""
     prefill_chunk: int = 512
     """prompt tokens prefilled per step"""
     drain_timeout: float = 30.0
@@ -60,7 +57,6 @@ class ServeConfig:
         if self.api_key is None:
             self.api_key = os.environ.get("DELTATUNE_API_KEY")
         _check_choice("quantize", self.quantize, QUANTIZE_FORMS, allow_none=True)
-        _check_choice("scheduler", self.scheduler, SCHEDULERS)
         counts = ("max_batch", "max_queue", "max_tokens_limit", "max_loaded_adapters", "max_lora_rank")
         for name in (*counts, "prefill_chunk", "max_body_bytes", "max_prompt_tokens", "max_streams_per_key"):
             value = getattr(self, name)

@@ -9,9 +9,9 @@
         └──── text deltas, done, errors ◄────────────────── 4. one decoding step for every row, mixed adapters
 
 Each row keeps its own KV cache rows, position, sampling, stop strings and max_tokens, so a row
-that joins late computes exactly what it would alone. ``scheduler="dynamic"`` is the earlier
-policy, kept to compare with: rows join only when the batch is empty (gathered within a window),
-and the batch runs until its last row finishes.
+that joins late computes exactly what it would alone. Who joins is the scheduler's: ``scheduler=``
+takes another :class:`~deltatune.serving.scheduling.Scheduler` class (bench/serve_load.py hands it the earlier
+dynamic batching, to compare with).
 
 Why not transformers' continuous batching (``generation/continuous_batching``): it packs every
 request into one ragged row (``input_ids`` of shape 1 × total tokens, ``cu_seq_lens``) over a
@@ -37,7 +37,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from transformers import DynamicCache
@@ -68,13 +68,9 @@ class Engine:
         max_queue: int = 256,
         max_loaded: int | None = None,
         max_lora_rank: int | None = None,
-        scheduler: Literal["continuous", "dynamic"] = "continuous",
         prefill_chunk: int = 512,
-        batch_window_s: float = 0.5,
-        arrival_gap_s: float = 0.05,
+        scheduler: type[Scheduler] = Scheduler,
     ) -> None:
-        if scheduler not in ("continuous", "dynamic"):
-            raise ValueError(f"scheduler must be 'continuous' or 'dynamic', got {scheduler!r}")
         self.base_model = base_model.eval()
         self.tokenizer, self.base_name = tokenizer, base_name
         self.adapters_dir = Path(adapters_dir).resolve() if adapters_dir else None
@@ -88,15 +84,8 @@ class Engine:
         self.detokenizer = Detokenizer(tokenizer, self.metrics.token)
         self.commands: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future]] = collections.deque()
         self.cond = threading.Condition()  # guards the waiting queue, the commands and ``stopping``
-        self.scheduler = Scheduler(
-            self.store,
-            self.cond,
-            self.runner.new_cache,
-            policy=scheduler,
-            max_batch=max_batch,
-            prefill_chunk=prefill_chunk,
-            batch_window_s=batch_window_s,
-            arrival_gap_s=arrival_gap_s,
+        self.scheduler = scheduler(
+            self.store, self.cond, self.runner.new_cache, max_batch=max_batch, prefill_chunk=prefill_chunk
         )
         self.lock = threading.Lock()  # held by the worker for each step; tests hold it to pause the worker
         self.batch = Batch()

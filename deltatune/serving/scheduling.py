@@ -1,5 +1,6 @@
 """The scheduler: which waiting requests join the batch each step. A token budget per step, one adapter load per
-step, long prompts prefilled a chunk per step (one at a time), and the ``dynamic`` policy's gathering window.
+step, long prompts prefilled a chunk per step (one at a time). Another admission policy is a subclass handed to the
+engine (``Engine(scheduler=...)``); bench/serve_load.py's ``GatheringScheduler`` is the earlier dynamic batching.
 It owns the waiting queue and the long prompt being prefilled, asks the adapter store to load what a request
 needs, and answers with the rows that join; the engine (:mod:`deltatune.serving.engine`) prefills them through
 its runner (:mod:`deltatune.serving.stepping`)."""
@@ -10,7 +11,6 @@ import collections
 import dataclasses
 import logging
 import threading
-import time
 from collections.abc import Callable
 
 from transformers import DynamicCache
@@ -34,23 +34,18 @@ class Joining:
 
 
 class Scheduler:
-    """Admission of waiting requests under ``policy`` (``continuous``, or ``dynamic``: rows join only an empty
-    batch, gathered within a window, and the batch runs until its last row ends)."""
+    """Continuous admission: waiting requests join the running batch at every step, within a token budget."""
 
     def __init__(
         self,
         store: Adapters,
         cond: threading.Condition,
         new_cache: Callable[[], DynamicCache],
-        policy: str = "continuous",
         max_batch: int = 16,
         prefill_chunk: int = 512,
-        batch_window_s: float = 0.5,
-        arrival_gap_s: float = 0.05,
     ) -> None:
-        self.store, self.cond, self.new_cache, self.policy = store, cond, new_cache, policy
+        self.store, self.cond, self.new_cache = store, cond, new_cache
         self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
-        self.batch_window_s, self.arrival_gap_s = batch_window_s, arrival_gap_s
         self.waiting: collections.deque[Request] = collections.deque()  # guarded by ``cond``
         self.partial: tuple[Request, DynamicCache, int] | None = None  # a long prompt prefilled chunk by chunk
         self.loads_left = 1
@@ -58,13 +53,9 @@ class Scheduler:
     def admit(self, running: list[Request]) -> Joining | None:
         """The waiting requests that join a batch running ``running`` now, within a token budget; a prompt longer
         than the budget becomes :attr:`partial`, and short requests keep joining (and decoding) meanwhile.
-        None: nobody may join this step (the dynamic policy while its batch runs)."""
-        if self.policy == "dynamic":
-            if running:
-                return None
-            self._gather()
+        None (a subclass's answer): nobody may join this step."""
         self.loads_left = 1  # one adapter load per step: rows of loaded adapters wait at most one load
-        budget = self.prefill_chunk if self.policy == "continuous" else float("inf")
+        budget = self.prefill_chunk
         joining = Joining([], [])
         busy = {r.adapter for r in running} | ({self.partial[0].adapter} if self.partial else set())
         free = self.max_batch - len(running) - (self.partial is not None)
@@ -90,16 +81,6 @@ class Scheduler:
                 group.append(request)
                 budget -= len(request.prompt_ids)
         return joining
-
-    def _gather(self) -> None:
-        """Dynamic batching: wait for requests that arrive close together before starting a batch."""
-        deadline = time.monotonic() + self.batch_window_s
-        with self.cond:
-            while len(self.waiting) < self.max_batch and (left := deadline - time.monotonic()) > 0:
-                count = len(self.waiting)
-                self.cond.wait(min(left, self.arrival_gap_s))
-                if len(self.waiting) == count:
-                    break
 
     def _ready(self, request: Request, busy: set[str]) -> bool:
         """Whether the request's adapter is loaded (loading it now if a slot is free)."""
