@@ -33,6 +33,7 @@ def run_server(config: ServeConfig, scheduler: type | None = None) -> int:
     """Load the base and serve until SIGTERM; ``scheduler``: another admission policy (a Scheduler subclass)."""
     from deltatune.loading import load_base
     from deltatune.serving import Engine, Limits, create_app
+    from deltatune.serving.scheduling import Scheduler
     from deltatune.serving.server import serve
 
     model, tokenizer = load_base(config.base, quantize=config.quantize)
@@ -46,7 +47,7 @@ def run_server(config: ServeConfig, scheduler: type | None = None) -> int:
         max_loaded=config.max_loaded_adapters,
         max_lora_rank=config.max_lora_rank,
         prefill_chunk=config.prefill_chunk,
-        **({"scheduler": scheduler} if scheduler else {}),
+        scheduler=scheduler or Scheduler,
     )
     limits = Limits(
         max_tokens=config.max_tokens_limit,

@@ -6,8 +6,8 @@ the activations' own dtype (``chunked_matmul``), so the error is the weights' ro
 
 Why weight-only: an int8 GEMM (fbgemm's, activations rounded per token) adds the activations' rounding
 error to the weights' and agreed less often with float32's top-1 token when tried on SmolLM2; torch's
-``_weight_int8pack_mm`` (weight-only int8 kernel) is fast for a few tokens but its time grows with the tokens
-far faster than the float matmul's (on this CPU it was slower than float32 even for one token).
+``_weight_int8pack_mm`` (weight-only int8 kernel, meant for a few tokens) was slower than float32 on this CPU even
+for one token, and its time grows with the tokens far faster than the float matmul's.
 
 Decoding multiplies a few rows by each weight, and there dequantizing the whole weight per token costs far more
 than the product itself. So a product of at most :data:`FEW_ROWS` rows, with no gradient to keep, runs
@@ -30,7 +30,7 @@ from torch import nn
 from deltatune.quantization.base import CHUNK_WEIGHTS, QuantizedLinear, QuantizedWeight, chunked_matmul
 
 QMAX = 127
-FEW_ROWS = 16  # rows of x up to which the compiled product beats dequantize-then-matmul (bench: 1-16 measured)
+FEW_ROWS = 16  # rows up to which the compiled product beat dequantize-then-matmul (one-off timings, 1-32 rows)
 
 log = logging.getLogger(__name__)
 
