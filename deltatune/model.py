@@ -171,9 +171,24 @@ class DeltaModel(AdapterCheckpoints, ForwardsAttributes, nn.Module):
 
     # --- adapters ---------------------------------------------------------------------------
     def delta_layers(self) -> Iterator[tuple[str, DeltaLayer]]:
-        for name, module in self.base_model.named_modules():
+        """Every wrapped layer with its path, in ``named_modules`` order (each module once). A walk by hand:
+        ``named_modules`` nests a generator per level and visits every adapter's own modules (a server
+        holding 16 adapters has thousands), and a server walks the layers at each adapter load."""
+        seen: set[int] = set()
+        stack: list[tuple[str, nn.Module]] = [("", self.base_model)]
+        while stack:
+            path, module = stack.pop()
+            if id(module) in seen:
+                continue
+            seen.add(id(module))
             if isinstance(module, DeltaLayer):
-                yield name, module
+                yield path, module
+            children = [
+                (f"{path}.{name}" if path else name, child)
+                for name, child in module._modules.items()
+                if child is not None and (child._modules or isinstance(child, DeltaLayer))  # a leaf holds none
+            ]
+            stack.extend(reversed(children))
 
     def add_adapter(self, adapter_name: str, config: DeltaConfig) -> None:
         """Add a new adapter (not made active: call :meth:`set_adapter`). Everything that can be checked
@@ -201,8 +216,9 @@ class DeltaModel(AdapterCheckpoints, ForwardsAttributes, nn.Module):
             self._remove_from_layers(adapter_name)
             raise
         self.peft_config[adapter_name] = config
-        for _, layer in self.delta_layers():  # new parameters follow the current trainable set
-            for p in layer.adapter_parameters(adapter_name):
+        for _, layer in self.delta_layers():
+            follow_base_mode(layer, adapter_name)
+            for p in layer.adapter_parameters(adapter_name):  # new parameters follow the current trainable set
                 p.requires_grad_(adapter_name == self.active_adapter)
 
     def _resolve_modules_to_save(self, entries: list[str] | None) -> list[str]:
@@ -228,9 +244,10 @@ class DeltaModel(AdapterCheckpoints, ForwardsAttributes, nn.Module):
         for _, layer in self.delta_layers():
             layer.active_adapter = names[0]
             layer.active_adapters = tuple(names) if len(names) > 1 else ()
-            for name in layer.adapter_names:
-                for p in layer.adapter_parameters(name):
-                    p.requires_grad_(name in names and not self.peft_config[name].inference_mode)
+            for name, params in layer.parameters_by_adapter().items():
+                trains = name in names and not self.peft_config[name].inference_mode
+                for p in params:
+                    p.requires_grad_(trains)
 
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str, **options: Any):
         """Add ``adapter_name``, the LoRA ``adapters`` combined with ``weights`` (peft's options:
@@ -401,3 +418,17 @@ def _check_generate_positions(model: DeltaModel, args: tuple, kwargs: dict[str, 
         total = kwargs.get("max_length", getattr(config, "max_length", None))
         new = max(0, total - input_ids.shape[-1]) if isinstance(total, int) else 0
     check_prompts(model, [range(int(n)) for n in lengths], int(new))
+
+
+def follow_base_mode(layer: DeltaLayer, adapter_name: str) -> None:
+    """A new wrapper and ``adapter_name``'s modules in it take the mode (train/eval) of the module they adapt,
+    so an adapter added to a model in eval mode runs without dropout, with no ``model.eval()`` over every
+    module after each load (a server loads one per request)."""
+    mode = layer.base_layer.training
+    if layer.training != mode:  # a new wrapper (modules start in training mode): all of it
+        layer.train(mode)
+        return
+    for attr in layer.adapter_attrs:
+        store = getattr(layer, attr)
+        if adapter_name in store and isinstance(store[adapter_name], nn.Module):  # (a ModuleDict has no get)
+            store[adapter_name].train(mode)

@@ -4,6 +4,7 @@ come from :class:`~deltatune.serving.config.ServeConfig`."""
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 
 from deltatune import flags
@@ -49,6 +50,9 @@ def run_server(config: ServeConfig, scheduler: type | None = None) -> int:
         prefill_chunk=config.prefill_chunk,
         scheduler=scheduler or Scheduler,
     )
+    # The base model and the imports live as long as the process: moved out of the collector's view, a full
+    # collection no longer walks them (measured: ~220 ms pauses during adapter loads, and in decoding steps).
+    gc.freeze()
     limits = Limits(
         max_tokens=config.max_tokens_limit,
         max_body_bytes=config.max_body_bytes,

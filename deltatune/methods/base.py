@@ -96,9 +96,17 @@ class DeltaLayer(nn.Module):
         for attr in self.adapter_attrs:
             store = getattr(self, attr)
             if name in store:
-                item = store[name]
-                params += [item] if isinstance(item, nn.Parameter) else list(item.parameters())
+                params += _parameters_of(store[name])
         return params
+
+    def parameters_by_adapter(self) -> dict[str, list[nn.Parameter]]:
+        """Every adapter's ``adapter_parameters`` in one pass over the stores (``DeltaModel.set_adapter``
+        asks every layer, and a server sets adapters at each load)."""
+        found: dict[str, list[nn.Parameter]] = {}
+        for attr in self.adapter_attrs:
+            for name, item in getattr(self, attr).items():
+                found.setdefault(name, []).extend(_parameters_of(item))
+        return found
 
     def delete_adapter(self, name: str) -> None:
         if self.merged_adapter == name:
@@ -299,3 +307,14 @@ class ModulesToSave(SplitsRows, ForwardsAttributes, DeltaLayer):
     def unwrap(self) -> nn.Module:
         copies = dict(self.modules_to_save.items())
         return copies.get(self.merged_adapter or self.active_adapter, self.base_layer)
+
+
+def _parameters_of(item: nn.Module | nn.Parameter) -> list[nn.Parameter]:
+    """An adapter store's entry as parameters. A leaf module's own are read directly: ``Module.parameters``
+    walks the module tree, and a server that loads an adapter per request asks this of every layer's
+    every adapter (``DeltaModel.set_adapter``)."""
+    if not isinstance(item, nn.Module):  # a Parameter (asked second: its isinstance is the slow one)
+        return [item]
+    if not item._modules:
+        return [p for p in item._parameters.values() if p is not None]
+    return list(item.parameters())

@@ -166,6 +166,9 @@ class HyperAdapterLayer(DeltaLayer):
             return super().adapter_parameters(name)
         return [net.task_embeddings[i] for i in net.new_tasks] if name in self.hypernet else []
 
+    def parameters_by_adapter(self) -> dict[str, list[nn.Parameter]]:
+        return {name: self.adapter_parameters(name) for name in self.adapter_names}
+
     def delta(self, name: str, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """The bottleneck the hypernetwork generates for this call's tasks, on the base output ``h``."""
         net = self._hypernets[name]

@@ -166,7 +166,6 @@ class Adapters:
         if not self._make_room(busy | set(parts)):
             return False
         build(self.model, name, spec)
-        self.model.eval()
         self._write_slot(name)
         self.recent[name] = None
         self.loads += 1
@@ -176,7 +175,6 @@ class Adapters:
     def _load(self, name: str, path: Path) -> None:
         config = check_mixable(path)  # the one read of its adapter_config.json for this load
         self.model.load_adapter(path, name, config=config)  # a load that fails leaves the model as it was
-        self.model.eval()
         self._write_slot(name)
         self.recent[name] = None
         self.loads += 1
