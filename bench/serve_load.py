@@ -16,8 +16,8 @@ Scenarios (each side a fresh ``deltatune serve`` process, ``OMP_NUM_THREADS=--th
   ``--rounds`` alternating rounds, the same arrivals per round on both sides.
 * ``overload``: ``--overload-x`` x capacity for ``--overload-duration`` s with ``--max-queue
   --overload-queue``:
-  status counts (only 200 and 429 expected), 429 latency, server RSS at start and end, and five
-  requests after the flood (full service afterwards).
+  status counts (only 200 and 429 expected), 429 latency, server RSS at start and end, each minute and its
+  growth over the second half (flat: no leak), and five requests after the flood (full service afterwards).
 
 Raw lines go to bench/results/serve_load.jsonl (one per scenario run); the summary line (medians
 of the rounds, min-max) is printed and appended too.
@@ -278,12 +278,13 @@ def overload(dirs: dict[str, Path], args: argparse.Namespace, rate: float) -> di
         jobs = workload(models, max(1, int(rate * args.overload_duration)), 7, args.min_tokens, args.max_tokens)
         burst(server.url, [(jobs[0][0], "Hi", 4)])  # warm-up
         rss_start = server.rss_mb()
-        peak = [rss_start]
+        samples = [(0.0, rss_start)]  # (seconds into the flood, MB), every second
         done = threading.Event()
+        began = time.perf_counter()
 
         def watch() -> None:
             while not done.wait(1.0):
-                peak.append(server.rss_mb())
+                samples.append((time.perf_counter() - began, server.rss_mb()))
 
         threading.Thread(target=watch, daemon=True).start()
         meter = RunMeter()
@@ -291,15 +292,28 @@ def overload(dirs: dict[str, Path], args: argparse.Namespace, rate: float) -> di
         done.set()
         rss_end = server.rss_mb()
         after = [r["status"] for r in burst_each(server.url, workload(models, 5, 8, 8, 8))]
-        out = figures(results, wall) | {
-            "rate_per_s": round(rate, 3),
-            "rss_start_mb": rss_start,
-            "rss_end_mb": rss_end,
-            "rss_max_mb": max(peak),
-            "after_flood_statuses": after,
-        }
+        out = figures(results, wall) | {"rate_per_s": round(rate, 3), "after_flood_statuses": after}
+        out |= rss_course(samples, rss_end)
     record(out, meter, "overload")
     return out
+
+
+def rss_course(samples: list[tuple[float, float]], end: float) -> dict[str, Any]:
+    """The server's RSS over the flood: at the start (after one warm-up request), at its end, its peak, the last
+    sample of each minute, and the growth over the second half (``rss_growth_second_half_mb``: what a leak would
+    show; the first minutes fill the working set of full batches, KV caches and allocator pools)."""
+    by_minute: dict[int, float] = {}
+    for at, mb in samples:
+        by_minute[int(at // 60)] = mb
+    half = samples[-1][0] / 2
+    at_half = next(mb for at, mb in samples if at >= half)
+    return {
+        "rss_start_mb": samples[0][1],
+        "rss_end_mb": end,
+        "rss_max_mb": max(end, *(mb for _, mb in samples)),
+        "rss_by_minute_mb": [by_minute[m] for m in sorted(by_minute)],
+        "rss_growth_second_half_mb": round(end - at_half, 1),
+    }
 
 
 def burst_each(url: str, jobs: list[tuple[str, str, int]]) -> list[dict]:

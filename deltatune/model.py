@@ -275,6 +275,19 @@ class DeltaModel(AdapterCheckpoints, ForwardsAttributes, nn.Module):
             if self.active_adapter is not None:
                 self.set_adapter(active or self.active_adapter)
 
+    def rename_adapter(self, old: str, new: str) -> None:
+        """Call adapter ``old`` ``new`` from now on, everywhere (its weights, config, active or merged
+        state stay): a server that swaps one adapter's weights for another's in place renames it."""
+        self.check_adapter(old)
+        check_name(new, taken=self.peft_config)
+        for _, layer in self.delta_layers():
+            layer.rename_adapter(old, new)
+        renamed = {new if n == old else n: c for n, c in self.peft_config.items()}
+        self.peft_config.clear()  # the same dict: others may hold it
+        self.peft_config.update(renamed)
+        if self.active_adapter == old:
+            self.active_adapter = new
+
     def _remove_from_layers(self, adapter_name: str) -> None:
         for name, layer in list(self.delta_layers()):
             layer.delete_adapter(adapter_name)

@@ -66,3 +66,25 @@ def test_new_adapter_takes_the_model_mode(mode):
         with torch.no_grad():
             first, second = (model(**inputs, adapter_name="b").logits for _ in range(2))
         torch.testing.assert_close(first, second, rtol=0, atol=0)  # no dropout at work
+
+
+def test_rename_adapter_keeps_what_runs():
+    model = dt.wrap(tiny_llama(), dt.LoraConfig(r=4, target_modules=QV), "a").eval()
+    model.add_adapter("b", dt.LoraConfig(r=2, target_modules=QV))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(generator=torch.Generator().manual_seed(len(name)))
+    inputs = batch()
+    with torch.no_grad():
+        before = model(**inputs).logits  # the active adapter, a
+        model.rename_adapter("a", "z")
+        after = model(**inputs).logits
+    torch.testing.assert_close(before, after, rtol=0, atol=0)
+    assert model.active_adapter == "z" and list(model.peft_config) == ["z", "b"]
+    assert all(layer.active_adapter == "z" and "a" not in layer.scaling for _, layer in model.delta_layers())
+    model.set_adapter(["z", "b"])
+    model.rename_adapter("b", "y")
+    assert model.active_adapters == ["z", "y"]
+    with pytest.raises(ValueError, match="z"):
+        model.rename_adapter("y", "z")  # taken

@@ -108,6 +108,23 @@ class DeltaLayer(nn.Module):
                 found.setdefault(name, []).extend(_parameters_of(item))
         return found
 
+    def rename_adapter(self, old: str, new: str) -> None:
+        """Hold adapter ``old`` under the name ``new``: its entries move (a value store without item
+        assignment is a cache, dropped and recomputed), and so does the active or merged name."""
+        for attr in self.adapter_attrs:
+            store = getattr(self, attr)
+            if old in store:
+                store[new] = store.pop(old)
+        for attr in self.adapter_values:
+            store = getattr(self, attr)
+            value = store.pop(old, _MISSING)
+            if value is not _MISSING and hasattr(store, "__setitem__"):
+                store[new] = value
+        renamed = {old: new}
+        self.active_adapter = renamed.get(self.active_adapter, self.active_adapter)
+        self.active_adapters = tuple(renamed.get(n, n) for n in self.active_adapters)
+        self.merged_adapter = renamed.get(self.merged_adapter, self.merged_adapter)
+
     def delete_adapter(self, name: str) -> None:
         if self.merged_adapter == name:
             self.unmerge()
@@ -307,6 +324,9 @@ class ModulesToSave(SplitsRows, ForwardsAttributes, DeltaLayer):
     def unwrap(self) -> nn.Module:
         copies = dict(self.modules_to_save.items())
         return copies.get(self.merged_adapter or self.active_adapter, self.base_layer)
+
+
+_MISSING = object()
 
 
 def _parameters_of(item: nn.Module | nn.Parameter) -> list[nn.Parameter]:

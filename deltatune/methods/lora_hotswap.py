@@ -97,8 +97,23 @@ class LoraHotSwap:
             )
         for name, layer in layers.items():
             swap_layer(layer, adapter_name, by_module[name], *new_config.rank_and_alpha(name), new_config.use_rslora)
+            set_dropout(layer, adapter_name, new_config.lora_dropout)
         host.peft_config[adapter_name] = dataclasses.replace(new_config, inference_mode=old_config.inference_mode)
         record_shapes(host, adapter_name, layers)
+
+
+def set_dropout(layer: Any, name: str, p: float) -> None:
+    """The new adapter's dropout (it matters once the adapter trains on), in the layer's train/eval mode."""
+    dropouts = getattr(layer, "lora_dropout", None)
+    if dropouts is None:
+        return
+    if p <= 0:
+        if name in dropouts:
+            del dropouts[name]
+    elif name in dropouts:
+        dropouts[name].p = p
+    else:
+        dropouts[name] = nn.Dropout(p).train(layer.training)
 
 
 def swap_layer(layer: Any, name: str, tensors: dict[str, torch.Tensor], r: int, alpha: float, rslora: bool) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from torch import nn
 
 from deltatune.adapter_names import RESERVED, name_problem
-from deltatune.config import DeltaConfig
+from deltatune.config import ConfigError, DeltaConfig
 from deltatune.methods import method_for
 from deltatune.mixed import mixable
 from deltatune.model import DeltaModel
@@ -52,6 +52,21 @@ def found_adapters(directory: Path) -> list[tuple[str, Path]]:
         except ValueError as err:
             log.warning("not serving %s: %s", entry, err)
     return found
+
+
+def same_shapes(model: DeltaModel, loaded: str, config: DeltaConfig) -> bool:
+    """Whether an adapter of ``config`` has the tensors' shapes of the ``loaded`` one at every module it has
+    (the modules themselves are checked against the checkpoint's keys by the swap)."""
+    old = model.peft_config[loaded]
+    if getattr(config, "use_dora", False) or getattr(old, "use_dora", False):
+        return False
+    if config.modules_to_save or old.modules_to_save or not hasattr(config, "rank_and_alpha"):
+        return False
+    for name, layer in model.delta_layers():
+        held = layer.adapter_parameters(loaded)
+        if held and (len(held) != 2 or held[0].shape[0] != config.rank_and_alpha(name)[0]):
+            return False
+    return True
 
 
 def check_mixable(path: Path | DeltaConfig) -> DeltaConfig:
@@ -132,20 +147,61 @@ class Adapters:
         if name in self.recent:
             self.recent.move_to_end(name)
             return True
-        if not self._make_room(busy):
-            return False
+        if self._full():
+            victim = self._idle(busy)
+            if victim is None:
+                return False
+            if self._swap_into(victim, name, self.paths[name]):
+                return True
+            self._evict(victim)
         self._load(name, self.paths[name])
+        return True
+
+    def _full(self) -> bool:
+        return self.max_loaded is not None and len(self.recent) >= self.max_loaded
+
+    def _idle(self, busy: set[str]) -> str | None:
+        """The least recently used loaded adapter no row is using."""
+        return next((n for n in self.recent if n not in busy), None)
+
+    def _evict(self, name: str) -> None:
+        self.unload(name)
+        self.evictions += 1
+
+    def _swap_into(self, victim: str, name: str, path: Path) -> bool:
+        """Load ``name`` into the tensors of ``victim``, which is evicted for it: its method's in-place swap
+        (deltatune.hotswap), then a rename. Making and dropping every layer's modules is most of an ordinary
+        load's time. False, with nothing changed, unless the two are LoRA adapters of the same shapes
+        (the same modules at the same ranks, neither DoRA nor with modules_to_save)."""
+        config = check_mixable(path)
+        old = self.model.peft_config[victim]
+        method = method_for(config)
+        if method.hotswap is None or method_for(old) is not method or not same_shapes(self.model, victim, config):
+            return False
+        try:
+            method.hotswap.swap(self.model, victim, path, config)  # checks the modules match before copying
+        except ConfigError as err:
+            log.info("loading adapter %s afresh: %s", name, err)
+            return False
+        if self.slots is not None:
+            self.slots.reset(victim)
+        self.model.rename_adapter(victim, name)
+        del self.recent[victim]
+        self.evictions += 1
+        self._write_slot(name)
+        self.recent[name] = None
+        self.loads += 1
+        log.info("loaded adapter %s from %s into %s's tensors", name, path, victim)
         return True
 
     def _make_room(self, busy: set[str]) -> bool:
         """Evict the least recently used idle adapter if every slot is taken; False if none can go."""
-        if self.max_loaded is None or len(self.recent) < self.max_loaded:
+        if not self._full():
             return True
-        idle = next((n for n in self.recent if n not in busy), None)
+        idle = self._idle(busy)
         if idle is None:
             return False
-        self.unload(idle)
-        self.evictions += 1
+        self._evict(idle)
         return True
 
     def ensure_mix(self, name: str, spec: dict, busy: set[str]) -> bool:
