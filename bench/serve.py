@@ -24,6 +24,7 @@ Goal: mixed >= 0.9x merged and >= 1.5x peft. Prints one JSON line; progress goes
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -249,6 +250,7 @@ def time_loads(adapters: Path, names: list[str], slots: int) -> dict[str, float]
     from deltatune.serving.slots import SlotTable
 
     base, _ = dt.load_base(BASE)
+    gc.freeze()  # as the server does once its base is loaded (deltatune/cli/serve.py)
     store = Adapters(base, BASE, adapters, slots, SlotTable(slots, 8))
     times = []
     for name in names + names:
