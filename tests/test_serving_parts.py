@@ -1,7 +1,7 @@
 """The engine's parts, each used alone, without the engine or its thread: the scheduler (who joins a step: the
-token budget, a long prompt a chunk at a time, one adapter load per step; and another policy handed to the engine:
-the bench's dynamic batching) and the runner (one forward for a batch of rows, each row what its adapter computes
-alone)."""
+token budget, a long prompt a chunk at a time, adapter loads within a time budget; and another policy handed to the
+engine: the bench's dynamic batching) and the runner (one forward for a batch of rows, each row what its adapter
+computes alone)."""
 
 from __future__ import annotations
 
@@ -48,13 +48,18 @@ def test_the_scheduler_admits_within_its_budget_and_a_long_prompt_a_chunk_at_a_t
     assert plan.partial[0] is long and list(plan.waiting) == [second]  # one long prompt at a time
 
 
-def test_the_scheduler_loads_one_adapter_per_step(adapters_dir, smol_tokenizer):  # noqa: F811
+def test_the_scheduler_loads_within_its_time_budget(adapters_dir, smol_tokenizer):  # noqa: F811
     store = Adapters(tiny_model(len(smol_tokenizer)), "tiny", adapters_dir, max_loaded=2)
-    plan = scheduler(store)
+    plan = scheduler(store, load_budget_s=1e-9)  # less than any load takes: the first of each step only
     poet, coder, base = job("poet", 3), job("coder", 3), job(BASE_ADAPTER, 3)
     plan.waiting.extend([poet, coder, base])
     assert plan.admit([]).group == [poet, base] and store.loaded == ["poet"]  # coder's load waits a step
     assert plan.admit([poet, base]).group == [coder] and store.loaded == ["poet", "coder"]
+    store = Adapters(tiny_model(len(smol_tokenizer)), "tiny", adapters_dir, max_loaded=2)
+    plan = scheduler(store, load_budget_s=60.0)  # time for both loads in one step
+    poet, coder, base = job("poet", 3), job("coder", 3), job(BASE_ADAPTER, 3)
+    plan.waiting.extend([poet, coder, base])
+    assert plan.admit([]).group == [poet, coder, base] and store.loaded == ["poet", "coder"]
 
 
 def test_the_benchs_dynamic_policy_admits_only_into_an_empty_batch(adapters_dir, smol_tokenizer, monkeypatch):  # noqa: F811

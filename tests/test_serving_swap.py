@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import batch, tiny_llama
+from conftest import batch, randomize_adapters, tiny_llama
 
 import deltatune as dt
 from deltatune.constants import BASE_ADAPTER
@@ -20,19 +20,15 @@ QV = ["q_proj", "v_proj"]
 def directory(tmp_path_factory):
     """LoRA adapters with random weights: a, b, c at rank 2 (c with another alpha and dropout), wide at rank 4."""
     root = tmp_path_factory.mktemp("adapters")
-    generator = torch.Generator().manual_seed(0)
     configs = {
         "a": dt.LoraConfig(r=2, target_modules=QV),
         "b": dt.LoraConfig(r=2, target_modules=QV),
         "c": dt.LoraConfig(r=2, lora_alpha=5, lora_dropout=0.2, target_modules=QV),
         "wide": dt.LoraConfig(r=4, target_modules=QV),
     }
-    for name, config in configs.items():
+    for seed, (name, config) in enumerate(configs.items()):
         model = dt.wrap(tiny_llama(), config)
-        with torch.no_grad():
-            for param_name, param in model.named_parameters():
-                if ".lora_" in param_name:
-                    param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+        randomize_adapters(model, seed, std=0.5)
         model.save_pretrained(root / name)
     return root
 
