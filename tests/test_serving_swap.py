@@ -18,13 +18,15 @@ QV = ["q_proj", "v_proj"]
 
 @pytest.fixture(scope="module")
 def directory(tmp_path_factory):
-    """LoRA adapters with random weights: a, b, c at rank 2 (c with another alpha and dropout), wide at rank 4."""
+    """LoRA adapters with random weights: a, b, c at rank 2 (c with another alpha and dropout), wide at rank 4,
+    q_only at rank 2 on q_proj alone."""
     root = tmp_path_factory.mktemp("adapters")
     configs = {
         "a": dt.LoraConfig(r=2, target_modules=QV),
         "b": dt.LoraConfig(r=2, target_modules=QV),
         "c": dt.LoraConfig(r=2, lora_alpha=5, lora_dropout=0.2, target_modules=QV),
         "wide": dt.LoraConfig(r=4, target_modules=QV),
+        "q_only": dt.LoraConfig(r=2, target_modules=["q_proj"]),
     }
     for seed, (name, config) in enumerate(configs.items()):
         model = dt.wrap(tiny_llama(), config)
@@ -88,3 +90,19 @@ def test_another_rank_loads_afresh(directory):
     with torch.no_grad():
         ours = store.model(**inputs, adapter_name="wide").logits
     torch.testing.assert_close(ours, fresh_logits(directory, "wide", inputs), rtol=1e-5, atol=1e-5)
+
+
+def test_a_swap_the_checkpoint_refuses_evicts_and_loads_afresh(directory):
+    """q_only passes the shape check (rank 2 wherever a holds tensors) but its checkpoint lacks v_proj: the swap
+    refuses before copying, a is evicted once, and q_only loads as usual."""
+    store = Adapters(tiny_llama().eval(), "tiny", directory, 1, SlotTable(1, 4))
+    store.ensure("a", set())
+    held = a_module(store, "a")
+    assert store.ensure("q_only", set())
+    assert store.loaded == ["q_only"] and list(store.model.peft_config) == ["q_only"] and store.evictions == 1
+    assert a_module(store, "q_only") is not held
+    assert not any("v_proj" in n for n, layer in store.model.delta_layers() if "q_only" in layer.scaling)
+    inputs = batch(length=6)
+    with torch.no_grad():
+        ours = store.model(**inputs, adapter_name="q_only").logits
+    torch.testing.assert_close(ours, fresh_logits(directory, "q_only", inputs), rtol=1e-5, atol=1e-5)

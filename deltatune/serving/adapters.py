@@ -14,7 +14,7 @@ from pathlib import Path
 from torch import nn
 
 from deltatune.adapter_names import RESERVED, name_problem
-from deltatune.config import ConfigError, DeltaConfig
+from deltatune.config import DeltaConfig
 from deltatune.methods import method_for
 from deltatune.mixed import mixable
 from deltatune.model import DeltaModel
@@ -147,14 +147,16 @@ class Adapters:
         if name in self.recent:
             self.recent.move_to_end(name)
             return True
+        path = self.paths[name]
+        config = check_mixable(path)  # the one read of its adapter_config.json for this load
         if self._full():
             victim = self._idle(busy)
             if victim is None:
                 return False
-            if self._swap_into(victim, name, self.paths[name]):
+            if self._swap_into(victim, name, path, config):
                 return True
             self._evict(victim)
-        self._load(name, self.paths[name])
+        self._load(name, path, config)
         return True
 
     def _full(self) -> bool:
@@ -168,19 +170,19 @@ class Adapters:
         self.unload(name)
         self.evictions += 1
 
-    def _swap_into(self, victim: str, name: str, path: Path) -> bool:
+    def _swap_into(self, victim: str, name: str, path: Path, config: DeltaConfig) -> bool:
         """Load ``name`` into the tensors of ``victim``, which is evicted for it: its method's in-place swap
         (deltatune.hotswap), then a rename. Making and dropping every layer's modules is most of an ordinary
-        load's time. False, with nothing changed, unless the two are LoRA adapters of the same shapes
-        (the same modules at the same ranks, neither DoRA nor with modules_to_save)."""
-        config = check_mixable(path)
+        load's time. False unless the two are LoRA adapters of the same shapes (the same modules at the same
+        ranks, neither DoRA nor with modules_to_save), or when the swap fails: the caller then evicts the victim
+        (its tensors may be half overwritten) and loads ``name`` afresh."""
         old = self.model.peft_config[victim]
         method = method_for(config)
         if method.hotswap is None or method_for(old) is not method or not same_shapes(self.model, victim, config):
             return False
         try:
-            method.hotswap.swap(self.model, victim, path, config)  # checks the modules match before copying
-        except ConfigError as err:
+            method.hotswap.swap(self.model, victim, path, config)
+        except Exception as err:  # the checkpoint's modules differ (ConfigError), or the file is unreadable
             log.info("loading adapter %s afresh: %s", name, err)
             return False
         if self.slots is not None:
@@ -228,8 +230,7 @@ class Adapters:
         log.info("mixed adapter %s from %s", name, spec)
         return True
 
-    def _load(self, name: str, path: Path) -> None:
-        config = check_mixable(path)  # the one read of its adapter_config.json for this load
+    def _load(self, name: str, path: Path, config: DeltaConfig) -> None:
         self.model.load_adapter(path, name, config=config)  # a load that fails leaves the model as it was
         self._write_slot(name)
         self.recent[name] = None
