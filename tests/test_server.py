@@ -573,7 +573,7 @@ def test_an_adapter_many_requests_ask_for_loads_once(adapters_dir, smol_tokenize
     engine = small_engine(smol_tokenizer, adapters_dir, max_loaded=1)
     loads = []
     real = engine.store._load
-    monkeypatch.setattr(engine.store, "_load", lambda name, path: (loads.append(name), real(name, path)))
+    monkeypatch.setattr(engine.store, "_load", lambda name, *rest: (loads.append(name), real(name, *rest)))
     with running(engine) as url:
         client = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0, timeout=60)
         assert [m.id for m in client.models.list().data] == ["tiny", "coder", "poet"] and engine.store.loaded == []
