@@ -56,6 +56,13 @@ def test_the_scheduler_loads_within_its_time_budget(adapters_dir, smol_tokenizer
     assert plan.admit([]).group == [poet, base] and store.loaded == ["poet"]  # coder's load waits a step
     assert plan.admit([poet, base]).group == [coder] and store.loaded == ["poet", "coder"]
     store = Adapters(tiny_model(len(smol_tokenizer)), "tiny", adapters_dir, max_loaded=2)
+    plan = scheduler(store, load_budget_s=1e-9)
+    plan.waiting.append(job("poet", 3))
+    plan.admit([])  # loads poet
+    again, coder = job("poet", 3), job("coder", 3)
+    plan.waiting.extend([again, coder])
+    assert plan.admit([]).group == [again, coder]  # a loaded adapter spends nothing: coder's is the step's first load
+    store = Adapters(tiny_model(len(smol_tokenizer)), "tiny", adapters_dir, max_loaded=2)
     plan = scheduler(store, load_budget_s=60.0)  # time for both loads in one step
     poet, coder, base = job("poet", 3), job("coder", 3), job(BASE_ADAPTER, 3)
     plan.waiting.extend([poet, coder, base])
