@@ -8,11 +8,12 @@ store to load what a request needs, and answers with the rows that join; the eng
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from transformers import DynamicCache
 
@@ -34,6 +35,31 @@ class Joining:
     alone: list[Request]
 
 
+@dataclasses.dataclass
+class LoadBudget:
+    """One step's time for adapter loads (seconds ``left``): the first load always runs, later ones while time is
+    left, so that decoding rows are not held up behind many loads. A loaded adapter spends nothing."""
+
+    left: float
+    loaded_once: bool = False
+
+    def allows(self) -> bool:
+        return not self.loaded_once or self.left > 0
+
+    @contextlib.contextmanager
+    def spend(self, loading: bool) -> Iterator[None]:
+        """Time the block (an ``ensure``) against the budget if it loads; one of a loaded adapter costs nothing."""
+        if not loading:
+            yield
+            return
+        self.loaded_once = True
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.left -= time.perf_counter() - start
+
+
 class Scheduler:
     """Continuous admission: waiting requests join the running batch at every step, within a token budget."""
 
@@ -53,14 +79,12 @@ class Scheduler:
         # Seconds of adapter loads a step may spend (the first load always runs): running rows wait about that
         # much at most, and a load that swaps into an evicted adapter's tensors (~9 ms) lets several join at once.
         self.load_budget_s = load_budget_s
-        self.load_time_left, self.first_load = load_budget_s, True
 
     def admit(self, running: list[Request]) -> Joining | None:
         """The waiting requests that join a batch running ``running`` now, within a token budget; a prompt longer
         than the budget becomes :attr:`partial`, and short requests keep joining (and decoding) meanwhile.
         None (a subclass's answer): nobody may join this step."""
-        self.load_time_left = self.load_budget_s
-        self.first_load = True
+        loads = LoadBudget(self.load_budget_s)  # this step's, passed along: nothing per step is kept on self
         budget = self.prefill_chunk
         joining = Joining([], [])
         busy = {r.adapter for r in running} | ({self.partial[0].adapter} if self.partial else set())
@@ -74,7 +98,7 @@ class Scheduler:
                 continue  # one long prompt at a time: this one starts when it has joined
             if long and group:
                 break  # prefill what fits now; the long prompt starts next step
-            if not self._ready(request, busy | {r.adapter for r in [*group, *joining.alone]}):
+            if not self._ready(request, busy | {r.adapter for r in [*group, *joining.alone]}, loads):
                 continue
             self.take(request)
             if self._alone(request):
@@ -88,40 +112,29 @@ class Scheduler:
                 budget -= len(request.prompt_ids)
         return joining
 
-    def _ready(self, request: Request, busy: set[str]) -> bool:
-        """Whether the request's adapter is loaded (loading it now if a slot is free)."""
+    def _ready(self, request: Request, busy: set[str], loads: LoadBudget) -> bool:
+        """Whether the request's adapter is loaded (loading it now if a slot is free and ``loads`` allows)."""
         if request.adapter == BASE_ADAPTER:
             return True
         if request.mix is not None:
-            return self._ready_mix(request, busy)
+            return self._ready_mix(request, busy, loads)
         if not self.store.find(request.adapter):
             self.take(request)
             request.fail(f"adapter {request.adapter!r} was deleted before this request ran", 404, "model_not_found")
             return False
-        if not self._may_load(request.adapter):
+        loading = request.adapter not in self.store.recent
+        if loading and not loads.allows():
             return False
-        start = time.perf_counter()
         try:
-            return self.store.ensure(request.adapter, busy)
+            with loads.spend(loading):
+                return self.store.ensure(request.adapter, busy)
         except Exception as err:
             log.exception("loading adapter %s failed", request.adapter)
             self.take(request)
             request.fail(f"cannot load adapter {request.adapter!r}: {err}", 500, "adapter_load_failed")
             return False
-        finally:
-            self.load_time_left -= time.perf_counter() - start
 
-    def _may_load(self, adapter: str) -> bool:
-        """Whether this step may use ``adapter``: a loaded one always; a load if it is the step's first or while
-        the step's load time budget lasts, so that decoding rows are not held up behind many loads."""
-        if adapter in self.store.recent:
-            return True
-        if not self.first_load and self.load_time_left <= 0:
-            return False
-        self.first_load = False
-        return True
-
-    def _ready_mix(self, request: Request, busy: set[str]) -> bool:
+    def _ready_mix(self, request: Request, busy: set[str], loads: LoadBudget) -> bool:
         """Whether the request's mix is loaded (its parts loaded and combined now, if slots are free)."""
         missing = [p for p in request.mix["ids"] if not self.store.find(p)]
         if missing:
@@ -129,18 +142,17 @@ class Scheduler:
             message = f"adapter {missing[0]!r} of the mix was deleted before this request ran"
             request.fail(message, 404, "model_not_found")
             return False
-        if not self._may_load(request.adapter):
+        loading = request.adapter not in self.store.recent
+        if loading and not loads.allows():
             return False
-        start = time.perf_counter()
         try:
-            return self.store.ensure_mix(request.adapter, request.mix, busy)
+            with loads.spend(loading):
+                return self.store.ensure_mix(request.adapter, request.mix, busy)
         except Exception as err:  # adapters that cannot combine (DoRA, ranks a strategy cannot mix, ...)
             log.warning("mixing %s failed: %s", request.mix, err)
             self.take(request)
             request.fail(f"cannot mix these adapters: {err}", 400, "invalid_mix")
             return False
-        finally:
-            self.load_time_left -= time.perf_counter() - start
 
     def take(self, request: Request) -> None:
         """Take ``request`` out of the waiting queue (it joins, or it has failed)."""
