@@ -7,7 +7,10 @@ each in a fresh process (the script re-invokes itself with ``--worker``), rounds
   training steps after ``--warmup`` untimed ones, and the process's peak RSS (model load included). Sides:
   deltatune on int8 and on nf4 (its trainer's step, LossModule), peft on float32, peft on a bitsandbytes nf4
   and a bitsandbytes int8 base (transformers' ``BitsAndBytesConfig``; ``model(..., labels=...)``).
-  ``--step-sides`` picks some; ``ours_int8_head`` (not in the default set) also quantizes the output head.
+  ``--step-sides`` picks some; ``ours_int8_head`` (not in the default set) also quantizes the output head;
+  ``peft_bf16`` (not in the default set either) is peft on the base loaded in bfloat16, for context: the peer's
+  own way to multiply in bfloat16, at 2 bytes per weight. ``--matmul-dtype``: what our quantized layers'
+  products multiply in (``auto``: bfloat16 where the CPU has it in hardware); each line records it.
   ``--model DIR``: the step part on another base (a float32 safetensors directory, e.g. a ~1B Llama).
   Goals (issue 23): int8 <= 0.75x peft float32's step time, nf4 no slower than peft + bitsandbytes nf4; peak RSS
   of the whole run (load + steps) int8 <= 0.45x and nf4 <= 0.3x peft float32's.
@@ -60,7 +63,8 @@ from _common import (
 import deltatune as dt
 
 BENCH = "quantized"
-STEP_SIDES = ("ours_int8", "ours_nf4", "peft_f32", "peft_bnb_nf4", "peft_bnb_int8", "ours_int8_head")
+STEP_SIDES = ("ours_int8", "ours_nf4", "peft_f32", "peft_bnb_nf4", "peft_bnb_int8", "ours_int8_head", "peft_bf16")
+LOAD_OPTIONS: dict[str, str] = {}  # set from --matmul-dtype in main, in the campaign and in each worker
 DECODE_SIDES = ("f32", "int8", "nf4", "int8_head")
 QUALITY_SIDES = ("f32", "int8", "nf4", "int8_loftq", "nf4_loftq")
 PROMPT = [{"role": "user", "content": "Write one sentence about a coffee shop by the river."}]
@@ -96,6 +100,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument(
+        "--matmul-dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="what our quantized layers' products multiply in (deltatune.quantization.set_matmul_dtype)",
+    )
+    parser.add_argument(
         "--model", default=MODEL, help="step: the base, a built-in name or a model directory (e.g. a ~1B Llama)"
     )
     return parser.parse_args(argv)
@@ -112,8 +122,10 @@ def load(kind: str, model: str = MODEL) -> tuple[nn.Module, Any]:
     """Our base: float32, or quantized by deltatune (``int8``/``nf4``; ``int8_head``: the output head too)."""
     if kind == "int8_head":
         base, tokenizer = dt.load_base(model)
-        return dt.quantize_base(base, "int8", quantize_head=True), tokenizer
-    return dt.load_base(model, quantize=None if kind == "f32" else kind)
+        return dt.quantize_base(base, "int8", quantize_head=True, **LOAD_OPTIONS), tokenizer
+    if kind == "f32":
+        return dt.load_base(model)
+    return dt.load_base(model, quantize=kind, **LOAD_OPTIONS)
 
 
 def peft_bnb_base(bits: str, model: str = MODEL) -> nn.Module:
@@ -135,6 +147,11 @@ def step_model(side: str, name: str) -> tuple[nn.Module, int]:
         base, library = load(side.removeprefix("ours_"), name)[0], "deltatune"
     elif side == "peft_f32":
         base, library = load("f32", name)[0], "peft"
+    elif side == "peft_bf16":
+        from transformers import AutoModelForCausalLM
+
+        source = dense_dir() if name == MODEL else name
+        base, library = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16), "peft"
     else:
         base, library = peft_bnb_base(side.removeprefix("peft_bnb_"), name), "peft"
     return wrap_lora(base, library), base.config.vocab_size
@@ -144,6 +161,7 @@ def step_model(side: str, name: str) -> tuple[nn.Module, int]:
 def run_step(side: str, args: argparse.Namespace) -> dict[str, Any]:
     model, vocab = step_model(side, args.model)
     info = {"rss_after_load_mb": peak_rss_mb(), "lora_checksum": init_lora(model, args.seed)}
+    info["base"] = dt.quantization.base_kind(model)
     model.train()
     ids = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(args.seed))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -379,6 +397,7 @@ def summarize(lines: dict[str, list[dict]]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     set_threads(args.threads)
+    LOAD_OPTIONS["matmul_dtype"] = args.matmul_dtype
     if args.worker:
         part, side = args.worker.split(":")
         torch.manual_seed(args.seed)

@@ -59,11 +59,11 @@ def base_name(model: str, scratch: Path) -> str:
     return "smollm2-135m" if model == "smollm2" else str(scratch / "llama1b")
 
 
-def worker_fidelity(kind: str) -> dict[str, Any]:
+def worker_fidelity(kind: str, matmul_dtype: str = "auto") -> dict[str, Any]:
     import deltatune as dt
 
     reference, tokenizer = dt.load_base("smollm2-135m")
-    model, _ = dt.load_base("smollm2-135m", quantize=kind)
+    model, _ = dt.load_base("smollm2-135m", quantize=kind, matmul_dtype=matmul_dtype)
     inputs = tokenizer(SENTENCES, return_tensors="pt", padding=True)
     mask = inputs["attention_mask"].bool()
     with torch.no_grad():
@@ -71,6 +71,7 @@ def worker_fidelity(kind: str) -> dict[str, Any]:
     return {
         "part": "fidelity",
         "kind": kind,
+        "base": dt.quantization.base_kind(model),
         "positions": int(mask.sum()),
         "top1_agreement": (ref.argmax(-1) == got.argmax(-1)).float().mean().item(),
         "relative_logits_error": ((got - ref).norm() / ref.norm()).item(),
@@ -148,11 +149,18 @@ def spawn(argv: list[str]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--worker", nargs="+", help="internal: fidelity KIND | load MODEL KIND")
+    parser.add_argument("--worker", nargs="+", help="internal: fidelity KIND MATMUL_DTYPE | load MODEL KIND")
     parser.add_argument("--parts", nargs="+", default=["fidelity", "load"], choices=["fidelity", "load"])
     parser.add_argument("--kinds", nargs="+", default=["int8", "nf4", "gguf"])
     parser.add_argument("--models", nargs="+", default=["smollm2", "llama1b"], choices=["smollm2", "llama1b"])
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument(
+        "--matmul-dtypes",
+        nargs="+",
+        default=["auto"],
+        choices=["auto", "float32", "bfloat16"],
+        help="fidelity: what the quantized products multiply in (one run per kind and dtype)",
+    )
     parser.add_argument("--scratch", type=Path, default=Path("/work/bench-scratch"))
     args = parser.parse_args(argv)
     if args.worker:
@@ -163,9 +171,10 @@ def main(argv: list[str] | None = None) -> None:
     summary: dict[str, Any] = {"bench": BENCH, "part": "fidelity+load summary"}
     if "fidelity" in args.parts:
         for kind in args.kinds:
-            line = spawn(["--worker", "fidelity", kind])
-            append_result(BENCH, line)
-            summary[f"fidelity_{kind}"] = line
+            for matmul_dtype in args.matmul_dtypes:
+                line = spawn(["--worker", "fidelity", kind, matmul_dtype])
+                append_result(BENCH, line)
+                summary[f"fidelity_{kind}_{matmul_dtype}"] = line
     if "load" in args.parts:
         summary.update(run_loads(args))
     append_result(BENCH, summary)

@@ -35,15 +35,14 @@ def lora_default_targets(model: nn.Module) -> list[str] | str:
 def inspect_report(model: nn.Module, method: str, method_config: DeltaConfig, options: dict[str, Any]) -> str:
     """The text of ``deltatune inspect``; wraps ``model`` with ``method_config`` to count trainable parameters."""
     from deltatune.model import wrap
-    from deltatune.quantization import base_storage, is_quantized
+    from deltatune.quantization import base_kind, base_storage
     from deltatune.targeting import find_targets, output_head_names
 
     modules = adaptable_modules(model)
     size, weights = base_storage(model)
     lines = [f"{type(model).__name__}: {weights:,} parameters"]
     lines.append(
-        f"base size: {size / 2**20:,.1f} MiB, {size / max(weights, 1):.2f} bytes per weight "
-        f"({is_quantized(model) or 'not quantized'})"
+        f"base size: {size / 2**20:,.1f} MiB, {size / max(weights, 1):.2f} bytes per weight ({base_kind(model)})"
     )
     lines.append("adaptable modules (leaf name, type, count):")
     lines += [f"  {leaf:<24} {kind:<10} x{count}" for leaf, (kind, count) in modules.items()]

@@ -105,7 +105,10 @@ def merge_quantized(
         raise ConfigError(f"--output {output} exists and is not empty; choose a new directory")
     config = check_adapter_dir(adapter)
     task = task or ("classification" if config.task_type == "SEQ_CLS" else None)
-    model, tokenizer = load_base(base, task=task, num_labels=head_size(adapter), quantize=quantize)
+    # float32 products: the errors reported are merging's, not a bfloat16 product's rounding
+    model, tokenizer = load_base(
+        base, task=task, num_labels=head_size(adapter), quantize=quantize, matmul_dtype="float32"
+    )
     delta = DeltaModel.from_pretrained(model, adapter).eval()
     probe = probe_batch(tokenizer)
     with torch.no_grad():

@@ -24,7 +24,7 @@ from deltatune.constants import BASE_ADAPTER
 from deltatune.data.positions import check_prompts
 from deltatune.methods.base import DeltaLayer, ModulesToSave, wrap_modules
 from deltatune.model_checkpoints import CLASSIFIER_HEADS, AdapterCheckpoints
-from deltatune.quantization import QuantizedLinear, base_storage, is_quantized
+from deltatune.quantization import QuantizedLinear, base_kind, base_storage
 from deltatune.targeting import find_targets
 from deltatune.wrappers import ForwardsAttributes, replace_module
 
@@ -360,8 +360,7 @@ class DeltaModel(AdapterCheckpoints, ForwardsAttributes, nn.Module):
         """peft's line, then the frozen base's size and bytes per weight (int8: ~1, nf4: ~0.5, float32: 4)."""
         trainable, total = self.trainable_parameters()
         print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
-        size, weights = base_storage(self.base_model)
-        kind = is_quantized(self.base_model) or "not quantized"
+        (size, weights), kind = base_storage(self.base_model), base_kind(self.base_model)
         print(f"base: {size / 2**20:,.1f} MiB, {size / max(weights, 1):.2f} bytes per weight ({kind})")
 
     # --- merging ----------------------------------------------------------------------------

@@ -33,9 +33,10 @@ NF4_LEVELS = torch.tensor([
 
 
 def quantized_layer(kind: str, seed: int = 0) -> tuple[nn.Linear, QuantizedLinear]:
+    """Products in float32: these tests check a format's arithmetic (bfloat16 products: test_quantized_matmul)."""
     torch.manual_seed(seed)
     linear = nn.Linear(64, 48)
-    return linear, quantize_base(nn.Sequential(linear), kind)[0]
+    return linear, quantize_base(nn.Sequential(linear), kind, matmul_dtype="float32")[0]
 
 
 def int8_reference(weight: torch.Tensor) -> torch.Tensor:
@@ -294,7 +295,8 @@ def test_cli_merge_on_quantized_base_reports_its_error_and_writes_the_float_mode
 
     from deltatune.merging import output_error, probe_batch
 
-    base, tokenizer = dt.load_base(str(tiny_llama_dir), quantize=kind)
+    # float32 products, as merge_quantized uses: its report measures merging, not bfloat16 rounding
+    base, tokenizer = dt.load_base(str(tiny_llama_dir), quantize=kind, matmul_dtype="float32")
     model = dt.wrap(base, dt.LoraConfig(r=4, target_modules=TARGETS))
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -428,7 +430,7 @@ def test_the_loss_fuses_a_quantized_head_with_cross_entropy_and_equals_the_full_
     from deltatune import loss
     from deltatune.quantization import base
 
-    model = quantize_base(tied_llama(), "int8", quantize_embedding=True)
+    model = quantize_base(tied_llama(), "int8", quantize_embedding=True, matmul_dtype="float32")
     head = model.get_output_embeddings()
     calls = []
     fused_apply = loss.FusedLinearCrossEntropy.apply

@@ -102,7 +102,12 @@ def _dense_smollm2(directory: Path, spec: BuiltinModel) -> Path:
 
 
 def load_base(
-    name_or_path: str, task: str | None = None, num_labels: int = 2, quantize: str | None = None, **kwargs
+    name_or_path: str,
+    task: str | None = None,
+    num_labels: int = 2,
+    quantize: str | None = None,
+    matmul_dtype: str = "auto",
+    **kwargs,
 ) -> tuple[nn.Module, object]:
     """Load ``(model, tokenizer)`` for a built-in name (``smollm2-135m``, ``minilm-l6``) or a local dir.
 
@@ -110,13 +115,15 @@ def load_base(
     or ``feature-extraction``; the built-in's natural task by default. ``quantize`` (``int8`` or
     ``nf4``) stores the frozen linear layers quantized (see deltatune.quantization.quantize_base), read
     and quantized one tensor at a time so the float model is never held; ``gguf`` keeps a GGUF file's own
-    blocks (Q4_0, Q4_1, Q8_0) as the frozen weights. A load that cannot fit in the memory available is
-    refused before it starts, naming a ``quantize`` that fits.
+    blocks (Q4_0, Q4_1, Q8_0) as the frozen weights. ``matmul_dtype`` (``auto``, ``float32``, ``bfloat16``) is
+    the dtype a quantized base's products multiply in (deltatune.quantization.set_matmul_dtype). A load that
+    cannot fit in the memory available is refused before it starts, naming a ``quantize`` that fits.
     """
     if quantize is not None:
-        from deltatune.quantization import LOAD_KINDS
+        from deltatune.quantization import LOAD_KINDS, check_matmul_dtype
 
-        if quantize not in LOAD_KINDS:  # before the weights load
+        check_matmul_dtype(matmul_dtype)  # before the weights load
+        if quantize not in LOAD_KINDS:
             from deltatune.config import ConfigError
 
             raise ConfigError(f"unknown quantize={quantize!r}: choose one of {', '.join(LOAD_KINDS)}")
@@ -133,11 +140,12 @@ def load_base(
     if task == "classification":
         kwargs["num_labels"] = num_labels
     _check_memory(checkpoint, quantize)
-    model = (
-        _load_float(directory, task, kwargs)
-        if quantize is None
-        else _load_quantized(checkpoint, directory, task, quantize, kwargs)
-    )
+    if quantize is None:
+        model = _load_float(directory, task, kwargs)
+    else:
+        from deltatune.quantization import set_matmul_dtype
+
+        model = set_matmul_dtype(_load_quantized(checkpoint, directory, task, quantize, kwargs), matmul_dtype)
     tokenizer = AutoTokenizer.from_pretrained(directory)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

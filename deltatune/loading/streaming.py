@@ -70,7 +70,6 @@ def meta_skeleton(config: Any, task: str = "causal-lm", dtype: torch.dtype | Non
     parameters on the meta device: it costs no memory whatever the model's size."""
     from transformers import AutoConfig
 
-
     if not hasattr(config, "model_type"):
         config = AutoConfig.from_pretrained(config)
     dtype = dtype or getattr(config, "dtype", None) or torch.float32

@@ -9,6 +9,7 @@ weight is never stored; its quantized form lives in the subclass's own parameter
 
 from __future__ import annotations
 
+import functools
 import threading
 from typing import Any, ClassVar
 
@@ -23,25 +24,51 @@ def _row_chunks(layer: QuantizedLinear) -> list[tuple[int, int]]:
     return [(i, min(i + step, layer.out_features)) for i in range(0, layer.out_features, step)]
 
 
+@functools.cache
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bfloat16 in hardware: an x86 CPU with AVX512-BF16 or AMX tiles (where oneDNN's
+    bfloat16 GEMM ran about 4x float32's, docs/quantization.md), or a CUDA GPU that supports it. Elsewhere (plain
+    AVX2/AVX512, Arm) bfloat16 would be converted in software, so float32 stays."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return device.type == "cpu" and any(callable(probe) and probe() for probe in probes)
+
+
+def product_dtype(layer: QuantizedLinear, like: torch.Tensor) -> torch.dtype:
+    """The dtype ``layer``'s products with ``like`` multiply in (see QuantizedLinear.matmul_dtype)."""
+    if layer.matmul_dtype != "auto":
+        return getattr(torch, layer.matmul_dtype)
+    native = like.dtype == torch.float32 and native_bfloat16(like.device)
+    return torch.bfloat16 if native else like.dtype
+
+
 _SCRATCH = threading.local()  # per thread: {(device, dtype): the float block buffer}
 
 
-def _block(layer: QuantizedLinear, start: int, end: int, like: torch.Tensor) -> torch.Tensor:
-    """Rows ``start:end`` of the float weight in ``like``'s dtype, written into this thread's reused buffer (valid
-    until the next call): a fresh block per matmul would cost page faults, hundreds of times per step."""
+def _block(
+    layer: QuantizedLinear, start: int, end: int, like: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rows ``start:end`` of the weight in ``like``'s dtype and device, and the per-row scales still to apply to
+    the product (or None): see :meth:`QuantizedLinear.dequantize_rows_into`. The block is written into this
+    thread's reused buffer (valid until the next call): a fresh block per matmul would cost page faults,
+    hundreds of times per step."""
     buffers = _SCRATCH.__dict__.setdefault("buffers", {})
     key, numel = (like.device, like.dtype), (end - start) * layer.in_features
     buffer = buffers.get(key)
     if buffer is None or buffer.numel() < numel:
         buffer = buffers[key] = torch.empty(max(numel, CHUNK_WEIGHTS), dtype=like.dtype, device=like.device)
     out = buffer[:numel].view(end - start, layer.in_features)
-    layer.dequantize_rows_into(start, end, out)
-    return out
+    return out, layer.dequantize_rows_into(start, end, out)
 
 
 def _forward(x: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:
-    parts = [x @ _block(layer, i, j, x).T for i, j in _row_chunks(layer)]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+    xm, parts = x.to(product_dtype(layer, x)), []
+    for i, j in _row_chunks(layer):
+        block, scale = _block(layer, i, j, xm)
+        part = xm @ block.T
+        parts.append(part if scale is None else part * scale)  # the scale in float32: no rounding to xm's dtype
+    return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)).to(x.dtype)
 
 
 class _ChunkedMatmul(torch.autograd.Function):
@@ -62,11 +89,13 @@ class _ChunkedMatmul(torch.autograd.Function):
 
 def times_weight(grad: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:
     """``grad @ layer.dequantize()`` (the input gradient of x·Wᵀ), a block of rows of W at a time."""
-    dx = None
+    like, dx = grad.new_empty(0, dtype=product_dtype(layer, grad)), None
     for i, j in _row_chunks(layer):
-        part = grad[..., i:j] @ _block(layer, i, j, grad)
+        block, scale = _block(layer, i, j, like)
+        rows = grad[..., i:j] if scale is None else grad[..., i:j] * scale
+        part = rows.to(like.dtype) @ block
         dx = part if dx is None else dx.add_(part)
-    return dx
+    return dx.to(grad.dtype)
 
 
 def chunked_matmul(x: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:
@@ -126,6 +155,10 @@ class QuantizedLinear(nn.Linear):
     # (checkpoint path, tensor name, stored in×out) of the float weight, set by the streamed loader: LoftQ
     # reads it again (deltatune.methods.lora_loftq); None for a layer quantized in memory
     float_source: tuple[str, str, bool] | None = None
+    # what the products multiply in (activations and weight blocks; results come back in the activations'
+    # dtype): "float32", "bfloat16", or "auto": bfloat16 for float32 activations on a device that multiplies it in
+    # hardware (native_bfloat16), else the activations' own dtype. deltatune.quantization.set_matmul_dtype sets it.
+    matmul_dtype: str = "auto"
 
     def __init__(self, linear: nn.Linear) -> None:
         nn.Module.__init__(self)  # nn.Linear's own __init__ would allocate a float weight
@@ -152,9 +185,13 @@ class QuantizedLinear(nn.Linear):
         """Rows ``start:end`` of the float weight (what chunked_matmul multiplies by)."""
         raise NotImplementedError
 
-    def dequantize_rows_into(self, start: int, end: int, out: torch.Tensor) -> None:
-        """Write rows ``start:end`` of the float weight into ``out`` (any float dtype: cast as ``.to`` would)."""
+    def dequantize_rows_into(self, start: int, end: int, out: torch.Tensor) -> torch.Tensor | None:
+        """Write rows ``start:end`` of the float weight into ``out`` (any float dtype: cast as ``.to`` would) and
+        return None; or write them without a per-row scale and return that scale (float32, one per row), which
+        the product's columns are then multiplied by: a format whose codes are exact in ``out``'s dtype (int8 in
+        bfloat16) then adds no rounding of its own to a narrower matmul."""
         out.copy_(self.dequantize_rows(start, end))
+        return None
 
     def requantize_(self, weight: torch.Tensor) -> None:
         raise NotImplementedError

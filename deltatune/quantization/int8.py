@@ -107,11 +107,9 @@ class Int8Linear(QuantizedLinear):
         rows = self.weight_int8[start:end].float() * self.weight_scale[start:end, None]
         return rows.to(self.compute_dtype)
 
-    def dequantize_rows_into(self, start: int, end: int, out: torch.Tensor) -> None:
-        if out.dtype != self.compute_dtype:
-            return super().dequantize_rows_into(start, end, out)
-        torch.mul(self.weight_int8[start:end], self.weight_scale[start:end, None], out=out)  # float32, then out's
-        return None
+    def dequantize_rows_into(self, start: int, end: int, out: torch.Tensor) -> torch.Tensor:
+        out.copy_(self.weight_int8[start:end])  # codes in [-127, 127]: exact in any float dtype
+        return self.weight_scale[start:end]
 
     def requantize_(self, weight: torch.Tensor) -> None:
         codes, scale = quantize_rows(weight)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from deltatune.quantization.base import QuantizedLinear
+from deltatune.quantization.base import QuantizedLinear, product_dtype
 
 BLOCKSIZE = 64
 
@@ -71,6 +71,7 @@ class NF4Linear(QuantizedLinear):
         from deltatune.quantization import require
 
         bnb = require("bitsandbytes")
-        out = bnb.matmul_4bit(x.to(self.compute_dtype), self.weight_nf4.t(), quant_state=self.quant_state)
+        xm = x.to(product_dtype(self, x))
+        out = bnb.matmul_4bit(xm, self.weight_nf4.t(), quant_state=self.quant_state)
         out = out.to(x.dtype)
         return out if self.bias is None else out + self.bias.to(out.dtype)

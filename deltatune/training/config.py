@@ -33,8 +33,11 @@ class TrainConfig:
     method: str = "lora"
     """the PEFT method (see the method list below)"""
     quantize: str | None = None
-    """store the frozen base quantized to save memory (and, int8, time on CPU): int8 (per-channel, fbgemm int8
-    matmuls) or nf4 (4-bit QLoRA format, needs bitsandbytes); methods that change base weights are refused"""
+    """store the frozen base quantized to save memory: int8 (per-channel weights), nf4 (4-bit QLoRA format, needs
+    bitsandbytes) or gguf (a GGUF file's own blocks); methods that change base weights are refused"""
+    matmul_dtype: str = "auto"
+    """with --quantize, the dtype the frozen base's products multiply in: auto (bfloat16 where the CPU or GPU
+    multiplies it in hardware, else float32), float32 or bfloat16"""
     method_options: dict[str, Any] = field(default_factory=dict)
     """the method's options as one mapping (config files); each is also a flag of its own"""
     attention: str = "sdpa"
@@ -160,6 +163,10 @@ class TrainConfig:
             raise ConfigError(
                 f"quantize must be 'int8', 'nf4' or 'gguf' (or unset for a float base), got {self.quantize!r}"
             )
+        if self.matmul_dtype not in FLAG_CHOICES["matmul_dtype"]:
+            raise ConfigError(f"matmul_dtype must be 'auto', 'float32' or 'bfloat16', got {self.matmul_dtype!r}")
+        if self.matmul_dtype != "auto" and self.quantize is None:
+            raise ConfigError(f"matmul_dtype={self.matmul_dtype!r} applies to a quantized base: add --quantize")
         for name in ("data", "eval_data"):
             setattr(self, name, _data_files(getattr(self, name), name))
         if isinstance(self.eval_data, dict):
@@ -262,6 +269,7 @@ FLAG_GROUPS: dict[str, tuple[str, ...]] = {
         "base",
         "method",
         "quantize",
+        "matmul_dtype",
         "attention",
         "epochs",
         "max_steps",
@@ -294,6 +302,7 @@ FLAG_GROUPS: dict[str, tuple[str, ...]] = {
 FLAG_CHOICES: dict[str, tuple[str, ...]] = {
     "task": ("causal-lm", "classification"),
     "quantize": ("int8", "nf4", "gguf"),
+    "matmul_dtype": ("auto", "float32", "bfloat16"),
 }
 
 

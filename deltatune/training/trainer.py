@@ -182,7 +182,9 @@ def prepare(cfg: TrainConfig) -> Prepared:
     if cfg.packing and task == "causal-lm":
         train_features = pack(train_features, cfg.max_length)
     if not cfg.fsdp:
-        model, _ = load_base(cfg.base, task=task, num_labels=num_labels or 2, quantize=cfg.quantize)
+        model, _ = load_base(
+            cfg.base, task=task, num_labels=num_labels or 2, quantize=cfg.quantize, matmul_dtype=cfg.matmul_dtype
+        )
     _, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     pad = tokenizer.pad_token_id
     train = Batcher(
