@@ -19,7 +19,7 @@ from deltatune.quantization import base, quantize_base, set_matmul_dtype
 
 HAS_BNB = __import__("importlib").util.find_spec("bitsandbytes") is not None
 KINDS = ["int8", pytest.param("nf4", marks=pytest.mark.skipif(not HAS_BNB, reason="needs bitsandbytes"))]
-MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.addmm.default}
+MATMULS = {torch.ops.aten.mm, torch.ops.aten.bmm, torch.ops.aten.addmm}
 
 
 class ProductDtypes(TorchDispatchMode):
@@ -31,7 +31,7 @@ class ProductDtypes(TorchDispatchMode):
         self.seen: set[torch.dtype] = set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in MATMULS or "gemm" in str(func):
+        if func.overloadpacket in MATMULS or "gemm" in str(func):
             self.seen |= {
                 a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dim() >= 2
             }
