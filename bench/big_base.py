@@ -149,7 +149,8 @@ def run_side(side: str, args: argparse.Namespace) -> dict[str, Any]:
             cpus.append(round(cpu, 2))
         log(f"[{side}] step {step + 1}: loss {loss:.4f}, {seconds:.1f} s")
     return {"loaded": True, "load_s": round(load_s, 1), "rss_after_load_mb": rss_loaded, "step_times_s": times,
-            "step_cpu_s": cpus, "losses": losses, "peak_rss_mb": vm_hwm_mb()}  # fmt: skip
+            "step_cpu_s": cpus, "losses": losses, "peak_rss_mb": vm_hwm_mb(),
+            "base": dt.quantization.base_kind(base)}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
